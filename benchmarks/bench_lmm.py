@@ -1,0 +1,69 @@
+"""asv benchmarks: objective evaluation and full fits, over design size, crossed vs nested, and backend.
+
+Run: ``cd benchmarks && asv run --quick`` (or ``asv dev``).  Speed goals are checked here,
+never by timed tests.
+"""
+import numpy as np
+import pandas as pd
+
+import fastlmm_ext as fl
+
+
+def crossed(n, la, lb, seed=1):
+    """y = 1 + 0.5 x + a (sd 1) + b (sd 0.5) + noise (sd 1), a and b crossed."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, la, n)
+    b = rng.integers(0, lb, n)
+    x = rng.normal(size=n)
+    y = 1 + 0.5 * x + rng.normal(0, 1, la)[a] + rng.normal(0, 0.5, lb)[b] + rng.normal(size=n)
+    return pd.DataFrame({"y": y, "x": x, "a": pd.Categorical(a), "b": pd.Categorical(b)})
+
+
+def nested(n, la, per, seed=2):
+    """Pastes-like: `per` casks nested in each of `la` batches."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, la, n)
+    c = rng.integers(0, per, n)
+    ab = a * per + c
+    y = 60 + rng.normal(0, 2, la)[a] + rng.normal(0, 3, la * per)[ab] + rng.normal(size=n)
+    return pd.DataFrame({"y": y, "a": pd.Categorical(a), "c": pd.Categorical(c)})
+
+
+DESIGNS = {
+    "crossed-20k": (lambda: crossed(20_000, 1_000, 200), "y ~ x + (1|a) + (1|b)"),
+    "crossed-200k": (lambda: crossed(200_000, 5_000, 2_000), "y ~ x + (1|a) + (1|b)"),
+    "nested-100k": (lambda: nested(100_000, 1_000, 10), "y ~ 1 + (1|a/c)"),
+}
+
+
+class Objective:
+    params = (["crossed-20k", "crossed-200k", "nested-100k"], ["compiled"])
+    param_names = ["design", "backend"]
+    timeout = 300
+
+    def setup(self, design, backend):
+        make, formula = DESIGNS[design]
+        self.model = fl.LinearMixedModel(formula, make(), backend=backend)
+        self.theta = self.model.theta0 * 0.7
+
+    def time_objective(self, design, backend):
+        self.model.objective(self.theta)
+
+
+class Fit:
+    params = (["crossed-20k", "crossed-200k", "nested-100k"],)
+    param_names = ["design"]
+    timeout = 600
+
+    def setup(self, design):
+        make, self.formula = DESIGNS[design]
+        self.data = make()
+
+    def time_fit(self, design):
+        fl.lmer(self.formula, self.data)
+
+    def peakmem_fit(self, design):
+        fl.lmer(self.formula, self.data)
+
+    def track_feval(self, design):
+        return fl.lmer(self.formula, self.data).optsummary.feval

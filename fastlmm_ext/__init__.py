@@ -1,0 +1,24 @@
+"""fastlmm_ext: linear mixed models with lme4's formula syntax, fitted through a compiled CHOLMOD kernel.
+
+>>> import fastlmm_ext as fl
+>>> res = fl.lmer("Reaction ~ Days + (Days | Subject)", data=df)   # doctest: +SKIP
+>>> print(res.summary())                                            # doctest: +SKIP
+"""
+from ._exceptions import (CholmodError, ConvergenceWarning, DataError, FastLMMError, FastLMMWarning,
+                          FormulaError, GroupingFactorError, IdentifiabilityError, MissingColumnError,
+                          MissingValuesWarning, NotPositiveDefiniteError, RankDeficiencyWarning,
+                          SingularFitWarning)
+from ._formula import parse_formula
+from ._model import LinearMixedModel, lmer
+from ._optimize import OptSummary
+from ._results import LmerResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "lmer", "LinearMixedModel", "LmerResult", "OptSummary", "parse_formula",
+    "FastLMMError", "FormulaError", "DataError", "MissingColumnError", "GroupingFactorError",
+    "IdentifiabilityError", "NotPositiveDefiniteError", "CholmodError",
+    "FastLMMWarning", "ConvergenceWarning", "SingularFitWarning", "RankDeficiencyWarning",
+    "MissingValuesWarning", "__version__",
+]

@@ -1,0 +1,113 @@
+"""Cross-products of [Z X y]: the only way the compiled criterion sees the data.
+
+The profiled criterion depends on the data only through
+
+    ZᵀWZ, ZᵀWX, ZᵀWy, XᵀWX, XᵀWy, yᵀWy, n, Σ log wᵢ
+
+(W the prior weights).  They are formed once per model; ZᵀWZ is stored on its
+*block-closed lower pattern*: for every pair of level blocks (level a of term i, level b of
+term j, i ≥ j) that share an observation, the whole k_i × k_j block is kept, so that
+Λᵀ(ZᵀWZ)Λ has exactly the same pattern for every θ and the kernel can overwrite values in place.
+
+Numerical note: the criterion is invariant to y → y − X b for any b (β̂ absorbs b), so the
+cross-products use the OLS residual of y.  This removes the large mean of y from yᵀy and
+avoids cancellation in r² = yᵀy − ‖c_u‖² − ‖c_β‖²; β̂ is shifted back by b afterwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._design import ModelStructure
+
+__all__ = ["CrossProducts", "block_lower_ZtZ"]
+
+
+@dataclass(frozen=True)
+class CrossProducts:
+    """Sufficient statistics of a Gaussian LMM for a fixed design (see module docstring)."""
+    Ap: np.ndarray          # int32[q+1] CSC column pointers of ZᵀWZ (block-closed lower pattern)
+    Ai: np.ndarray          # int32[nnz] row indices
+    Mx: np.ndarray          # float64[nnz] values
+    ZtXy: np.ndarray        # float64[q, p+1] Fortran: [ZᵀWX  ZᵀWỹ]
+    XyXy: np.ndarray        # float64[p+1, p+1] Fortran: [XᵀWX XᵀWỹ; ỹᵀWX ỹᵀWỹ]
+    beta_shift: np.ndarray  # b with ỹ = y − offset − X b
+    n: int
+    sum_log_w: float
+
+    @classmethod
+    def from_structure(cls, s: ModelStructure) -> "CrossProducts":
+        y = s.y - (s.offset if s.offset is not None else 0.0)
+        X = s.X
+        w = s.weights
+        sw = None if w is None else np.sqrt(w)
+        Xw = X if sw is None else X * sw[:, None]
+        yw = y if sw is None else y * sw
+        b = np.linalg.lstsq(Xw, yw, rcond=None)[0] if s.p else np.zeros(0)
+        yt = y - X @ b if s.p else y
+        Ap, Ai, Mx = block_lower_ZtZ(s, w)
+        Xy = np.column_stack([X, yt])
+        WXy = Xy if w is None else Xy * w[:, None]
+        ZtXy = np.asfortranarray(np.asarray(s.Z.T @ WXy).reshape(s.q, s.p + 1))
+        XyXy = np.asfortranarray(Xy.T @ WXy)
+        slw = 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
+        return cls(Ap=Ap, Ai=Ai, Mx=Mx, ZtXy=ZtXy, XyXy=XyXy, beta_shift=b, n=s.n, sum_log_w=slw)
+
+
+def block_lower_ZtZ(s: ModelStructure, w: np.ndarray | None = None):
+    """ZᵀWZ on the block-closed lower pattern, as int32/int32/float64 CSC arrays.
+
+    Block (a, b) of terms (i, j) is Σ_{r: code_i(r)=a, code_j(r)=b} w_r X_i[r,:]ᵀ X_j[r,:]; the
+    pairs present are found with one sort of the combined codes, the sums with bincount."""
+    rows, cols, vals = [], [], []
+    terms = s.terms
+    for i, ti in enumerate(terms):
+        Xi = ti.Xi if w is None else ti.Xi * w[:, None]
+        for j in range(i + 1):
+            tj = terms[j]
+            if i == j:
+                blk_i = blk_j = np.arange(ti.nlevels, dtype=np.int64)
+                inv, nb = ti.codes, ti.nlevels
+            else:
+                key = ti.codes * tj.nlevels + tj.codes
+                uniq, inv = np.unique(key, return_inverse=True)
+                blk_i, blk_j, nb = uniq // tj.nlevels, uniq % tj.nlevels, uniq.size
+            for u in range(ti.k):
+                for v in range(tj.k):
+                    vals.append(np.bincount(inv, weights=Xi[:, u] * tj.Xi[:, v], minlength=nb))
+                    rows.append(ti.col_offset + blk_i * ti.k + u)
+                    cols.append(tj.col_offset + blk_j * tj.k + v)
+    q = s.q
+    if not rows:
+        return np.zeros(q + 1, np.int32), np.zeros(0, np.int32), np.zeros(0)
+    r = np.concatenate(rows)
+    c = np.concatenate(cols)
+    x = np.concatenate(vals)
+    order = np.lexsort((r, c))
+    r, c, x = r[order], c[order], x[order]
+    Ap = np.zeros(q + 1, dtype=np.int64)
+    np.cumsum(np.bincount(c, minlength=q), out=Ap[1:])
+    if Ap[-1] >= 2**31 - 1:
+        raise MemoryError("ZᵀZ has more than 2^31 stored entries; too large for the 32-bit kernel")
+    return Ap.astype(np.int32), r.astype(np.int32), np.ascontiguousarray(x)
+
+
+def kernel_layout(s: ModelStructure):
+    """Per-column block metadata and θ positions for the compiled kernel:
+    block start, block size k, offset of the term's T in the flat T storage, and for each θ
+    element its index in that storage (T column-major, θ = lower triangle column by column)."""
+    bstart, bsize, toff, theta_pos = [], [], [], []
+    off = 0
+    for t in s.terms:
+        cols = np.arange(t.q, dtype=np.int64)
+        bstart.append(t.col_offset + (cols // t.k) * t.k)
+        bsize.append(np.full(t.q, t.k, dtype=np.int64))
+        toff.append(np.full(t.q, off, dtype=np.int64))
+        for j in range(t.k):
+            for i in range(j, t.k):
+                theta_pos.append(off + i + j * t.k)
+        off += t.k * t.k
+    cat = lambda a: np.ascontiguousarray(np.concatenate(a).astype(np.int32)) if a else np.zeros(0, np.int32)
+    return cat(bstart), cat(bsize), cat(toff), np.zeros(off), np.array(theta_pos, dtype=np.int32)

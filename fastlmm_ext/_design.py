@@ -1,0 +1,411 @@
+"""From formula and data to the frozen model structure: y, X, Z and the random-effects terms.
+
+Model (lme4's notation):  y = Xβ + Zb + offset + ε,  b = Λ_θ u,  u ~ N(0, σ² I),  ε ~ N(0, σ² W⁻¹).
+
+* X comes from formulaic (treatment contrasts, first level as reference), with columns
+  renamed the way R names them ("(Intercept)", "metali", "recipeB:temperature.L").
+* Z is assembled directly from integer level codes and each term's small dense model
+  matrix: for term i with k_i columns and ℓ_i levels, Z_i has k_i·ℓ_i columns ordered level
+  by level, so Λ_i = I_{ℓ_i} ⊗ T_i with T_i lower triangular (k_i × k_i).
+* Terms are sorted by decreasing number of levels (stable), as lme4 does; θ stacks each
+  T_i's lower triangle column by column in that order.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from formulaic import Formula, model_matrix
+
+from ._data import (as_frame, as_numeric_array, check_columns, drop_missing, factor_codes,
+                    is_factor_dtype, prepare_factors)
+from ._exceptions import (DataError, FormulaError, GroupingFactorError, IdentifiabilityError,
+                          RankDeficiencyWarning)
+from ._formula import ParsedFormula, parse_formula
+
+__all__ = ["ReTerm", "ModelStructure", "build_structure", "r_column_name"]
+
+
+@dataclass(frozen=True)
+class ReTerm:
+    """One random-effects term ``(expr | factor)`` after expansion of ``/`` and ``||``."""
+    name: str                 # unique label used in VarCorr ("Subject", "Subject.1", "dept:service")
+    factor: str               # grouping factor label ("Subject", "a:b")
+    group_columns: tuple[str, ...]
+    expr: str                 # formulaic right-hand side of the term's model matrix
+    cnms: tuple[str, ...]     # R-style column names of the term's model matrix
+    levels: tuple[str, ...]   # level labels of the grouping factor
+    codes: np.ndarray         # int64[n] level code of each observation
+    Xi: np.ndarray            # float64[n, k] the term's model matrix
+    col_offset: int           # first column of this term in Z
+    theta_offset: int         # first element of this term's θ
+
+    @property
+    def k(self) -> int:
+        return self.Xi.shape[1]
+
+    @property
+    def nlevels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def q(self) -> int:
+        return self.k * self.nlevels
+
+    @property
+    def ntheta(self) -> int:
+        return self.k * (self.k + 1) // 2
+
+    def T(self, theta: np.ndarray) -> np.ndarray:
+        """The k×k lower-triangular relative covariance factor of this term at θ."""
+        k = self.k
+        T = np.zeros((k, k))
+        rows, cols = _lower_tri_colwise(k)
+        T[rows, cols] = theta[self.theta_offset:self.theta_offset + self.ntheta]
+        return T
+
+
+def _lower_tri_colwise(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of a k×k lower triangle, column by column (lme4's θ order)."""
+    rows, cols = [], []
+    for j in range(k):
+        for i in range(j, k):
+            rows.append(i)
+            cols.append(j)
+    return np.array(rows, dtype=np.intp), np.array(cols, dtype=np.intp)
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """Everything the criterion needs, fixed once per model (θ-independent)."""
+    formula: str
+    parsed: ParsedFormula
+    response: str
+    y: np.ndarray                  # float64[n]
+    X: np.ndarray                  # float64[n, p] (rank-deficient columns already dropped)
+    fixef_names: tuple[str, ...]
+    dropped_fixef: tuple[str, ...]
+    terms: tuple[ReTerm, ...]
+    Z: sp.csc_matrix               # n × q
+    offset: np.ndarray | None
+    weights: np.ndarray | None
+    n_dropped: int
+    row_index: pd.Index
+    fixed_spec: object = field(repr=False, default=None)   # formulaic ModelSpec for new data
+    factor_levels: dict = field(default_factory=dict)       # grouping factor -> levels
+
+    @property
+    def n(self) -> int:
+        return self.y.shape[0]
+
+    @property
+    def p(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def q(self) -> int:
+        return self.Z.shape[1]
+
+    @property
+    def ntheta(self) -> int:
+        return sum(t.ntheta for t in self.terms)
+
+    @property
+    def lower(self) -> np.ndarray:
+        """Lower bounds of θ: 0 for diagonal elements of each T, -inf elsewhere."""
+        out = []
+        for t in self.terms:
+            rows, cols = _lower_tri_colwise(t.k)
+            out.extend(np.where(rows == cols, 0.0, -np.inf))
+        return np.array(out, dtype=float)
+
+    @property
+    def theta0(self) -> np.ndarray:
+        """lme4's start: 1 on the diagonal of each T, 0 off it."""
+        return np.where(self.lower == 0.0, 1.0, 0.0)
+
+    @property
+    def theta_names(self) -> list[str]:
+        """lme4's names: 'g.(Intercept)', 'g.Days.(Intercept)', 'g.Days'."""
+        names = []
+        for t in self.terms:
+            rows, cols = _lower_tri_colwise(t.k)
+            for i, j in zip(rows, cols):
+                names.append(f"{t.factor}.{t.cnms[i]}" if i == j else f"{t.factor}.{t.cnms[i]}.{t.cnms[j]}")
+        return names
+
+    def Lambda(self, theta: np.ndarray) -> sp.csc_matrix:
+        """Λ_θ = blockdiag over terms of (I_ℓ ⊗ T_i), a sparse q × q lower-triangular matrix."""
+        blocks = [sp.kron(sp.identity(t.nlevels, format="csc"), sp.csc_matrix(t.T(theta)), format="csc")
+                  for t in self.terms]
+        return sp.block_diag(blocks, format="csc")
+
+
+# ----------------------------------------------------------------------------- names
+
+_BRACKET = re.compile(r"\[(?:T\.)?(.*?)\]")
+
+
+def r_column_name(name: str) -> str:
+    """formulaic's column name → R's: 'Intercept' → '(Intercept)', 'f[T.b]' → 'fb'."""
+    if name == "Intercept":
+        return "(Intercept)"
+    return ":".join(_BRACKET.sub(lambda m: m.group(1), part) for part in _split_colon(name))
+
+
+def _split_colon(name: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in name:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == ":" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return parts
+
+
+def _unique_names(labels: list[str]) -> list[str]:
+    """R's make.unique: the second 'Subject' becomes 'Subject.1', and so on."""
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        if lab in seen:
+            seen[lab] += 1
+            out.append(f"{lab}.{seen[lab]}")
+        else:
+            seen[lab] = 0
+            out.append(lab)
+    return out
+
+
+# ----------------------------------------------------------------------------- building
+
+def _variables(rhs: str, where: str) -> set[str]:
+    try:
+        return {str(v) for v in Formula(rhs).required_variables}
+    except Exception as e:
+        raise FormulaError(f"cannot parse {where} {rhs!r}: {e}") from e
+
+
+def _model_matrix(rhs: str, frame: pd.DataFrame, where: str):
+    try:
+        return model_matrix(rhs, frame, na_action="ignore", output="pandas")
+    except Exception as e:
+        raise FormulaError(f"cannot build the model matrix of {where} {rhs!r}: {e}") from e
+
+
+def _vector_arg(arg, df: pd.DataFrame, name: str) -> np.ndarray | None:
+    """weights= / offset= given as a column name or an array aligned with the data rows."""
+    if arg is None:
+        return None
+    if isinstance(arg, str):
+        check_columns(df, [arg])
+        return as_numeric_array(df[arg], arg, what=f"{name} column")
+    arr = np.asarray(arg, dtype=float).ravel()
+    if arr.shape[0] != len(df):
+        raise DataError(f"{name} has length {arr.shape[0]} but data has {len(df)} rows")
+    return arr
+
+
+def _drop_rank_deficient(X: np.ndarray, names: list[str], tol: float = 1e-7):
+    """Keep a column only if its part orthogonal to the columns kept before it has norm
+    above ``tol`` times its own norm (R's pivoting QR keeps the same columns).  Works on the
+    p×p Gram matrix by a Cholesky that skips dependent columns, so it costs one pass over X."""
+    p = X.shape[1]
+    if p == 0:
+        return X, names, []
+    G = X.T @ X
+    keep: list[int] = []
+    Lk = np.zeros((p, p))
+    for j in range(p):
+        gjj = G[j, j]
+        if gjj <= 0.0:
+            continue
+        if keep:
+            Lkk = Lk[np.ix_(range(len(keep)), range(len(keep)))]
+            l = np.linalg.solve(np.tril(Lkk), G[keep, j])
+            r2 = gjj - l @ l
+        else:
+            l, r2 = np.zeros(0), gjj
+        if np.sqrt(max(r2, 0.0)) > tol * np.sqrt(gjj):
+            m = len(keep)
+            Lk[m, :m] = l
+            Lk[m, m] = np.sqrt(r2)
+            keep.append(j)
+    dropped = [names[j] for j in range(p) if j not in keep]
+    return X[:, keep], [names[j] for j in keep], dropped
+
+
+def build_structure(formula: str, data, weights=None, offset=None) -> ModelStructure:
+    """Parse ``formula``, check ``data`` and assemble y, X, Z and the sorted random terms."""
+    if not isinstance(formula, str):
+        raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
+    parsed = parse_formula(formula)
+    df = as_frame(data)
+    if len(df) == 0:
+        raise DataError("data has no rows")
+
+    resp_vars = _variables(parsed.response, "the response")
+    fixed_vars = _variables(parsed.fixed, "the fixed effects")
+    off_vars = set().union(*[_variables(o, "the offset") for o in parsed.offsets]) if parsed.offsets else set()
+    re_vars: set[str] = set()
+    group_vars: list[str] = []
+    for rt in parsed.random:
+        re_vars |= _variables(rt.expr, f"the random-effects term ({rt.expr} | {rt.group_name()})")
+        group_vars.extend(g for g in rt.group if g not in group_vars)
+    used = list(dict.fromkeys([*sorted(resp_vars), *sorted(fixed_vars), *sorted(off_vars),
+                               *sorted(re_vars), *group_vars]))
+    extra = [a for a in (weights, offset) if isinstance(a, str)]
+    check_columns(df, used + extra)
+
+    w_all = _vector_arg(weights, df, "weights")
+    o_all = _vector_arg(offset, df, "offset")
+    df2, keep_mask = drop_missing(df, list(dict.fromkeys(used + extra)))
+    n_dropped = int(len(df) - keep_mask.sum())
+    if w_all is not None and not isinstance(weights, str):
+        w_all = w_all[keep_mask]
+        if np.isnan(w_all).any():
+            raise DataError("weights contain missing values")
+    elif w_all is not None:
+        w_all = as_numeric_array(df2[weights], weights, what="weights column")
+    if o_all is not None and not isinstance(offset, str):
+        o_all = o_all[keep_mask]
+        if np.isnan(o_all).any():
+            raise DataError("offset contains missing values")
+    elif o_all is not None:
+        o_all = as_numeric_array(df2[offset], offset, what="offset column")
+    if w_all is not None and (w_all < 0).any():
+        raise DataError("weights must be non-negative")
+
+    # Response: must be numeric (R refuses factors too).
+    for v in resp_vars:
+        if is_factor_dtype(df2[v].dtype):
+            raise DataError(f"response {parsed.response!r} must be numeric, but column {v!r} has type {df2[v].dtype}")
+    frame = prepare_factors(df2, [c for c in used if c not in group_vars or c in resp_vars | fixed_vars | re_vars | off_vars])
+    for g in group_vars:
+        if g not in frame.columns:
+            frame[g] = df2[g].to_numpy()
+    n = len(frame)
+
+    # y: a bare column or an expression of columns (np.log(y)), evaluated by formulaic.
+    if parsed.response in frame.columns:
+        y = as_numeric_array(frame[parsed.response], parsed.response, what="response")
+    else:
+        ymm = _model_matrix("0 + " + parsed.response, frame, "the response")
+        if ymm.shape[1] != 1:
+            raise DataError(f"response {parsed.response!r} must be a single numeric column")
+        y = as_numeric_array(ymm.iloc[:, 0], parsed.response, what="response")
+    if not np.isfinite(y).all():
+        raise DataError(f"response {parsed.response!r} has {int((~np.isfinite(y)).sum())} non-finite value(s) "
+                        "after evaluation (e.g. log of a non-positive number)")
+
+    Xmm = _model_matrix(parsed.fixed, frame, "the fixed effects")
+    X = np.asarray(Xmm.to_numpy(dtype=np.float64), dtype=np.float64).reshape(n, -1)
+    if not np.isfinite(X).all():
+        bad = [r_column_name(c) for c, ok in zip(Xmm.columns, np.isfinite(X).all(axis=0)) if not ok]
+        raise DataError(f"fixed-effects columns {bad} have non-finite values")
+    fixef_names = [r_column_name(c) for c in Xmm.columns]
+    X, fixef_names, dropped = _drop_rank_deficient(X, fixef_names)
+    if dropped:
+        warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
+                      f"column(s) / coefficient(s): {', '.join(dropped)}", RankDeficiencyWarning, stacklevel=3)
+
+    off_total = o_all
+    for o in parsed.offsets:
+        omm = _model_matrix("0 + " + o, frame, "the offset")
+        ov = as_numeric_array(omm.iloc[:, 0], o, what="offset")
+        off_total = ov if off_total is None else off_total + ov
+
+    _check_not_exact(y - (off_total if off_total is not None else 0.0), X, parsed.response)
+
+    # Random-effects terms, then lme4's order: decreasing number of levels, stable.
+    raw_terms = []
+    factor_levels: dict[str, list[str]] = {}
+    for rt in parsed.random:
+        label = ":".join(rt.group)
+        codes, levels = _group_codes(df2, rt.group)
+        if len(levels) < 2:
+            raise GroupingFactorError(
+                f"grouping factor {label!r} has {len(levels)} level; grouping factors must have > 1 sampled level")
+        if len(levels) >= n:
+            raise IdentifiabilityError(
+                f"number of levels of grouping factor {label!r} ({len(levels)}) must be < number of "
+                f"observations ({n}); the random effects and the residual variance are unidentifiable")
+        Zmm = _model_matrix(rt.expr, frame, f"the random-effects term ({rt.expr} | {label})")
+        Xi = np.ascontiguousarray(Zmm.to_numpy(dtype=np.float64)).reshape(n, -1)
+        if Xi.shape[1] == 0:
+            raise FormulaError(f"random-effects term ({rt.expr} | {label}) has no columns")
+        if not np.isfinite(Xi).all():
+            raise DataError(f"random-effects term ({rt.expr} | {label}) has non-finite values")
+        if Xi.shape[1] * len(levels) >= n:
+            raise IdentifiabilityError(
+                f"number of observations ({n}) <= number of random effects ({Xi.shape[1] * len(levels)}) "
+                f"for term ({rt.expr} | {label}); the random-effects parameters and the residual "
+                "variance are probably unidentifiable")
+        raw_terms.append((label, rt, [r_column_name(c) for c in Zmm.columns], levels, codes, Xi))
+        factor_levels[label] = levels
+    order = sorted(range(len(raw_terms)), key=lambda i: -len(raw_terms[i][3]))
+    names = _unique_names([raw_terms[i][0] for i in order])
+    terms, col, th = [], 0, 0
+    for nm, i in zip(names, order):
+        label, rt, cnms, levels, codes, Xi = raw_terms[i]
+        t = ReTerm(name=nm, factor=label, group_columns=tuple(rt.group), expr=rt.expr, cnms=tuple(cnms),
+                   levels=tuple(levels), codes=codes, Xi=Xi, col_offset=col, theta_offset=th)
+        terms.append(t)
+        col += t.q
+        th += t.ntheta
+
+    return ModelStructure(
+        formula=formula, parsed=parsed, response=parsed.response, y=y, X=np.asfortranarray(X),
+        fixef_names=tuple(fixef_names), dropped_fixef=tuple(dropped), terms=tuple(terms),
+        Z=assemble_Z(terms, n), offset=off_total, weights=w_all, n_dropped=n_dropped,
+        row_index=df2.index, fixed_spec=getattr(Xmm, "model_spec", None), factor_levels=factor_levels)
+
+
+def _check_not_exact(y: np.ndarray, X: np.ndarray, response: str) -> None:
+    """A response that X reproduces exactly leaves no residual variance to estimate."""
+    if X.shape[1] == 0:
+        return
+    b = np.linalg.lstsq(X, y, rcond=None)[0]
+    if np.linalg.norm(y - X @ b) <= 1e-12 * max(np.linalg.norm(y), 1e-300):
+        raise DataError(f"response {response!r} is an exact linear function of the fixed effects: "
+                        "the residual variance is zero and the model cannot be fitted")
+
+
+def _group_codes(df: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
+    """Codes of a grouping factor; an interaction a:b keeps only the combinations present,
+    ordered with the first factor varying slowest, labelled 'a_level:b_level'."""
+    codes, levels = factor_codes(df[group[0]], group[0])
+    for g in group[1:]:
+        c2, l2 = factor_codes(df[g], g)
+        key = codes * len(l2) + c2
+        uniq, codes = np.unique(key, return_inverse=True)
+        levels = [f"{levels[u // len(l2)]}:{l2[u % len(l2)]}" for u in uniq]
+        codes = codes.astype(np.int64)
+    return codes, levels
+
+
+def assemble_Z(terms: list[ReTerm], n: int) -> sp.csc_matrix:
+    """Z = [Z_1 ... Z_m] from level codes: observation r, level c of term i, column j of the
+    term's model matrix sits at Z[r, offset_i + c·k_i + j].  No per-row Python loop."""
+    rows, cols, vals = [], [], []
+    ar = np.arange(n, dtype=np.int64)
+    for t in terms:
+        for j in range(t.k):
+            rows.append(ar)
+            cols.append(t.col_offset + t.codes * t.k + j)
+            vals.append(t.Xi[:, j])
+    q = sum(t.q for t in terms)
+    if not rows:
+        return sp.csc_matrix((n, q))
+    Z = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, q))
+    return Z

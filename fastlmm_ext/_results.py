@@ -1,0 +1,181 @@
+"""The fitted model: estimates, variance components, conditional modes, criteria.
+
+At the optimum θ̂ (lme4's conventions):
+    σ̂² = r²(θ̂) / (n − p) for REML fits,  r²(θ̂) / n for ML fits
+    Var(β̂) = σ̂² (R_Xᵀ R_X)⁻¹
+    Var(b) = σ̂² Λ_θ̂ Λ_θ̂ᵀ  (per term: σ̂² T Tᵀ)
+    b̂ = Λ_θ̂ û  (conditional modes),  Var(b | y) ≈ σ̂² Λ (ΛᵀZᵀWZΛ + I)⁻¹ Λᵀ  (lme4's condVar)
+    logLik = −criterion / 2;  AIC = −2 logLik + 2 k;  BIC = −2 logLik + k log n,  k = p + dim θ + 1
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import scipy.linalg as la
+
+from ._backends import PLSState
+from ._optimize import OptSummary
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._model import LinearMixedModel
+
+__all__ = ["LmerResult"]
+
+
+class LmerResult:
+    """Result of :func:`fastlmm_ext.lmer` / :meth:`LinearMixedModel.fit`."""
+
+    def __init__(self, model: "LinearMixedModel", state: PLSState, optsummary: OptSummary,
+                 criterion: float, singular: bool, messages: list[str], conv_info: dict | None = None):
+        s = model.structure
+        self.model = model
+        self.structure = s
+        self.REML: bool = model.REML
+        self.formula: str = s.formula
+        self.backend: str = model.backend.name
+        self._state = state
+        self.optsummary = optsummary
+        self.criterion: float = float(criterion)
+        self.singular: bool = singular
+        self.converged: bool = bool(optsummary.converged) and not any("failed to converge" in m for m in messages)
+        self.messages: list[str] = list(messages)
+        self.conv_info = conv_info or {}
+        self.theta: np.ndarray = np.asarray(state.theta, dtype=float).copy()
+        self.nobs: int = s.n
+        self.n_dropped: int = s.n_dropped
+        df = s.n - s.p if self.REML else s.n
+        self.sigma: float = float(np.sqrt(state.pwrss / df))
+        self.fixef = pd.Series(state.beta, index=list(s.fixef_names), name="Estimate", dtype=float)
+        if s.p:
+            # (R_XᵀR_X)⁻¹ through two triangular solves with the factor, not an explicit inverse of R_XᵀR_X.
+            Rinv_t = la.solve_triangular(state.RX, np.eye(s.p), lower=False)
+            V = self.sigma ** 2 * (Rinv_t @ Rinv_t.T)
+        else:
+            V = np.zeros((0, 0))
+        self.vcov = pd.DataFrame(V, index=list(s.fixef_names), columns=list(s.fixef_names))
+        self.npar: int = s.p + s.ntheta + 1
+        self.loglik: float = -self.criterion / 2.0
+        self.aic: float = self.criterion + 2.0 * self.npar
+        self.bic: float = self.criterion + np.log(s.n) * self.npar
+        # lme4's deviance(fit, REML = FALSE): the ML deviance at these estimates.
+        self.deviance: float = float(state.ldL2 - model._sum_log_w + s.n * (1.0 + np.log(2.0 * np.pi * state.pwrss / s.n)))
+        self.ngrps: dict[str, int] = {}
+        for t in s.terms:
+            self.ngrps.setdefault(t.factor, t.nlevels)
+
+    # ------------------------------------------------------------------ lme4-style accessors
+    @property
+    def theta_names(self) -> list[str]:
+        return self.structure.theta_names
+
+    @property
+    def beta(self) -> np.ndarray:
+        return self.fixef.to_numpy()
+
+    @property
+    def se(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=self.fixef.index, name="Std. Error")
+
+    def term_covariances(self) -> dict[str, np.ndarray]:
+        """Σ_i = σ² T_i T_iᵀ for every random-effects term (keyed by the term's VarCorr name)."""
+        out = {}
+        for t in self.structure.terms:
+            T = t.T(self.theta)
+            out[t.name] = self.sigma ** 2 * (T @ T.T)
+        return out
+
+    @cached_property
+    def varcorr(self) -> pd.DataFrame:
+        """Variance components like R's ``as.data.frame(VarCorr(fit))``: per term the variances,
+        then the covariances (sdcor = correlation), then the residual."""
+        rows = []
+        for t in self.structure.terms:
+            S = self.term_covariances()[t.name]
+            sd = np.sqrt(np.diag(S))
+            for i in range(t.k):
+                rows.append((t.name, t.cnms[i], None, S[i, i], sd[i]))
+            for i in range(t.k):
+                for j in range(i + 1, t.k):
+                    corr = S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
+                    rows.append((t.name, t.cnms[i], t.cnms[j], S[i, j], corr))
+        rows.append(("Residual", None, None, self.sigma ** 2, self.sigma))
+        cols = list(zip(*rows))
+        # object columns keep None for "no second variable", as R's NA (pandas would make it NaN)
+        return pd.DataFrame({"grp": pd.Series(cols[0], dtype=object), "var1": pd.Series(cols[1], dtype=object),
+                             "var2": pd.Series(cols[2], dtype=object), "vcov": np.array(cols[3], dtype=float),
+                             "sdcor": np.array(cols[4], dtype=float)})
+
+    VarCorr = property(lambda self: self.varcorr)
+
+    @cached_property
+    def ranef(self) -> dict[str, pd.DataFrame]:
+        """Conditional modes b̂ = Λû per grouping factor: levels × term columns (terms that share
+        a factor, e.g. (1|g) + (0+x|g), are combined as lme4's ranef() does)."""
+        out: dict[str, pd.DataFrame] = {}
+        b = self._state.b
+        for t in self.structure.terms:
+            vals = b[t.col_offset:t.col_offset + t.q].reshape(t.nlevels, t.k)
+            df = pd.DataFrame(vals, index=pd.Index(list(t.levels), name=t.factor), columns=list(t.cnms))
+            if t.factor in out:
+                prev = out[t.factor]
+                df = df.reindex(prev.index)
+                new = [c for c in df.columns if c not in prev.columns]
+                out[t.factor] = pd.concat([prev, df[new]], axis=1)
+            else:
+                out[t.factor] = df
+        return out
+
+    @cached_property
+    def condvar(self) -> dict[str, np.ndarray]:
+        """Conditional covariance of the modes per term (lme4's ``condVar``/postVar):
+        array (levels, k, k) of σ² T [(ΛᵀZᵀWZΛ + I)⁻¹]_aa Tᵀ, keyed by the term's VarCorr name."""
+        out = {}
+        for i, t in enumerate(self.structure.terms):
+            G = self.model.backend.inverse_blocks(self.theta, i)
+            T = t.T(self.theta)
+            out[t.name] = self.sigma ** 2 * np.einsum("ij,ljk,mk->lim", T, G, T)
+        return out
+
+    @cached_property
+    def ranef_condsd(self) -> dict[str, pd.DataFrame]:
+        """Conditional standard deviations of the modes, laid out like :attr:`ranef`."""
+        out: dict[str, pd.DataFrame] = {}
+        for t in self.structure.terms:
+            sd = np.sqrt(np.maximum(np.einsum("lii->li", self.condvar[t.name]), 0.0))
+            df = pd.DataFrame(sd, index=pd.Index(list(t.levels), name=t.factor), columns=list(t.cnms))
+            if t.factor in out:
+                prev = out[t.factor]
+                out[t.factor] = pd.concat([prev, df.reindex(prev.index)[[c for c in df.columns if c not in prev.columns]]], axis=1)
+            else:
+                out[t.factor] = df
+        return out
+
+    # ------------------------------------------------------------------ fitted values
+    def fitted(self) -> np.ndarray:
+        """Conditional fitted values  Xβ̂ + Z b̂ + offset."""
+        s = self.structure
+        mu = s.X @ self._state.beta + s.Z @ self._state.b
+        return mu + (s.offset if s.offset is not None else 0.0)
+
+    def residuals(self, scaled: bool = False) -> np.ndarray:
+        """Response residuals y − fitted; ``scaled=True`` gives √w (y − fitted)/σ̂."""
+        r = self.structure.y - self.fitted()
+        if scaled:
+            w = self.structure.weights
+            r = (r if w is None else r * np.sqrt(w)) / self.sigma
+        return r
+
+    # ------------------------------------------------------------------ display
+    def summary(self) -> str:
+        from ._summary import format_summary
+        return format_summary(self)
+
+    def __repr__(self) -> str:
+        return (f"<LmerResult {self.formula!r} {'REML' if self.REML else 'ML'} criterion={self.criterion:.6f} "
+                f"sigma={self.sigma:.6g} nobs={self.nobs}>")
+
+    def __str__(self) -> str:
+        return self.summary()

@@ -1,0 +1,117 @@
+"""Text summary laid out like lme4's ``print(summary(fit))``."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+__all__ = ["format_summary", "abbreviate"]
+
+
+def abbreviate(name: str, minlength: int = 6) -> str:
+    """Shorten a name roughly as R's abbreviate(): drop lower-case vowels from the right,
+    then lower-case letters from the right, keeping the first character."""
+    if len(name) <= minlength:
+        return name
+    chars = list(name)
+    for pattern in ("[aeiou]", "[a-z]"):
+        i = len(chars) - 1
+        while len(chars) > minlength and i > 0:
+            if re.fullmatch(pattern, chars[i]):
+                del chars[i]
+            i -= 1
+    return "".join(chars[:max(minlength, 0)] if len(chars) > minlength else chars)
+
+
+def _table(rows: list[list[str]], header: list[str], n_left: int = 1) -> list[str]:
+    """Columns padded to a common width; the first ``n_left`` left-aligned, the rest right-aligned."""
+    cols = list(zip(header, *rows)) if rows else [[h] for h in header]
+    widths = [max(len(c) for c in col) for col in cols]
+    out = []
+    for r in [header, *rows]:
+        cells = [(c.ljust(w) if j < n_left else c.rjust(w)) for j, (c, w) in enumerate(zip(r, widths))]
+        out.append(" ".join(cells).rstrip())
+    return out
+
+
+def _g(x: float, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return "NaN"
+    if 1e-4 <= abs(x) < 1e6 or x == 0:
+        return f"{x:#.{digits}g}".rstrip(".")
+    return f"{x:.{digits}e}"
+
+
+def format_summary(res) -> str:
+    s = res.structure
+    lines = []
+    if res.REML:
+        lines.append("Linear mixed model fit by REML ['lmerMod']")
+    else:
+        lines.append("Linear mixed model fit by maximum likelihood  ['lmerMod']")
+    lines.append(f"Formula: {res.formula}")
+    if res.n_dropped:
+        lines.append(f"   ({res.n_dropped} observation(s) deleted due to missingness)")
+    if s.weights is not None:
+        lines.append("Weights: prior weights")
+    lines.append("")
+    if res.REML:
+        lines.append(f"REML criterion at convergence: {res.criterion:.1f}")
+    else:
+        hdr = ["AIC", "BIC", "logLik", "deviance", "df.resid"]
+        vals = [f"{res.aic:.1f}", f"{res.bic:.1f}", f"{res.loglik:.1f}", f"{res.criterion:.1f}", f"{s.n - res.npar}"]
+        w = [max(len(h), len(v)) + 2 for h, v in zip(hdr, vals)]
+        lines.append("".join(h.rjust(x) for h, x in zip(hdr, w)))
+        lines.append("".join(v.rjust(x) for v, x in zip(vals, w)))
+    lines.append("")
+    r = res.residuals(scaled=True)
+    q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1.0])
+    lines.append("Scaled residuals: ")
+    lines += _table([[f"{v:.4f}" for v in q]], ["Min", "1Q", "Median", "3Q", "Max"], n_left=0)
+    lines.append("")
+
+    lines.append("Random effects:")
+    rows = []
+    covs = res.term_covariances()
+    for t in s.terms:
+        S = covs[t.name]
+        sd = np.sqrt(np.diag(S))
+        for i in range(t.k):
+            corr = []
+            for j in range(i):
+                c = S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
+                corr.append("NaN" if np.isnan(c) else f"{c:.2f}")
+            rows.append([t.name if i == 0 else "", t.cnms[i], _g(S[i, i]), _g(sd[i]), " ".join(corr)])
+    rows.append(["Residual", "", _g(res.sigma ** 2), _g(res.sigma), ""])
+    has_corr = any(t.k > 1 for t in s.terms)
+    hdr = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] if has_corr else [])
+    rows = [r if has_corr else r[:4] for r in rows]
+    lines += [" " + ln for ln in _table(rows, hdr, n_left=2)]
+    groups = ", ".join(f"{k}, {v}" for k, v in res.ngrps.items())
+    lines.append(f"Number of obs: {res.nobs}, groups:  {groups}")
+    lines.append("")
+
+    if s.p:
+        lines.append("Fixed effects:")
+        se = res.se.to_numpy()
+        est = res.fixef.to_numpy()
+        rows = [[nm, f"{e:.4g}" if abs(e) < 1e-3 else f"{e:.3f}", f"{d:.3f}" if d >= 1e-3 else f"{d:.3g}", f"{e / d:.3f}" if d > 0 else "NaN"]
+                for nm, e, d in zip(s.fixef_names, est, se)]
+        lines += _table(rows, ["", "Estimate", "Std. Error", "t value"])
+        if 1 < s.p <= 20:
+            lines.append("")
+            lines.append("Correlation of Fixed Effects:")
+            V = res.vcov.to_numpy()
+            d = np.sqrt(np.diag(V))
+            C = V / np.outer(d, d)
+            ab = [abbreviate(n) for n in s.fixef_names]
+            rows = [[s.fixef_names[i]] + [f"{C[i, j]:.3f}" for j in range(i)] for i in range(1, s.p)]
+            lines += _table(rows, [""] + ab[:-1])
+    if res.singular:
+        lines.append("optimizer (nloptwrap) convergence code: 0 (OK)" if res.converged else "")
+        lines.append("boundary (singular) fit: see help('isSingular')")
+    for m in res.messages:
+        if "singular" not in m:
+            lines.append(m)
+    lines.append("")
+    return "\n".join(lines)

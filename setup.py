@@ -1,0 +1,67 @@
+"""Build the compiled CHOLMOD kernel (src_c/_kernel.pyx -> fastlmm_ext._kernel).
+
+CHOLMOD is located, in order, from the environment variables
+SUITESPARSE_INCLUDE_DIR / SUITESPARSE_LIBRARY_DIR, from pkg-config (``cholmod``,
+shipped by SuiteSparse >= 7), and from the usual system paths
+(/usr/include/suitesparse, /usr/local/include/suitesparse, ...).
+"""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+
+def _pkg_config(*args):
+    if not shutil.which("pkg-config"):
+        return []
+    try:
+        out = subprocess.run(["pkg-config", *args, "cholmod"], capture_output=True, text=True, check=True)
+    except (subprocess.CalledProcessError, OSError):
+        return []
+    return out.stdout.split()
+
+
+def _cholmod_paths():
+    inc = [p for p in os.environ.get("SUITESPARSE_INCLUDE_DIR", "").split(os.pathsep) if p]
+    lib = [p for p in os.environ.get("SUITESPARSE_LIBRARY_DIR", "").split(os.pathsep) if p]
+    inc += [f[2:] for f in _pkg_config("--cflags-only-I") if f.startswith("-I")]
+    lib += [f[2:] for f in _pkg_config("--libs-only-L") if f.startswith("-L")]
+    for prefix in (os.environ.get("CONDA_PREFIX"), "/usr/local", "/usr", "/opt/homebrew"):
+        if prefix:
+            cand = os.path.join(prefix, "include", "suitesparse")
+            if os.path.exists(os.path.join(cand, "cholmod.h")):
+                inc.append(cand)
+                lib.append(os.path.join(prefix, "lib"))
+    if not any(os.path.exists(os.path.join(d, "cholmod.h")) for d in inc):
+        raise SystemExit(
+            "fastlmm_ext: cholmod.h not found. Install SuiteSparse (Debian/Ubuntu: "
+            "apt-get install libsuitesparse-dev) or set SUITESPARSE_INCLUDE_DIR and "
+            "SUITESPARSE_LIBRARY_DIR.")
+    return inc, lib
+
+
+include_dirs, library_dirs = _cholmod_paths()
+
+extensions = [
+    Extension(
+        "fastlmm_ext._kernel",
+        sources=["src_c/_kernel.pyx"],
+        include_dirs=[np.get_include(), "src_c", *include_dirs],
+        library_dirs=library_dirs,
+        libraries=["cholmod"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["src_c"],
+        build_dir="build/cython",
+        compiler_directives={"language_level": 3},
+    )
+)

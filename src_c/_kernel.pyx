@@ -1,0 +1,353 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Compiled evaluation of lme4's profiled criterion through CHOLMOD.
+
+The kernel works on the cross-products of [Z X y] only (computed once in
+Python, see ``fastlmm_ext._crossprod``).  For each θ it
+
+1. writes θ into the per-term lower-triangular blocks T (Λ = blockdiag(I ⊗ T)),
+2. forms A = Λᵀ(ZᵀZ)Λ in place on the fixed, block-closed lower pattern of ZᵀZ,
+3. refactorizes numerically  L Lᵀ = P (A + I) Pᵀ  (the symbolic analysis, with its
+   fill-reducing permutation P, was done once at construction),
+4. solves  L C = P Λᵀ [ZᵀX  Zᵀy]  so that  C = [R_ZX  c_u],
+5. forms the (p+1)×(p+1) Schur complement  S = [XᵀX Xᵀy; yᵀX yᵀy] - CᵀC and its
+   Cholesky factor  S = R Rᵀ  (R lower).  The leading p×p block of R is R_Xᵀ and the
+   last diagonal element is the square root of the penalised RSS r²(θ).
+
+Python validates every input before it reaches this module ("Python validates,
+Cython trusts"); CHOLMOD status codes become Python exceptions.
+"""
+import numpy as np
+cimport numpy as cnp
+from libc.math cimport log, sqrt
+from libc.string cimport memcpy
+from scipy.linalg.cython_blas cimport dsyrk
+from scipy.linalg.cython_lapack cimport dpotrf
+
+from cholmod cimport *
+
+from fastlmm_ext._exceptions import CholmodError, NotPositiveDefiniteError
+
+cnp.import_array()
+
+_STATUS = {
+    -1: "CHOLMOD not installed (method unavailable)",
+    -2: "CHOLMOD ran out of memory",
+    -3: "problem too large for CHOLMOD's integer type",
+    -4: "invalid input to CHOLMOD",
+    -5: "CHOLMOD GPU problem",
+}
+
+
+cdef inline void _check(cholmod_common *c, str where) except *:
+    if c.status < 0:
+        raise CholmodError(f"{where}: {_STATUS.get(c.status, 'CHOLMOD error')} (status {c.status})")
+
+
+cdef class PLSKernel:
+    """Owns CHOLMOD's workspace and the factor L for one model structure.
+
+    Parameters (all validated by the caller)
+    ----------
+    Ap, Ai, Mx : CSC arrays (int32, int32, float64) of ZᵀZ on its block-closed lower pattern:
+        every stored column of a level block has the same row pattern, and each row block
+        appears whole and contiguous.
+    col_bstart, col_bsize, col_toff : int32[q]; for column c, the first column of its level
+        block, the block size k (the term's number of columns) and the offset of the term's
+        k×k column-major T in ``Tflat``.
+    Tflat : float64, all terms' T matrices, zero-initialised except where θ maps.
+    theta_pos : int32[nth], position of each θ element in ``Tflat``.
+    ZtXy : float64 (q, p+1) Fortran order, [ZᵀX  Zᵀy].
+    XyXy : float64 (p+1, p+1) Fortran order, [XᵀX Xᵀy; yᵀX yᵀy].
+    ordering : "default" (CHOLMOD's choice), "amd" or "natural".
+    """
+    cdef cholmod_common c
+    cdef cholmod_factor *L
+    cdef cholmod_sparse A
+    cdef cholmod_dense *B
+    cdef cholmod_dense *C
+    cdef int q, p, nth
+    cdef int[::1] Ap, Ai, bstart, bsize, toff, theta_pos
+    cdef double[::1] Mx, Ax, Tflat, W
+    cdef double[::1, :] ZtXy, XyXy, S
+    cdef readonly double ldL2, ldRX2, pwrss
+    cdef readonly bint has_state
+    cdef object _keep
+
+    def __cinit__(self):
+        self.L = NULL
+        self.B = NULL
+        self.C = NULL
+        cholmod_start(&self.c)
+
+    def __init__(self, Ap, Ai, Mx, col_bstart, col_bsize, col_toff, Tflat, theta_pos,
+                 ZtXy, XyXy, str ordering="default"):
+        self._keep = (Ap, Ai, Mx)
+        self.Ap = Ap
+        self.Ai = Ai
+        self.Mx = Mx
+        self.Ax = np.array(Mx, dtype=np.float64, copy=True)
+        self.bstart = col_bstart
+        self.bsize = col_bsize
+        self.toff = col_toff
+        self.Tflat = np.array(Tflat, dtype=np.float64, copy=True)
+        self.theta_pos = theta_pos
+        self.nth = theta_pos.shape[0]
+        self.ZtXy = ZtXy
+        self.XyXy = XyXy
+        self.q = Ap.shape[0] - 1
+        self.p = XyXy.shape[0] - 1
+        self.S = np.zeros((self.p + 1, self.p + 1), dtype=np.float64, order="F")
+        cdef int maxlen = 0, j
+        for j in range(self.q):
+            maxlen = max(maxlen, self.Ap[j + 1] - self.Ap[j])
+        self.W = np.zeros(max(maxlen, 1), dtype=np.float64)
+        self.has_state = False
+
+        # Header over the numpy buffers: CHOLMOD reads the lower triangle (stype = -1);
+        # the values array is overwritten in place for every θ, the pattern never changes.
+        self.A.nrow = self.q
+        self.A.ncol = self.q
+        self.A.nzmax = self.Ai.shape[0]
+        self.A.p = &self.Ap[0]
+        self.A.i = &self.Ai[0] if self.Ai.shape[0] > 0 else NULL
+        self.A.nz = NULL
+        self.A.x = &self.Ax[0] if self.Ax.shape[0] > 0 else NULL
+        self.A.z = NULL
+        self.A.stype = -1
+        self.A.itype = CHOLMOD_INT
+        self.A.xtype = CHOLMOD_REAL
+        self.A.dtype = CHOLMOD_DOUBLE
+        self.A.sorted = 1
+        self.A.packed = 1
+
+        self.c.print = 0          # errors are raised as exceptions, not printed
+        self.c.final_ll = 1       # keep L in LLᵀ form: log|L| is read off its diagonal
+        if ordering == "natural":
+            self.c.nmethods = 1
+            self.c.method[0].ordering = CHOLMOD_NATURAL
+            self.c.postorder = 0
+        elif ordering == "amd":
+            self.c.nmethods = 1
+            self.c.method[0].ordering = CHOLMOD_AMD
+        elif ordering != "default":
+            raise ValueError(f"unknown ordering {ordering!r}; use 'default', 'amd' or 'natural'")
+        with nogil:
+            self.L = cholmod_analyze(&self.A, &self.c)
+        _check(&self.c, "cholmod_analyze")
+        if self.L == NULL:
+            raise CholmodError("cholmod_analyze returned no factor")
+        self.B = cholmod_allocate_dense(self.q, self.p + 1, self.q, CHOLMOD_REAL, &self.c)
+        _check(&self.c, "cholmod_allocate_dense")
+
+    def __dealloc__(self):
+        if self.C != NULL:
+            cholmod_free_dense(&self.C, &self.c)
+        if self.B != NULL:
+            cholmod_free_dense(&self.B, &self.c)
+        if self.L != NULL:
+            cholmod_free_factor(&self.L, &self.c)
+        cholmod_finish(&self.c)
+
+    # ------------------------------------------------------------------ per-θ steps
+    cdef void _set_theta(self, const double[::1] theta) noexcept nogil:
+        cdef int i
+        for i in range(self.nth):
+            self.Tflat[self.theta_pos[i]] = theta[i]
+
+    cdef void _form_A(self) noexcept nogil:
+        """A = Λᵀ M Λ on M's pattern: W[:, c] = M Λ[:, c], then A[:, c] = Λᵀ W[:, c] blockwise."""
+        cdef int c, s, k, j, t, ln, p0, ps, pos, r, k2, rho, u, off2, toff
+        cdef double lam, acc
+        for c in range(self.q):
+            s = self.bstart[c]
+            k = self.bsize[c]
+            j = c - s
+            toff = self.toff[c]
+            p0 = self.Ap[c]
+            ln = self.Ap[c + 1] - p0
+            # Columns of one level block share their row pattern, so Λ[:, c] combines whole columns.
+            lam = self.Tflat[toff + j + j * k]
+            for pos in range(ln):
+                self.W[pos] = lam * self.Mx[p0 + pos]
+            for t in range(j + 1, k):
+                lam = self.Tflat[toff + t + j * k]
+                if lam != 0.0:
+                    ps = self.Ap[s + t]
+                    for pos in range(ln):
+                        self.W[pos] += lam * self.Mx[ps + pos]
+            pos = 0
+            while pos < ln:
+                r = self.Ai[p0 + pos]          # first row of a whole row block
+                k2 = self.bsize[r]
+                off2 = self.toff[r]
+                for rho in range(k2):
+                    acc = 0.0
+                    for u in range(rho, k2):
+                        acc = acc + self.Tflat[off2 + u + rho * k2] * self.W[pos + u]
+                    self.Ax[p0 + pos + rho] = acc
+                pos += k2
+
+    cdef void _lambdat_dense(self, const double[::1, :] src, double *dst, int ncol) noexcept nogil:
+        """dst = Λᵀ src for a q×ncol column-major src."""
+        cdef int m, c, s, k, j, t, toff
+        cdef double acc
+        for m in range(ncol):
+            for c in range(self.q):
+                s = self.bstart[c]
+                k = self.bsize[c]
+                j = c - s
+                toff = self.toff[c]
+                acc = 0.0
+                for t in range(j, k):
+                    acc = acc + self.Tflat[toff + t + j * k] * src[s + t, m]
+                dst[c + m * self.q] = acc
+
+    cdef double _logdet_L2(self) noexcept nogil:
+        """log |L|² = 2 Σ log L_jj, read off the factor (simplicial or supernodal)."""
+        cdef double acc = 0.0
+        cdef size_t sn, j
+        cdef int *Lp
+        cdef int *sup
+        cdef int *pi
+        cdef int *px
+        cdef double *Lx = <double *> self.L.x
+        cdef int ncols, nrows
+        if self.L.is_super:
+            sup = <int *> self.L.super
+            pi = <int *> self.L.pi
+            px = <int *> self.L.px
+            for sn in range(self.L.nsuper):
+                ncols = sup[sn + 1] - sup[sn]
+                nrows = pi[sn + 1] - pi[sn]
+                for j in range(<size_t> ncols):
+                    acc += log(Lx[px[sn] + j * nrows + j])
+        else:
+            Lp = <int *> self.L.p
+            for j in range(self.L.n):
+                acc += log(Lx[Lp[j]])
+        return 2.0 * acc
+
+    def update(self, const double[::1] theta):
+        """Refactorize at θ and compute ldL2, ldRX2 and pwrss (see module docstring)."""
+        if theta.shape[0] != self.nth:
+            raise ValueError(f"theta has length {theta.shape[0]}, expected {self.nth}")
+        cdef double beta[2]
+        cdef int ok, info = 0, n1 = self.p + 1, q = self.q, i, j
+        cdef char uplo = b'L'
+        cdef char trans = b'T'
+        cdef double alpha = -1.0, one = 1.0
+        cdef cholmod_dense *PB = NULL
+        beta[0] = 1.0
+        beta[1] = 0.0
+        self.has_state = False
+        with nogil:
+            self._set_theta(theta)
+            self._form_A()
+            ok = cholmod_factorize_p(&self.A, beta, NULL, 0, self.L, &self.c)
+        _check(&self.c, "cholmod_factorize")
+        if self.c.status == CHOLMOD_NOT_POSDEF:
+            raise NotPositiveDefiniteError(
+                f"Λᵀ ZᵀZ Λ + I is not positive definite (column {self.L.minor})", np.asarray(theta))
+        with nogil:
+            self.ldL2 = self._logdet_L2()
+            self._lambdat_dense(self.ZtXy, <double *> self.B.x, n1)
+            PB = cholmod_solve(CHOLMOD_P, self.L, self.B, &self.c)
+        _check(&self.c, "cholmod_solve(P)")
+        if self.C != NULL:
+            cholmod_free_dense(&self.C, &self.c)
+        with nogil:
+            self.C = cholmod_solve(CHOLMOD_L, self.L, PB, &self.c)
+            cholmod_free_dense(&PB, &self.c)
+        _check(&self.c, "cholmod_solve(L)")
+        with nogil:
+            for j in range(n1):
+                for i in range(n1):
+                    self.S[i, j] = self.XyXy[i, j]
+            if q > 0:
+                dsyrk(&uplo, &trans, &n1, &q, &alpha, <double *> self.C.x, &q, &one,
+                      &self.S[0, 0], &n1)
+            dpotrf(&uplo, &n1, &self.S[0, 0], &n1, &info)
+        if info > 0 and info <= self.p:
+            raise NotPositiveDefiniteError(
+                "the fixed-effects cross-product XᵀX - R_ZXᵀR_ZX is not positive definite "
+                "(rank-deficient fixed effects?)", np.asarray(theta))
+        if info > 0:
+            # r²(θ) = 0: the model interpolates the response exactly.
+            raise NotPositiveDefiniteError("penalised residual sum of squares is zero", np.asarray(theta))
+        cdef double ld = 0.0
+        for i in range(self.p):
+            ld += log(self.S[i, i])
+        self.ldRX2 = 2.0 * ld
+        self.pwrss = self.S[self.p, self.p] ** 2
+        self.has_state = True
+        return self.pwrss
+
+    def objective(self, const double[::1] theta, long n, bint reml, double sum_log_w=0.0):
+        """Profiled REML criterion or ML deviance (lme4's -2 log-likelihood) at θ:
+        ML:   log|L|² - Σ log w + n (1 + log(2π r²/n))
+        REML: log|L|² + log|R_X|² - Σ log w + (n-p)(1 + log(2π r²/(n-p)))."""
+        self.update(theta)
+        cdef double df = n - self.p if reml else n
+        cdef double val = self.ldL2 - sum_log_w + df * (1.0 + log(2.0 * np.pi * self.pwrss / df))
+        if reml:
+            val += self.ldRX2
+        return val
+
+    # ------------------------------------------------------------------ state at θ
+    def state(self):
+        """β̂, spherical û, the Cholesky factor R (lower, (p+1)×(p+1)) of the Schur complement,
+        from the last update():  R_Xᵀ β̂ = c_β  and  Lᵀ P û = c_u - R_ZX β̂."""
+        if not self.has_state:
+            raise RuntimeError("call update(theta) first")
+        cdef int p = self.p, q = self.q, i, j
+        R = np.tril(np.asarray(self.S).copy())
+        RX_lower = R[:p, :p]
+        cbeta = R[p, :p]
+        if p > 0:
+            from scipy.linalg import solve_triangular
+            beta = solve_triangular(RX_lower, cbeta, lower=True, trans="T")
+        else:
+            beta = np.zeros(0)
+        Cnp = np.asarray(<double[:q * (p + 1)]> (<double *> self.C.x)).reshape((q, p + 1), order="F")
+        rhs = np.asfortranarray((Cnp[:, p] - Cnp[:, :p] @ beta).reshape(q, 1))
+        u = self._solve(CHOLMOD_Lt, rhs)
+        u = self._solve(CHOLMOD_Pt, u)[:, 0]
+        return {"beta": beta, "u": u, "R": R, "ldL2": self.ldL2, "ldRX2": self.ldRX2,
+                "pwrss": self.pwrss}
+
+    cdef object _solve(self, int system, cnp.ndarray rhs):
+        cdef double[::1, :] r = rhs
+        cdef cholmod_dense Bd
+        cdef cholmod_dense *X = NULL
+        Bd.nrow = r.shape[0]
+        Bd.ncol = r.shape[1]
+        Bd.nzmax = r.shape[0] * r.shape[1]
+        Bd.d = r.shape[0]
+        Bd.x = &r[0, 0]
+        Bd.z = NULL
+        Bd.xtype = CHOLMOD_REAL
+        Bd.dtype = CHOLMOD_DOUBLE
+        with nogil:
+            X = cholmod_solve(system, self.L, &Bd, &self.c)
+        _check(&self.c, "cholmod_solve")
+        out = np.empty((r.shape[0], r.shape[1]), dtype=np.float64, order="F")
+        cdef double[::1, :] o = out
+        if Bd.nzmax > 0:
+            memcpy(&o[0, 0], X.x, Bd.nzmax * sizeof(double))
+        cholmod_free_dense(&X, &self.c)
+        return out
+
+    def solve_L(self, rhs):
+        """L⁻¹ P rhs for a q×m array (from the current factor)."""
+        if not self.has_state:
+            raise RuntimeError("call update(theta) first")
+        rhs = np.asfortranarray(np.asarray(rhs, dtype=np.float64).reshape(self.q, -1))
+        if rhs.shape[1] == 0 or self.q == 0:
+            return np.zeros_like(rhs)
+        return self._solve(CHOLMOD_L, self._solve(CHOLMOD_P, rhs))
+
+    @property
+    def factor_info(self):
+        """Facts about L: supernodal or not, stored entries, ordering method used."""
+        return {"is_super": bool(self.L.is_super), "ordering": int(self.L.ordering),
+                "lnz": float(self.c.lnz), "n": int(self.L.n)}

@@ -1,0 +1,71 @@
+"""Shared fixtures: lme4 reference fits from ../shared/reference (next to the checkout)."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pandas as pd
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE = pathlib.Path(os.environ.get("FASTLMM_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
+
+
+def reference_dir() -> pathlib.Path:
+    if not REFERENCE.is_dir():
+        raise RuntimeError(f"lme4 reference data not found at {REFERENCE}; set FASTLMM_REFERENCE_DIR")
+    return REFERENCE
+
+
+def load_reference_data(fit: dict) -> pd.DataFrame:
+    """Read a reference CSV and restore R's factor types and level orders from `data_columns`."""
+    path = reference_dir() / fit["data_file"]
+    df = pd.read_csv(path, compression="gzip" if path.suffix == ".gz" else None)
+    for col, info in fit["data_columns"].items():
+        if info.get("type") in ("factor", "ordered factor"):
+            vals = df[col]
+            if pd.api.types.is_float_dtype(vals.dtype):
+                vals = vals.map(lambda v: str(int(v)) if float(v).is_integer() else str(v))
+            else:
+                vals = vals.astype(str)
+            df[col] = pd.Categorical(vals, categories=[str(v) for v in info["levels"]],
+                                     ordered=info["type"] == "ordered factor")
+    return df
+
+
+def all_reference_fits() -> list[tuple[str, dict]]:
+    out = []
+    for p in sorted(reference_dir().glob("*.json")):
+        data = json.loads(p.read_text())
+        if isinstance(data, list):
+            out += [(p.stem, f) for f in data if isinstance(f, dict) and "formula" in f and "data_file" in f]
+    return out
+
+
+def ordered_in_fixed(fit: dict) -> bool:
+    """An ordered factor enters X: R used polynomial contrasts, so only contrast-free
+    quantities (σ, variance components, ML deviance) are comparable."""
+    xs = fit.get("X_colnames") or []
+    xs = [xs] if isinstance(xs, str) else xs
+    cols = [c for c, v in fit["data_columns"].items() if v.get("type") == "ordered factor"]
+    return any(part.startswith(c) for c in cols for x in xs for part in str(x).split(":"))
+
+
+_cache: dict = {}
+
+
+@pytest.fixture(scope="session")
+def fitted_reference():
+    """Fit each reference model once per session (backend 'compiled'); returns a getter."""
+    import fastlmm_ext as fl
+
+    def get(key: str, fit: dict):
+        if key not in _cache:
+            df = load_reference_data(fit)
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _cache[key] = (df, fl.lmer(fit["formula"], df, REML=fit["REML"]))
+        return _cache[key]
+    return get
