@@ -203,6 +203,35 @@ def _model_matrix(rhs: str, frame: pd.DataFrame, where: str):
         raise FormulaError(f"cannot build the model matrix of {where} {rhs!r}: {e}") from e
 
 
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _poly_for_ordered(rhs: str, frame: pd.DataFrame) -> tuple[str, dict[str, str]]:
+    """R gives ordered factors polynomial contrasts (contr.poly): wrap each ordered column of
+    ``rhs`` in ``C(col, contr.poly)`` and return the column-name renames back to R's
+    ('C(t, contr.poly).L' → 't.L')."""
+    renames = {}
+    for col in frame.columns:
+        dt = frame[col].dtype
+        if isinstance(dt, pd.CategoricalDtype) and dt.ordered and _IDENT.match(str(col)):
+            pat = re.compile(rf"(?<![\w.`])(?<!C\(){re.escape(col)}(?![\w(`])")
+            if pat.search(rhs):
+                wrapped = f"C({col}, contr.poly)"
+                rhs = pat.sub(wrapped, rhs)
+                renames[wrapped] = col
+    return rhs, renames
+
+
+def _r_names(columns, renames: dict[str, str]) -> list[str]:
+    out = []
+    for c in columns:
+        name = r_column_name(c)
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        out.append(name)
+    return out
+
+
 def _vector_arg(arg, df: pd.DataFrame, name: str) -> np.ndarray | None:
     """weights= / offset= given as a column name or an array aligned with the data rows."""
     if arg is None:
@@ -308,12 +337,13 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
         raise DataError(f"response {parsed.response!r} has {int((~np.isfinite(y)).sum())} non-finite value(s) "
                         "after evaluation (e.g. log of a non-positive number)")
 
-    Xmm = _model_matrix(parsed.fixed, frame, "the fixed effects")
+    fixed_rhs, renames = _poly_for_ordered(parsed.fixed, frame)
+    Xmm = _model_matrix(fixed_rhs, frame, "the fixed effects")
     X = np.asarray(Xmm.to_numpy(dtype=np.float64), dtype=np.float64).reshape(n, -1)
     if not np.isfinite(X).all():
-        bad = [r_column_name(c) for c, ok in zip(Xmm.columns, np.isfinite(X).all(axis=0)) if not ok]
+        bad = [c for c, ok in zip(_r_names(Xmm.columns, renames), np.isfinite(X).all(axis=0)) if not ok]
         raise DataError(f"fixed-effects columns {bad} have non-finite values")
-    fixef_names = [r_column_name(c) for c in Xmm.columns]
+    fixef_names = _r_names(Xmm.columns, renames)
     X, fixef_names, dropped = _drop_rank_deficient(X, fixef_names)
     if dropped:
         warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
@@ -340,7 +370,8 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
             raise IdentifiabilityError(
                 f"number of levels of grouping factor {label!r} ({len(levels)}) must be < number of "
                 f"observations ({n}); the random effects and the residual variance are unidentifiable")
-        Zmm = _model_matrix(rt.expr, frame, f"the random-effects term ({rt.expr} | {label})")
+        re_rhs, re_renames = _poly_for_ordered(rt.expr, frame)
+        Zmm = _model_matrix(re_rhs, frame, f"the random-effects term ({rt.expr} | {label})")
         Xi = np.ascontiguousarray(Zmm.to_numpy(dtype=np.float64)).reshape(n, -1)
         if Xi.shape[1] == 0:
             raise FormulaError(f"random-effects term ({rt.expr} | {label}) has no columns")
@@ -351,7 +382,7 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
                 f"number of observations ({n}) <= number of random effects ({Xi.shape[1] * len(levels)}) "
                 f"for term ({rt.expr} | {label}); the random-effects parameters and the residual "
                 "variance are probably unidentifiable")
-        raw_terms.append((label, rt, [r_column_name(c) for c in Zmm.columns], levels, codes, Xi))
+        raw_terms.append((label, rt, _r_names(Zmm.columns, re_renames), levels, codes, Xi))
         factor_levels[label] = levels
     order = sorted(range(len(raw_terms)), key=lambda i: -len(raw_terms[i][3]))
     names = _unique_names([raw_terms[i][0] for i in order])

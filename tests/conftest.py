@@ -43,15 +43,6 @@ def all_reference_fits() -> list[tuple[str, dict]]:
     return out
 
 
-def ordered_in_fixed(fit: dict) -> bool:
-    """An ordered factor enters X: R used polynomial contrasts, so only contrast-free
-    quantities (σ, variance components, ML deviance) are comparable."""
-    xs = fit.get("X_colnames") or []
-    xs = [xs] if isinstance(xs, str) else xs
-    cols = [c for c, v in fit["data_columns"].items() if v.get("type") == "ordered factor"]
-    return any(part.startswith(c) for c in cols for x in xs for part in str(x).split(":"))
-
-
 _cache: dict = {}
 
 

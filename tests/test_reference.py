@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import fastlmm_ext as fl
-from conftest import all_reference_fits, load_reference_data, ordered_in_fixed
+from conftest import all_reference_fits, load_reference_data
 
 FITS = all_reference_fits()
 IDS = [f"{ds}:{f['formula']}:{'REML' if f['REML'] else 'ML'}" for ds, f in FITS]
@@ -23,30 +23,28 @@ def test_reference_set_is_complete():
 @pytest.mark.parametrize("ds,ref", FITS, ids=IDS)
 def test_fit_matches_lme4(ds, ref, fitted_reference):
     df, res = fitted_reference(IDS[FITS.index((ds, ref))], ref)
-    ordered = ordered_in_fixed(ref)
+    # Ordered factors get R's polynomial contrasts, so even contrast-dependent numbers compare.
     rc = ref["criterion"]
     tight = ref.get("tight_optimum", {}).get("criterion", rc) if isinstance(ref.get("tight_optimum"), dict) else rc
-    if not (ordered and ref["REML"]):
-        # No worse than lme4 (1e-6 absolute), and not suspiciously far below its tight optimum.
-        assert res.criterion <= rc + 1e-6 + 2e-10 * abs(rc)
-        assert res.criterion >= min(rc, tight) - 1e-6 - 2e-10 * abs(rc)
-        assert res.loglik == pytest.approx(ref["logLik"], abs=1e-6)
-        assert res.aic == pytest.approx(ref["AIC"], abs=2e-6)
-        assert res.bic == pytest.approx(ref["BIC"], abs=2e-6)
+    # No worse than lme4 (1e-6 absolute), and not suspiciously far below its tight optimum.
+    assert res.criterion <= rc + 1e-6 + 2e-10 * abs(rc)
+    assert res.criterion >= min(rc, tight) - 1e-6 - 2e-10 * abs(rc)
+    assert res.loglik == pytest.approx(ref["logLik"], abs=1e-6)
+    assert res.aic == pytest.approx(ref["AIC"], abs=2e-6)
+    assert res.bic == pytest.approx(ref["BIC"], abs=2e-6)
     assert res.nobs == ref["nobs"]
     assert res.sigma == pytest.approx(ref["sigma"], rel=1e-3)
     assert res.ngrps == {k: int(v) for k, v in ref["ngrps"].items()}
     assert res.singular == bool(ref["isSingular"])
     assert res.converged
-    if not ordered:
-        assert list(res.fixef.index) == list(ref["X_colnames"] if isinstance(ref["X_colnames"], list) else [ref["X_colnames"]])
-        rfe = np.array(list(ref["fixef"].values()))
-        rse = np.array(list(ref["fixef_se"].values()))
-        np.testing.assert_array_less(np.abs(res.fixef.to_numpy() - rfe), 1e-4 * np.abs(rfe) + 1e-3 * rse + 1e-12)
-        np.testing.assert_allclose(res.se.to_numpy(), rse, rtol=1e-3)
-        V = np.array(ref["vcov_fixef"]["values"], dtype=float).reshape(rse.size, rse.size)
-        # Covariances near zero are compared on the scale of the variances.
-        np.testing.assert_allclose(res.vcov.to_numpy(), V, rtol=2e-3, atol=1e-4 * np.abs(np.diag(V)).max())
+    assert list(res.fixef.index) == list(ref["X_colnames"] if isinstance(ref["X_colnames"], list) else [ref["X_colnames"]])
+    rfe = np.array(list(ref["fixef"].values()))
+    rse = np.array(list(ref["fixef_se"].values()))
+    np.testing.assert_array_less(np.abs(res.fixef.to_numpy() - rfe), 1e-4 * np.abs(rfe) + 1e-3 * rse + 1e-12)
+    np.testing.assert_allclose(res.se.to_numpy(), rse, rtol=1e-3)
+    V = np.array(ref["vcov_fixef"]["values"], dtype=float).reshape(rse.size, rse.size)
+    # Covariances near zero are compared on the scale of the variances.
+    np.testing.assert_allclose(res.vcov.to_numpy(), V, rtol=2e-3, atol=1e-4 * np.abs(np.diag(V)).max())
     # θ: lme4's default optimizer stops ~1e-4 short; compare with its tight refit.
     th_ref = np.array(list((ref.get("tight_optimum") or {}).get("theta", ref["theta"]).values()), dtype=float)
     np.testing.assert_allclose(res.theta, th_ref, rtol=2e-3, atol=2e-4)
@@ -67,8 +65,7 @@ def test_varcorr_matches_lme4(ds, ref, fitted_reference):
     np.testing.assert_allclose(vc["sdcor"].to_numpy(float), want["sdcor"].to_numpy(float), rtol=1e-3, atol=2e-3)
 
 
-# The REML criterion depends on the contrasts (log|R_X|²); R used polynomial ones for ordered factors.
-OBJ = [(d, f, i) for (d, f), i in zip(FITS, IDS) if not (ordered_in_fixed(f) and f["REML"])]
+OBJ = [(d, f, i) for (d, f), i in zip(FITS, IDS)]
 
 
 @pytest.mark.parametrize("backend", ["compiled", "reference"])
@@ -96,7 +93,7 @@ def test_conditional_modes_and_variances(ds, ref, fitted_reference):
         np.testing.assert_allclose(got.to_numpy(), sub["condval"].to_numpy(), rtol=2e-3, atol=2e-3 * scale)
         sd = res.ranef_condsd[grpvar][term].reindex([str(g) for g in sub["grp"]])
         np.testing.assert_allclose(sd.to_numpy(), sub["condsd"].to_numpy(), rtol=2e-3, atol=1e-6)
-    if "fitted" in ref and not ordered_in_fixed(ref):
+    if "fitted" in ref:
         np.testing.assert_allclose(res.fitted(), np.asarray(ref["fitted"]), rtol=1e-5,
                                    atol=1e-4 * np.std(ref["fitted"]))
 
