@@ -128,8 +128,12 @@ def test_categorical_order_sets_reference_level():
     assert res.fixef["(Intercept)"] == pytest.approx(70.186 + 0.914, abs=1e-3)
 
 
-def test_python_dash_m_example_runs():
-    out = subprocess.run([sys.executable, "-m", "fastlmm_ext", "ingot"], capture_output=True, text=True, check=True)
+def test_python_dash_m_example_runs(tmp_path):
+    # the same fastlmm_ext this test imported (installed, or the source tree with its built kernel)
+    import os
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fl.__file__)))
+    out = subprocess.run([sys.executable, "-m", "fastlmm_ext", "ingot"], capture_output=True, text=True,
+                         check=True, cwd=tmp_path, env=env)
     assert "REML criterion at convergence: 107.8" in out.stdout
     assert "metali" in out.stdout
 
