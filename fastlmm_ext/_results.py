@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 import scipy.linalg as la
 
+from ._aliases import StatsmodelsMixin
 from ._backends import PLSState
+from ._inference import InferenceMixin
 from ._optimize import OptSummary
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LmerResult"]
 
 
-class LmerResult:
+class LmerResult(InferenceMixin, StatsmodelsMixin):
     """Result of :func:`fastlmm_ext.lmer` / :meth:`LinearMixedModel.fit`."""
 
     def __init__(self, model: "LinearMixedModel", state: PLSState, optsummary: OptSummary,
