@@ -18,7 +18,7 @@ from ._reference import ReferencePLS
 
 __all__ = ["PLSState", "CompiledBackend", "ReferenceBackend", "make_backend", "BACKENDS"]
 
-BACKENDS = ("compiled", "reference")
+BACKENDS = ("compiled", "reference", "blocked")
 
 
 @dataclass(frozen=True)
@@ -114,4 +114,7 @@ def make_backend(s: ModelStructure, backend: str = "compiled", **options):
         return CompiledBackend(s, **options)
     if backend == "reference":
         return ReferenceBackend(s, **options)
+    if backend == "blocked":
+        from ._blocked import BlockedBackend
+        return BlockedBackend(s, **options)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

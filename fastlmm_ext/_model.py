@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from ._backends import make_backend
+from ._backends import BACKENDS, make_backend
 from ._design import ModelStructure, build_structure
 from ._exceptions import DataError, SingularFitWarning
 from ._optimize import check_convergence, is_singular, minimize_theta, warn_convergence
@@ -32,7 +32,9 @@ class LinearMixedModel:
     formula : lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
     data : pandas DataFrame (or anything ``pd.DataFrame`` accepts).
     REML : fit by REML (default) or maximum likelihood.
-    backend : ``"compiled"`` (CHOLMOD kernel, default) or ``"reference"`` (dense NumPy path).
+    backend : ``"compiled"`` (CHOLMOD kernel, default), ``"reference"`` (dense NumPy path) or
+        ``"blocked"`` (two-block dense-Schur layout with an analytic gradient; needs scalar terms
+        after the first).
     weights, offset : prior weights and an offset, as column names or arrays.
     ordering : fill-reducing ordering for CHOLMOD: ``"default"``, ``"amd"`` or ``"natural"``.
     """
@@ -40,8 +42,8 @@ class LinearMixedModel:
     def __init__(self, formula: str, data, REML: bool = True, backend: str = "compiled",
                  weights=None, offset=None, ordering: str = "default",
                  structure: ModelStructure | None = None):
-        if backend not in ("compiled", "reference"):
-            raise ValueError(f"unknown backend {backend!r}; choose 'compiled' or 'reference'")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.structure = structure if structure is not None else build_structure(formula, data, weights, offset)
         self.REML = bool(REML)
         self.ordering = ordering
@@ -72,7 +74,7 @@ class LinearMixedModel:
         return float(self.backend.objective(theta, self.REML))
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, optimizer: str = "bobyqa", theta0=None, check_conv: bool = True,
+    def fit(self, optimizer: str = "auto", theta0=None, check_conv: bool = True,
             ftol_abs: float = 1e-12, xtol_abs: float = 1e-10, maxeval: int = 100_000,
             verbose: bool = False) -> LmerResult:
         """Minimise the profiled criterion over θ ≥ lower and build the result."""
@@ -87,8 +89,12 @@ class LinearMixedModel:
                 counter["n"] += 1
                 print(f"eval {counter['n']:4d}  criterion {v:.10f}  theta {np.round(th, 6).tolist()}")
                 return v
+        grad_fn = getattr(self.backend, "gradient", None)
+        grad = (lambda th: grad_fn(th, self.REML)) if grad_fn is not None else None
+        if optimizer == "auto":
+            optimizer = "lbfgsb" if grad is not None else "bobyqa"
         summ = minimize_theta(crit, th0, self.lower, optimizer=optimizer, ftol_abs=ftol_abs,
-                              xtol_abs=xtol_abs, maxeval=maxeval)
+                              xtol_abs=xtol_abs, maxeval=maxeval, grad=grad)
         theta = np.array(summ.theta_final, dtype=float)
         # Values within rounding of a bound are put on it, as lme4 does for θ ≈ 0.
         on_bound = np.isfinite(self.lower) & (np.abs(theta - self.lower) < 1e-12)

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastlmm_ext as fl
+import fastlmm_ext.datasets  # noqa: F401  (fl.datasets in tests)
 from fastlmm_ext._exceptions import FastLMMError
 
 FORMULAS = [
@@ -120,3 +121,75 @@ def test_large_mean_response_is_stable():
     m2 = fl.LinearMixedModel("y ~ x + (1|g1)", df2)
     for th in ([0.5], [1.0], [3.0]):
         assert m2.objective(th) == pytest.approx(m1.objective(th), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------- blocked path + gradient
+BLOCKED_FORMULAS = [
+    "y ~ x + (1|g1)",
+    "y ~ x + (x|g1)",
+    "y ~ x + (1 + x + z|g1)",
+    "y ~ x + (1|g1) + (1|g2)",
+    "y ~ x + (x|g1) + (1|g2)",
+    "y ~ 1 + (1|g1/g3)",
+    "y ~ 0 + x + (1|g2)",
+    "y ~ x + f + (1|g1) + (1|g2) + (1|g3)",
+]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(40, 200), l1=st.integers(6, 14), l2=st.integers(2, 6),
+       formula=st.sampled_from(BLOCKED_FORMULAS), reml=st.booleans(), data=st.data())
+def test_blocked_objective_and_gradient(seed, n, l1, l2, formula, reml, data):
+    """Blocked criterion == reference criterion; analytic gradient == central differences."""
+    df = make_data(seed, n, l1, l2)
+    mb = build(formula, df, "blocked", reml) if _blocked_ok(formula, df) else None
+    assume(mb is not None)
+    mr = build(formula, df, "reference", reml)
+    theta = np.array([data.draw(st.floats(0.05, 3.0)) if lb == 0.0 else data.draw(st.floats(-1.0, 1.0))
+                      for lb in mb.lower])
+    assert mb.objective(theta) == pytest.approx(mr.objective(theta), rel=1e-9)
+    g = mb.backend.gradient(theta, reml)
+    h = 1e-6
+    fd = np.array([(mb.objective(theta + h * e) - mb.objective(theta - h * e)) / (2 * h) for e in np.eye(theta.size)])
+    np.testing.assert_allclose(g, fd, rtol=1e-4, atol=1e-4 * (1 + np.abs(fd).max()))
+
+
+def _blocked_ok(formula, df):
+    from fastlmm_ext._blocked import blocked_applicable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return blocked_applicable(fl.LinearMixedModel(formula, df, backend="reference").structure)
+        except FastLMMError:
+            return False
+
+
+def test_blocked_gradient_zero_on_scalar_bound():
+    """The criterion is even in a scalar term's θ, so its derivative on the bound is 0."""
+    df = make_data(5, 150, 10, 4)
+    m = fl.LinearMixedModel("y ~ x + (1|g1) + (1|g2)", df, backend="blocked")
+    g = m.backend.gradient(np.array([0.7, 0.0]), True)
+    assert g[1] == 0.0
+    # one-sided difference quotients shrink linearly with h (no first-order term)
+    q1, q2 = ((m.objective([0.7, h]) - m.objective([0.7, 0.0])) / h for h in (1e-4, 1e-5))
+    assert abs(q2) < abs(q1) / 5
+
+
+def test_blocked_restarts_from_the_edge():
+    df = fl.datasets.load("sleepstudy")
+    m = fl.LinearMixedModel("Reaction ~ Days + (1|Subject) + (0+Days|Subject)", df, backend="blocked")
+    res = m.fit(theta0=[0.0, 0.0])
+    assert res.criterion == pytest.approx(1743.669293581, abs=1e-6)
+    assert not res.singular
+
+
+def test_blocked_not_applicable_is_clear():
+    df = make_data(1, 200, 10, 4)
+    with pytest.raises(ValueError, match="scalar terms after the first"):
+        fl.LinearMixedModel("y ~ x + (1|g1) + (x|g2)", df, backend="blocked")
+
+
+def test_lbfgsb_needs_gradient():
+    df = make_data(1, 200, 10, 4)
+    with pytest.raises(ValueError, match="gradient"):
+        fl.lmer("y ~ x + (1|g1)", df, optimizer="lbfgsb")
