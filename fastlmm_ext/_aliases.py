@@ -275,7 +275,8 @@ class StatsmodelsMixin:
                 for j in range(i):
                     c = S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
                     corr.append("NaN" if np.isnan(c) else f"{c:.2f}")
-                rows.append([t.name if i == 0 else "", t.cnms[i], f"{S[i, i]:.4g}", f"{sd[i]:.4g}", " ".join(corr)])
+                rows.append([t.name if i == 0 else "", t.cnms[i], f"{S[i, i]:.4g}", f"{sd[i]:.4g}",
+                             " ".join(corr)])
         rows.append(["Residual", "", f"{self.sigma ** 2:.4g}", f"{self.sigma:.4g}", ""])
         has_corr = any(t.k > 1 for t in s.terms)
         header = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] if has_corr else [])
@@ -309,7 +310,8 @@ def _html_table(caption: str, header: list[str], rows: list[list[str]], n_left: 
         return f'<{tag} style="text-align: {align};">{e(text)}</{tag}>'
 
     out = ["<table>", f"<caption style=\"text-align: left;\"><strong>{e(caption)}</strong></caption>",
-           "<thead><tr>" + "".join(cell("th", h, j) for j, h in enumerate(header)) + "</tr></thead>", "<tbody>"]
+           "<thead><tr>" + "".join(cell("th", h, j) for j, h in enumerate(header)) + "</tr></thead>",
+           "<tbody>"]
     for r in rows:
         out.append("<tr>" + "".join(cell("td", c, j) for j, c in enumerate(r)) + "</tr>")
     out += ["</tbody>", "</table>"]

@@ -1,6 +1,6 @@
 """The ``fastlmm-ext`` command: fit a linear mixed model to a data file from the shell.
 
-    fastlmm-ext fit DATA "FORMULA" [--ml] [--backend compiled|reference]
+    fastlmm-ext fit DATA "FORMULA" [--ml] [--backend compiled|reference|...]
                     [--json OUT] [--plot DIR] [--quiet | --verbose]
 
 DATA is CSV (``.csv``, optionally compressed: ``.csv.gz``, ...), tab-separated (``.tsv``) or
@@ -111,8 +111,8 @@ def read_data(path: str):
 class _Progress:
     """Progress of the fit on stderr: evaluations, best criterion so far, elapsed time.
 
-    Uses a tqdm status line when tqdm is installed, otherwise a plain line at most once a
-    second and a final line.  ``write`` prints a message without breaking the status line."""
+    On a terminal with tqdm installed: a tqdm status line; otherwise a plain line at most once a
+    second.  Both end with a one-line total.  ``write`` prints a message without breaking the status line."""
 
     def __init__(self, enabled: bool, label: str):
         self.enabled = enabled
@@ -123,10 +123,12 @@ class _Progress:
         self._last = self.start
         self._bar = None
         if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
+            tqdm = None
+            if _isatty(sys.stderr):  # a status line only makes sense on a terminal; logs get plain lines
+                try:
+                    from tqdm import tqdm
+                except ImportError:
+                    pass
             if tqdm is not None:
                 self._bar = tqdm(total=None, desc=f"{PROG}: fitting", unit=" evals", file=sys.stderr,
                                  bar_format="{desc}: {n_fmt} evaluations{postfix} [{elapsed}]",
@@ -164,6 +166,13 @@ class _Progress:
         elapsed = time.perf_counter() - self.start
         print(f"{PROG}: fit done: {self.n} evaluations, {self.label} {self.best:.6f}, {elapsed:.2f}s",
               file=sys.stderr, flush=True)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 class _ReportingBackend:
@@ -227,7 +236,7 @@ def _fit(args, progress_out: list) -> int:
     if args.plot is not None:
         import matplotlib
         if "matplotlib.pyplot" not in sys.modules:
-            matplotlib.use("Agg")  # files only: never open a window (an in-process caller's pyplot is left alone)
+            matplotlib.use("Agg")  # files only, no window; an in-process caller's pyplot is left alone
         from . import plots
         try:
             paths = plots.save_all(res, args.plot)
@@ -248,6 +257,7 @@ def _note(args, msg: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fastlmm-ext`` (sub-command ``fit``)."""
     from . import __version__
+    from ._backends import BACKENDS
 
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -258,21 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser(
         "fit", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="fit a model to a CSV / CSV.gz / Parquet file and print the lme4-style summary",
-        description="Fit FORMULA to the data in DATA by REML (default) or maximum likelihood and print "
-                    "lme4's summary layout.\nDATA: .csv, compressed .csv.gz (also .bz2/.xz/.zip/.zst), "
-                    ".tsv, or Parquet (.parquet/.pq; needs pyarrow).",
+        description="Fit FORMULA to the data in DATA by REML (default) or maximum likelihood\n"
+                    "and print lme4's summary layout.\n\n"
+                    "DATA: .csv, compressed .csv.gz (also .bz2/.xz/.zip/.zst), .tsv,\n"
+                    "or Parquet (.parquet/.pq; needs pyarrow).",
         epilog=SYNTAX + "\n" + EXAMPLES)
     fit.add_argument("data", metavar="DATA", help="data file: .csv, .csv.gz, .tsv, .parquet or .pq")
-    fit.add_argument("formula", metavar="FORMULA", help='lme4 formula, e.g. "Reaction ~ Days + (Days|Subject)"')
+    fit.add_argument("formula", metavar="FORMULA",
+                     help='lme4 formula, e.g. "Reaction ~ Days + (Days|Subject)"')
     fit.add_argument("--ml", action="store_true", help="fit by maximum likelihood instead of REML")
-    fit.add_argument("--backend", choices=("compiled", "reference"), default="compiled",
-                     help="criterion evaluation: the CHOLMOD kernel (default) or the dense NumPy reference path")
+    fit.add_argument("--backend", choices=BACKENDS, default="compiled",
+                     help="criterion evaluation: 'compiled' is the CHOLMOD kernel (default), "
+                          "'reference' the dense NumPy path (see LinearMixedModel)")
     fit.add_argument("--json", metavar="OUT",
                      help="write the fit as JSON (LmerResult.to_json) to OUT; '-' writes it to stdout "
                           "instead of the summary")
     fit.add_argument("--plot", metavar="DIR",
-                     help="write diagnostic PNGs (residuals vs fitted, Q-Q plots, caterpillar plots) into DIR; "
-                          "needs matplotlib")
+                     help="write diagnostic PNGs (residuals vs fitted, Q-Q plots, caterpillar plots) "
+                          "into DIR; needs matplotlib")
     fit.add_argument("-q", "--quiet", action="store_true",
                      help="do not print the summary or notes (warnings and errors are still printed)")
     fit.add_argument("-v", "--verbose", action="store_true",
@@ -320,7 +333,8 @@ def main(argv=None) -> int:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
         except Exception as e:  # a bug: still one line, but say so
-            return _error(f"internal error ({type(e).__name__}): {_one_line(e)}; please report it", EXIT_INTERNAL)
+            return _error(f"internal error ({type(e).__name__}): {_one_line(e)}; please report it",
+                          EXIT_INTERNAL)
 
 
 def _error(msg: str, code: int = EXIT_USAGE) -> int:

@@ -1,7 +1,8 @@
 """Diagnostic plots of a fitted model (matplotlib, an optional dependency: ``pip install fastlmm_ext[plot]``).
 
 * :func:`caterpillar` — conditional modes b̂ of one grouping factor with intervals
-  b̂ ± z_{(1+level)/2} · sd(b | y), levels sorted by the first column (lme4's ``dotplot(ranef(fit, condVar=TRUE))``);
+  b̂ ± z_{(1+level)/2} · sd(b | y), levels sorted by the first column
+  (lme4's ``dotplot(ranef(fit, condVar=TRUE))``);
 * :func:`resid_fitted` — residuals y − ŷ (Pearson residuals √w (y − ŷ) for weighted fits) against the
   conditional fitted values ŷ = Xβ̂ + Zb̂ (lme4's ``plot(fit)``);
 * :func:`qq_resid` — normal Q-Q plot of the scaled residuals √w (y − ŷ) / σ̂;
@@ -105,7 +106,8 @@ def caterpillar(res, group: str | None = None, level: float = 0.95):
     nlev, ncol = modes.shape
     labelled = nlev <= MAX_LABELLED_LEVELS
     height = min(max(2.6, 0.2 * nlev + 1.4), 14.0) if labelled else 7.0
-    fig = plt.figure(figsize=(max(5.0, 3.4 * ncol + (1.2 if labelled else 0.4)), height), layout="constrained")
+    width = max(5.0, 3.4 * ncol + (1.2 if labelled else 0.4))
+    fig = plt.figure(figsize=(width, height), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, ncol, sharey=True, squeeze=False)[0])
     # line width and marker size follow the vertical space per level (in points)
     per_level = (height - 1.2) * 72.0 / nlev
