@@ -37,7 +37,7 @@ DESIGNS = {
 
 
 class Objective:
-    params = (["crossed-20k", "crossed-200k", "nested-100k"], ["compiled"])
+    params = (["crossed-20k", "crossed-200k", "nested-100k"], ["compiled", "blocked"])
     param_names = ["design", "backend"]
     timeout = 300
 
@@ -50,20 +50,25 @@ class Objective:
         self.model.objective(self.theta)
 
 
+    def time_gradient(self, design, backend):
+        if backend == "blocked":  # only the blocked path has an analytic gradient
+            self.model.backend.gradient(self.theta * (1 + 1e-9), True)
+
+
 class Fit:
-    params = (["crossed-20k", "crossed-200k", "nested-100k"],)
-    param_names = ["design"]
+    params = (["crossed-20k", "crossed-200k", "nested-100k"], ["compiled", "blocked"])
+    param_names = ["design", "backend"]
     timeout = 600
 
-    def setup(self, design):
+    def setup(self, design, backend):
         make, self.formula = DESIGNS[design]
         self.data = make()
 
-    def time_fit(self, design):
-        fl.lmer(self.formula, self.data)
+    def time_fit(self, design, backend):
+        fl.lmer(self.formula, self.data, backend=backend)
 
-    def peakmem_fit(self, design):
-        fl.lmer(self.formula, self.data)
+    def peakmem_fit(self, design, backend):
+        fl.lmer(self.formula, self.data, backend=backend)
 
-    def track_feval(self, design):
-        return fl.lmer(self.formula, self.data).optsummary.feval
+    def track_feval(self, design, backend):
+        return fl.lmer(self.formula, self.data, backend=backend).optsummary.feval
