@@ -9,6 +9,7 @@ from ._exceptions import (CholmodError, ConvergenceWarning, DataError, FastLMMEr
                           MissingValuesWarning, NotPositiveDefiniteError, RankDeficiencyWarning,
                           SingularFitWarning)
 from ._formula import parse_formula
+from ._inference import anova
 from ._model import LinearMixedModel, lmer
 from ._optimize import OptSummary
 from ._results import LmerResult
@@ -16,7 +17,7 @@ from ._results import LmerResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "lmer", "LinearMixedModel", "LmerResult", "OptSummary", "parse_formula",
+    "lmer", "anova", "LinearMixedModel", "LmerResult", "OptSummary", "parse_formula",
     "FastLMMError", "FormulaError", "DataError", "MissingColumnError", "GroupingFactorError",
     "IdentifiabilityError", "NotPositiveDefiniteError", "CholmodError",
     "FastLMMWarning", "ConvergenceWarning", "SingularFitWarning", "RankDeficiencyWarning",

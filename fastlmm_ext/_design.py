@@ -189,11 +189,39 @@ def _unique_names(labels: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- building
 
-def _variables(rhs: str, where: str) -> set[str]:
+def _variables(rhs: str, where: str, columns=()) -> set[str]:
+    """Data columns a right-hand side uses.  formulaic's ``required_variables`` omits the
+    arguments of stateful transforms (``center(x)``, ``scale(x)``, ``poly(x, 2)``), so names read
+    inside Python-evaluated factors are added when they are columns of the data."""
     try:
-        return {str(v) for v in Formula(rhs).required_variables}
+        F = Formula(rhs)
+        out = {str(v) for v in F.required_variables}
+        cols = set(map(str, columns))
+        for term in F:
+            for factor in term.factors:
+                if getattr(factor.eval_method, "name", "") == "PYTHON":
+                    out |= _names_in(str(factor.expr)) & cols
+        return out
+    except FormulaError:
+        raise
     except Exception as e:
         raise FormulaError(f"cannot parse {where} {rhs!r}: {e}") from e
+
+
+def _names_in(expr: str) -> set[str]:
+    """Bare names read in a Python expression (not called functions, not module prefixes)."""
+    import ast
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        return set()
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            skip.add(id(node.func))
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            skip.add(id(node.value))
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in skip}
 
 
 def _model_matrix(rhs: str, frame: pd.DataFrame, where: str):
@@ -283,13 +311,14 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
     if len(df) == 0:
         raise DataError("data has no rows")
 
-    resp_vars = _variables(parsed.response, "the response")
-    fixed_vars = _variables(parsed.fixed, "the fixed effects")
-    off_vars = set().union(*[_variables(o, "the offset") for o in parsed.offsets]) if parsed.offsets else set()
+    cols = list(df.columns)
+    resp_vars = _variables(parsed.response, "the response", cols)
+    fixed_vars = _variables(parsed.fixed, "the fixed effects", cols)
+    off_vars = set().union(*[_variables(o, "the offset", cols) for o in parsed.offsets]) if parsed.offsets else set()
     re_vars: set[str] = set()
     group_vars: list[str] = []
     for rt in parsed.random:
-        re_vars |= _variables(rt.expr, f"the random-effects term ({rt.expr} | {rt.group_name()})")
+        re_vars |= _variables(rt.expr, f"the random-effects term ({rt.expr} | {rt.group_name()})", cols)
         group_vars.extend(g for g in rt.group if g not in group_vars)
     used = list(dict.fromkeys([*sorted(resp_vars), *sorted(fixed_vars), *sorted(off_vars),
                                *sorted(re_vars), *group_vars]))

@@ -147,3 +147,19 @@ def test_ranef_and_condvar_shapes():
     assert cv.shape == (18, 2, 2)
     assert np.all(np.linalg.eigvalsh(cv) > 0)
     np.testing.assert_allclose(cv, np.transpose(cv, (0, 2, 1)))
+
+
+def test_stateful_transforms_in_fixed_part():
+    """center(x), scale(x), poly(x, 2) read their columns (formulaic omits them from required_variables)."""
+    df = datasets.load("sleepstudy")
+    a = fl.lmer("Reaction ~ center(Days) + (1|Subject)", df)
+    b = fl.lmer("Reaction ~ Days + (1|Subject)", df)
+    assert a.criterion == pytest.approx(b.criterion, rel=1e-10)
+    assert a.fixef.iloc[1] == pytest.approx(b.fixef.iloc[1], rel=1e-10)
+    c = fl.lmer("Reaction ~ poly(Days, 2) + (1|Subject)", df)
+    assert c.fixef.size == 3
+    d = df.copy()
+    d.loc[0, "Days"] = np.nan
+    with pytest.warns(fl.MissingValuesWarning, match="dropped 1"):
+        e = fl.lmer("Reaction ~ scale(Days) + (1|Subject)", d)
+    assert e.nobs == 179
