@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import warnings
+
+from ._progress import Progress
 
 PROG = "fastlmm-ext"
 
@@ -108,73 +109,6 @@ def read_data(path: str):
 
 # ----------------------------------------------------------------------------- progress
 
-class _Progress:
-    """Progress of the fit on stderr: evaluations, best criterion so far, elapsed time.
-
-    On a terminal with tqdm installed: a tqdm status line; otherwise a plain line at most once a
-    second.  Both end with a one-line total.  ``write`` prints a message without breaking the status line."""
-
-    def __init__(self, enabled: bool, label: str):
-        self.enabled = enabled
-        self.label = label
-        self.n = 0
-        self.best = float("inf")
-        self.start = time.perf_counter()
-        self._last = self.start
-        self._bar = None
-        if enabled:
-            tqdm = None
-            if _isatty(sys.stderr):  # a status line only makes sense on a terminal; logs get plain lines
-                try:
-                    from tqdm import tqdm
-                except ImportError:
-                    pass
-            if tqdm is not None:
-                self._bar = tqdm(total=None, desc=f"{PROG}: fitting", unit=" evals", file=sys.stderr,
-                                 bar_format="{desc}: {n_fmt} evaluations{postfix} [{elapsed}]",
-                                 leave=False, mininterval=0.1)
-
-    def update(self, value: float) -> None:
-        self.n += 1
-        if value < self.best:
-            self.best = float(value)
-        if not self.enabled:
-            return
-        msg = f"{self.label} {self.best:.6f}"
-        if self._bar is not None:
-            self._bar.set_postfix_str(msg, refresh=False)
-            self._bar.update(1)
-        else:
-            now = time.perf_counter()
-            if now - self._last >= 1.0:
-                self._last = now
-                print(f"{PROG}: fitting: {self.n} evaluations, {msg}, {now - self.start:.1f}s elapsed",
-                      file=sys.stderr, flush=True)
-
-    def write(self, line: str) -> None:
-        if self._bar is not None:
-            self._bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        elapsed = time.perf_counter() - self.start
-        print(f"{PROG}: fit done: {self.n} evaluations, {self.label} {self.best:.6f}, {elapsed:.2f}s",
-              file=sys.stderr, flush=True)
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
 class _ReportingBackend:
     """Wraps a criterion backend and reports every objective evaluation to a callback;
     everything else is delegated to the wrapped backend."""
@@ -207,7 +141,7 @@ def _fit(args, progress_out: list) -> int:
     df = read_data(args.data)
     reml = not args.ml
     model = LinearMixedModel(args.formula, df, REML=reml, backend=args.backend)
-    progress = _Progress(args.verbose, "REML criterion" if reml else "deviance")
+    progress = Progress(args.verbose, "REML criterion" if reml else "deviance", prefix=PROG)
     progress_out.append(progress)
     inner = model.backend
     model.backend = _ReportingBackend(inner, progress.update)

@@ -14,6 +14,7 @@ import pandas as pd
 from ._backends import BACKENDS, make_backend
 from ._design import ModelStructure, build_structure
 from ._exceptions import DataError, SingularFitWarning
+from ._progress import Progress
 from ._optimize import check_convergence, is_singular, minimize_theta, warn_convergence
 from ._results import LmerResult
 
@@ -77,29 +78,31 @@ class LinearMixedModel:
     def fit(self, optimizer: str = "auto", theta0=None, check_conv: bool = True,
             ftol_abs: float = 1e-12, xtol_abs: float = 1e-10, maxeval: int = 100_000,
             verbose: bool = False) -> LmerResult:
-        """Minimise the profiled criterion over θ ≥ lower and build the result."""
-        th0 = self.theta0 if theta0 is None else np.asarray(theta0, dtype=float)
-        crit = lambda th: self.backend.objective(th, self.REML)
-        if verbose:
-            base = crit
-            counter = {"n": 0}
+        """Minimise the profiled criterion over θ ≥ lower and build the result.
 
-            def crit(th):  # noqa: F811 - verbose wrapper
-                v = base(th)
-                counter["n"] += 1
-                print(f"eval {counter['n']:4d}  criterion {v:.10f}  theta {np.round(th, 6).tolist()}")
-                return v
+        ``verbose=True`` shows progress (evaluations, best criterion, elapsed) on stderr."""
+        th0 = self.theta0 if theta0 is None else np.asarray(theta0, dtype=float)
+        progress = Progress(verbose, "REML criterion" if self.REML else "deviance")
+
+        def crit(th):
+            v = self.backend.objective(th, self.REML)
+            progress.update(v)
+            return v
         grad_fn = getattr(self.backend, "gradient", None)
         grad = (lambda th: grad_fn(th, self.REML)) if grad_fn is not None else None
         if optimizer == "auto":
             optimizer = "lbfgsb" if grad is not None else "bobyqa"
-        summ = minimize_theta(crit, th0, self.lower, optimizer=optimizer, ftol_abs=ftol_abs,
-                              xtol_abs=xtol_abs, maxeval=maxeval, grad=grad)
+        try:
+            summ = minimize_theta(crit, th0, self.lower, optimizer=optimizer, ftol_abs=ftol_abs,
+                                  xtol_abs=xtol_abs, maxeval=maxeval, grad=grad)
+        finally:
+            progress.close()
         theta = np.array(summ.theta_final, dtype=float)
         # Values within rounding of a bound are put on it, as lme4 does for θ ≈ 0.
         on_bound = np.isfinite(self.lower) & (np.abs(theta - self.lower) < 1e-12)
         theta[on_bound] = self.lower[on_bound]
-        fmin = float(crit(theta)) if on_bound.any() else summ.fmin
+        plain = lambda th: self.backend.objective(th, self.REML)  # noqa: E731 - no progress after the fit
+        fmin = float(plain(theta)) if on_bound.any() else summ.fmin
         summ.theta_final, summ.fmin = theta, fmin
         singular = is_singular(theta, self.lower)
         messages = list(summ.messages)
@@ -108,7 +111,7 @@ class LinearMixedModel:
             messages.append("boundary (singular) fit: see help('isSingular')")
             warnings.warn("boundary (singular) fit: see help('isSingular')", SingularFitWarning, stacklevel=3)
         elif check_conv:
-            msgs, conv_info = check_convergence(crit, theta, fmin, self.lower, self.structure.n)
+            msgs, conv_info = check_convergence(plain, theta, fmin, self.lower, self.structure.n)
             messages += msgs
             warn_convergence(msgs)
         if not summ.converged:

@@ -163,3 +163,13 @@ def test_stateful_transforms_in_fixed_part():
     with pytest.warns(fl.MissingValuesWarning, match="dropped 1"):
         e = fl.lmer("Reaction ~ scale(Days) + (1|Subject)", d)
     assert e.nobs == 179
+
+
+def test_verbose_progress_only_when_asked(capsys):
+    df = datasets.load("sleepstudy")
+    fl.lmer("Reaction ~ Days + (Days|Subject)", df)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    fl.lmer("Reaction ~ Days + (Days|Subject)", df, verbose=True)
+    err = capsys.readouterr().err
+    assert "fit done:" in err and "evaluations" in err and "REML criterion 1743.628" in err
