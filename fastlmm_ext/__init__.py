@@ -4,6 +4,7 @@
 >>> res = fl.lmer("Reaction ~ Days + (Days | Subject)", data=df)   # doctest: +SKIP
 >>> print(res.summary())                                            # doctest: +SKIP
 """
+from . import datasets
 from ._exceptions import (CholmodError, ConvergenceWarning, DataError, FastLMMError, FastLMMWarning,
                           FormulaError, GroupingFactorError, IdentifiabilityError, MissingColumnError,
                           MissingValuesWarning, NotPositiveDefiniteError, RankDeficiencyWarning,
@@ -17,7 +18,7 @@ from ._results import LmerResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "lmer", "anova", "LinearMixedModel", "LmerResult", "OptSummary", "parse_formula",
+    "lmer", "anova", "datasets", "LinearMixedModel", "LmerResult", "OptSummary", "parse_formula",
     "FastLMMError", "FormulaError", "DataError", "MissingColumnError", "GroupingFactorError",
     "IdentifiabilityError", "NotPositiveDefiniteError", "CholmodError",
     "FastLMMWarning", "ConvergenceWarning", "SingularFitWarning", "RankDeficiencyWarning",
