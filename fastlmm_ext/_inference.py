@@ -631,19 +631,22 @@ class InferenceMixin:
         return tab
 
     def confint(self, method: str = "wald", level: float = 0.95, parm=None) -> pd.DataFrame:
-        """Confidence intervals like lme4's ``confint(fit, method="Wald")``.
+        """Confidence intervals like lme4's ``confint(fit, method=...)``.
 
-        Rows in lme4's order: ``.sig01``, ``.sig02``, ... (one per random-effect SD/correlation,
-        NaN for Wald), ``.sigma`` (NaN), then the fixed effects β̂_j ± z_{(1+level)/2}·SE_j.
-        Columns named from ``level`` ("2.5 %", "97.5 %").  ``method="profile"``/``"boot"``
-        are not implemented."""
+        Rows in lme4's order: ``.sig01``, ``.sig02``, ... (one per random-effect SD/correlation),
+        ``.sigma``, then the fixed effects; columns named from ``level`` ("2.5 %", "97.5 %").
+        ``"wald"``: β̂_j ± z_{(1+level)/2}·SE_j (NaN for the variance parameters, as lme4).
+        ``"profile"``: profile-likelihood intervals of the ML deviance (see ``_profile.py``)."""
         m = str(method).lower()
-        if m in ("profile", "boot"):
-            raise NotImplementedError(f"confint(method={method!r}) is not implemented; use method='wald'")
-        if m != "wald":
-            raise ValueError(f"unknown method {method!r}; choose 'wald' ('profile' and 'boot' are not implemented)")
         if not (0.0 < float(level) < 1.0):
             raise ValueError(f"level must be in (0, 1), got {level!r}")
+        if m == "profile":
+            from ._profile import profile_confint
+            return profile_confint(self, float(level), parm)
+        if m == "boot":
+            raise NotImplementedError("confint(method='boot') is not implemented yet; use 'wald' or 'profile'")
+        if m != "wald":
+            raise ValueError(f"unknown method {method!r}; choose 'wald', 'profile' or 'boot'")
         a = (1.0 - float(level)) / 2.0
         cols = _format_pct([a, 1.0 - a])
         z = stats.norm.ppf(1.0 - a)

@@ -187,18 +187,55 @@ def qq_ranef(res, group: str | None = None):
     return fig
 
 
+def profile(res, level: float = 0.99, npoints: int = 13, table=None):
+    """Profile-likelihood traces, as lme4's ``xyplot(profile(fit))``: for every parameter
+    (random-effect SDs and correlations, σ, fixed effects) the signed square root of the ML
+    deviance change, ζ(ψ) = sign(ψ − ψ̂) √(D(ψ) − D̂), against ψ, with horizontal lines at the
+    ±z of the 95 % and 99 % intervals. ``table`` reuses a :func:`fastlmm_ext._profile.profile_table`.
+    Returns the Figure."""
+    from scipy import stats
+
+    from ._profile import profile_table
+    plt = _pyplot()
+    tab = profile_table(res, npoints=npoints, level=level) if table is None else table
+    params = list(dict.fromkeys(tab["parameter"]))
+    ncol = min(3, len(params))
+    nrow = int(np.ceil(len(params) / ncol))
+    fig = plt.figure(figsize=(3.6 * ncol + 0.4, 3.0 * nrow + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False).ravel())
+    for ax, name in zip(axes, params):
+        sub = tab[tab["parameter"] == name].sort_values("value")
+        ax.plot(sub["value"], sub["zeta"], "-o", ms=3)
+        for lev, ls in ((0.95, "--"), (0.99, ":")):
+            z = stats.norm.ppf(0.5 + lev / 2)
+            ax.axhline(z, color="0.5", lw=0.8, ls=ls)
+            ax.axhline(-z, color="0.5", lw=0.8, ls=ls)
+        ax.axhline(0.0, color="0.8", lw=0.6)
+        ax.set_title(name)
+        ax.set_xlabel("value")
+        ax.set_ylabel("ζ")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(params):]:
+        ax.set_visible(False)
+    _suptitle(fig, f"Profile ζ (ML deviance): {res.formula}")
+    return fig
+
+
 def _safe(name: str) -> str:
     """A file-name fragment from a factor label ('cask:batch' → 'cask_batch')."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "group"
 
 
-def save_all(res, directory, dpi: int = 120) -> list[str]:
+def save_all(res, directory, dpi: int = 120, with_profile: bool = False) -> list[str]:
     """Write the diagnostic plots as PNG files into ``directory`` (created if needed) and return
-    their paths: ``resid_fitted.png``, ``qq_resid.png``, and per grouping factor
-    ``caterpillar_<factor>.png`` and ``qq_ranef_<factor>.png``. Figures are closed after saving."""
+    their paths: ``resid_fitted.png``, ``qq_resid.png``, per grouping factor
+    ``caterpillar_<factor>.png`` and ``qq_ranef_<factor>.png``, and with ``with_profile=True``
+    ``profile.png`` (many refits: slow for large models). Figures are closed after saving."""
     plt = _pyplot()
     os.makedirs(directory, exist_ok=True)
     jobs = [("resid_fitted", lambda: resid_fitted(res)), ("qq_resid", lambda: qq_resid(res))]
+    if with_profile:
+        jobs.append(("profile", lambda: profile(res)))
     used: set[str] = set()
     for g in res.ranef:
         stem = _safe(g)

@@ -150,3 +150,24 @@ def test_missing_matplotlib_message(sleep, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)            # makes `import matplotlib` fail
     with pytest.raises(ImportError, match=r"pip install fastlmm_ext\[plot\]"):
         plots.qq_resid(sleep)
+
+
+def test_profile_plot_traces_cross_zero_at_estimates(tmp_path):
+    import numpy as np
+
+    import fastlmm_ext as fl
+    from fastlmm_ext import datasets, plots
+    from fastlmm_ext._profile import profile_table
+
+    res = fl.lmer("diameter ~ 1 + (1|plate) + (1|sample)", datasets.load("Penicillin"))
+    tab = profile_table(res, npoints=7)
+    assert list(dict.fromkeys(tab["parameter"])) == [".sig01", ".sig02", ".sigma", "(Intercept)"]
+    for name, sub in tab.groupby("parameter"):
+        sub = sub.sort_values("value")
+        assert np.all(np.diff(sub["zeta"].to_numpy()) > 0), name      # ζ increases through ψ̂
+        assert sub["zeta"].min() < -2.5 and sub["zeta"].max() > 2.5
+    fig = plots.profile(res, table=tab)
+    assert sum(ax.get_visible() for ax in fig.axes) == 4
+    path = tmp_path / "profile.png"
+    fig.savefig(path, dpi=80)
+    assert path.stat().st_size > 5000
