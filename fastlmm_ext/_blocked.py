@@ -30,6 +30,7 @@ from ._backends import PLSState
 from ._crossprod import CrossProducts
 from ._design import ModelStructure, _lower_tri_colwise
 from ._exceptions import NotPositiveDefiniteError
+from ._gradient import theta_gradient
 
 __all__ = ["BlockedBackend", "blocked_applicable"]
 
@@ -269,25 +270,13 @@ class BlockedBackend:
         else:
             rho2 = np.zeros(0)
         S1, d2 = self._summed_inverse_blocks(f, reml)
-        g = np.zeros(theta.size)
-        # first term: θ element (r, c) of T
-        U1, P1 = u1.reshape(self.l1, k), rho1.reshape(self.l1, k)
-        drss = -2.0 * np.einsum("ar,ac->rc", P1, U1)                         # ∂r²/∂T_rc
-        diag_pos = self.rows1 == self.cols1
-        if np.all(theta[:self.nth1][diag_pos] > 0):
-            Tinv = la.solve_triangular(T, np.eye(k), lower=True)
-            dld = 2.0 * ((self.l1 * np.eye(k) - S1) @ Tinv).T    # [r, c] = 2[(ℓI − ΣD)T⁻¹]_{cr}
-            g[:self.nth1] = dld[self.rows1, self.cols1] + d * drss[self.rows1, self.cols1] / f["pwrss"]
-        else:
-            g[:self.nth1] = self._fd(theta, reml, range(self.nth1))
-        # later scalar terms
-        for j, t in enumerate(self.s.terms[1:]):
-            sl = slice(t.col_offset - self.q1, t.col_offset - self.q1 + t.q)
-            lj = theta[self.nth1 + j]
-            if lj == 0.0:
-                continue  # f is even in λ_j: zero derivative on the bound
-            dld = (2.0 / lj) * (t.q - d2[sl].sum())
-            g[self.nth1 + j] = dld + d * (-2.0 * rho2[sl] @ u2[sl]) / f["pwrss"]
+        G = [S1] + [np.array([[d2[t.col_offset - self.q1:t.col_offset - self.q1 + t.q].sum()]])
+                    for t in self.s.terms[1:]]
+        g = theta_gradient(self.s, theta, G, np.concatenate([rho1, rho2]), np.concatenate([u1, u2]),
+                           f["pwrss"], d)
+        bad = np.flatnonzero(np.isnan(g))
+        if bad.size:  # singular vector term: no T⁻¹, difference those entries
+            g[bad] = self._fd(theta, reml, bad)
         return g
 
     def _fd(self, theta, reml, idx, h=1e-6):

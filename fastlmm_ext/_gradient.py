@@ -1,0 +1,50 @@
+"""Analytic gradient of lme4's profiled criterion with respect to θ, shared by the backends.
+
+    f(θ) = log|Ω_θ| − Σ log w + d [1 + log(2π r²(θ)/d)],   d = n − p (REML) or n (ML),
+    Ω_θ = [[ΛᵀZᵀWZΛ + I, ΛᵀZᵀWX], [XᵀWZΛ, XᵀWX]] for REML,  Ω_θ = ΛᵀZᵀWZΛ + I for ML.
+
+* log-determinant: writing Ω⁻¹_uu for the random-effects block of Ω⁻¹ and using
+  Ω⁻¹ Λ̃ᵀ(·)Λ̃ = I − Ω⁻¹ E (E selects the random effects),
+      ∂ log|Ω| / ∂θ_k = 2 tr((I − Ω⁻¹_uu) Λ⁻¹ ∂Λ/∂θ_k).
+  Λ = blockdiag(I_ℓ ⊗ T_t), so for θ_k = T_t[r, c] this is 2 [(ℓ_t I − G_t) T_t⁻¹]_{cr}, where
+  G_t = Σ_levels of the k×k diagonal blocks of Ω⁻¹_uu on term t:  Ω⁻¹_uu = (A+I)⁻¹ + H Hᵀ,
+  H = (A+I)⁻¹ΛᵀZᵀWX R_X⁻¹ (REML only).
+* penalised RSS, by the envelope theorem (β̂, û optimal):
+      ∂r²/∂θ_k = −2 ρᵀ (∂Λ/∂θ_k) û,   ρ = ZᵀW(y − Xβ̂ − ZΛû) = ZᵀWy − ZᵀWXβ̂ − (ZᵀWZ)Λû,
+  i.e. for θ_k = T_t[r, c]:  −2 Σ_levels ρ_{a,r} û_{a,c}.
+A scalar term's criterion is even in its θ, so the derivative at θ = 0 is 0; a vector term with
+a singular T has no T⁻¹ and its entries are returned as NaN for the caller to difference.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg as la
+
+from ._design import ModelStructure, _lower_tri_colwise
+
+__all__ = ["theta_gradient"]
+
+
+def theta_gradient(s: ModelStructure, theta: np.ndarray, G: list[np.ndarray], rho: np.ndarray,
+                   u: np.ndarray, pwrss: float, d: float) -> np.ndarray:
+    """∂f/∂θ from the per-term summed inverse blocks ``G`` (k×k each), ρ and û (see module doc)."""
+    g = np.empty(theta.size)
+    for t, Gt in zip(s.terms, G):
+        k, nl = t.k, t.nlevels
+        sl = slice(t.col_offset, t.col_offset + t.q)
+        U = u[sl].reshape(nl, k)
+        P = rho[sl].reshape(nl, k)
+        drss = -2.0 * (P.T @ U)                                     # [r, c] = ∂r²/∂T_rc
+        rows, cols = _lower_tri_colwise(k)
+        th = slice(t.theta_offset, t.theta_offset + t.ntheta)
+        T = t.T(theta)
+        diag = np.diag(T)
+        if np.all(diag > 0):
+            Tinv = la.solve_triangular(T, np.eye(k), lower=True)
+            dld = 2.0 * ((nl * np.eye(k) - Gt) @ Tinv).T           # [r, c] = 2[(ℓI − G)T⁻¹]_{cr}
+            g[th] = dld[rows, cols] + d * drss[rows, cols] / pwrss
+        elif k == 1:
+            g[th] = 0.0                                            # even in θ: flat on the bound
+        else:
+            g[th] = np.nan
+    return g
