@@ -134,3 +134,22 @@ def test_blocked_gradient_fit_matches_lme4(ds, ref):
     np.testing.assert_allclose(res.se.to_numpy(), np.array(list(ref["fixef_se"].values())), rtol=1e-3)
     assert res.sigma == pytest.approx(ref["sigma"], rel=1e-3)
     assert res.optsummary.feval < 40
+
+
+SMALL = [(d, f, i) for (d, f), i in zip(FITS, IDS) if d != "InstEval"]
+
+
+@pytest.mark.parametrize("ds,ref", [(d, f) for d, f, _ in SMALL], ids=[i for _, _, i in SMALL])
+def test_diagnostics_warn_only_when_they_apply(ds, ref):
+    """No false convergence alarms on lme4's reference fits; the singular ones are flagged."""
+    import warnings
+    df = load_reference_data(ref)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = fl.lmer(ref["formula"], df, REML=ref["REML"])
+    kinds = {type(w.message) for w in caught if issubclass(w.category, fl.FastLMMWarning)}
+    assert fl.ConvergenceWarning not in kinds
+    assert (fl.SingularFitWarning in kinds) == bool(ref["isSingular"])
+    if not ref["isSingular"]:
+        assert res.conv_info["checked"] and res.conv_info["max_scaled_gradient"] < 2e-3
+        assert np.all(res.conv_info["hessian_eigenvalues"] > 0)
