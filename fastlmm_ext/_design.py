@@ -97,6 +97,7 @@ class ModelStructure:
     row_index: pd.Index
     fixed_spec: object = field(repr=False, default=None)   # formulaic ModelSpec for new data
     factor_levels: dict = field(default_factory=dict)       # grouping factor -> levels
+    variable_levels: dict = field(default_factory=dict)     # factor column -> (categories, ordered)
 
     @property
     def n(self) -> int:
@@ -428,7 +429,9 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
         formula=formula, parsed=parsed, response=parsed.response, y=y, X=np.asfortranarray(X),
         fixef_names=tuple(fixef_names), dropped_fixef=tuple(dropped), terms=tuple(terms),
         Z=assemble_Z(terms, n), offset=off_total, weights=w_all, n_dropped=n_dropped,
-        row_index=df2.index, fixed_spec=getattr(Xmm, "model_spec", None), factor_levels=factor_levels)
+        row_index=df2.index, fixed_spec=getattr(Xmm, "model_spec", None), factor_levels=factor_levels,
+        variable_levels={str(c): (list(frame[c].cat.categories), bool(frame[c].cat.ordered))
+                         for c in frame.columns if isinstance(frame[c].dtype, pd.CategoricalDtype)})
 
 
 def _check_not_exact(y: np.ndarray, X: np.ndarray, response: str) -> None:

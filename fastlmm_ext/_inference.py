@@ -630,13 +630,16 @@ class InferenceMixin:
             tab["NumDF"] = tab["NumDF"].astype(int)
         return tab
 
-    def confint(self, method: str = "wald", level: float = 0.95, parm=None) -> pd.DataFrame:
+    def confint(self, method: str = "wald", level: float = 0.95, parm=None, nsim: int = 500,
+                seed=None, n_jobs: int = 1) -> pd.DataFrame:
         """Confidence intervals like lme4's ``confint(fit, method=...)``.
 
         Rows in lme4's order: ``.sig01``, ``.sig02``, ... (one per random-effect SD/correlation),
         ``.sigma``, then the fixed effects; columns named from ``level`` ("2.5 %", "97.5 %").
         ``"wald"``: β̂_j ± z_{(1+level)/2}·SE_j (NaN for the variance parameters, as lme4).
-        ``"profile"``: profile-likelihood intervals of the ML deviance (see ``_profile.py``)."""
+        ``"profile"``: profile-likelihood intervals of the ML deviance (see ``_profile.py``).
+        ``"boot"``: percentile intervals from ``nsim`` parametric bootstrap refits (``seed``,
+        ``n_jobs`` as in :meth:`bootstrap`)."""
         m = str(method).lower()
         if not (0.0 < float(level) < 1.0):
             raise ValueError(f"level must be in (0, 1), got {level!r}")
@@ -644,7 +647,9 @@ class InferenceMixin:
             from ._profile import profile_confint
             return profile_confint(self, float(level), parm)
         if m == "boot":
-            raise NotImplementedError("confint(method='boot') is not implemented yet; use 'wald' or 'profile'")
+            # lme4's confint(method="boot"): percentile intervals of a parametric bootstrap
+            boot = self.bootstrap(int(nsim), seed=seed, n_jobs=n_jobs)
+            return boot.confint(level=float(level), parm=parm)
         if m != "wald":
             raise ValueError(f"unknown method {method!r}; choose 'wald', 'profile' or 'boot'")
         a = (1.0 - float(level)) / 2.0

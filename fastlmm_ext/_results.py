@@ -20,6 +20,7 @@ from ._aliases import StatsmodelsMixin
 from ._backends import PLSState
 from ._inference import InferenceMixin
 from ._optimize import OptSummary
+from ._predict import PredictMixin
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._model import LinearMixedModel
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LmerResult"]
 
 
-class LmerResult(InferenceMixin, StatsmodelsMixin):
+class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
     """Result of :func:`fastlmm_ext.lmer` / :meth:`LinearMixedModel.fit`."""
 
     def __init__(self, model: "LinearMixedModel", state: PLSState, optsummary: OptSummary,
@@ -161,14 +162,6 @@ class LmerResult(InferenceMixin, StatsmodelsMixin):
         s = self.structure
         mu = s.X @ self._state.beta + s.Z @ self._state.b
         return mu + (s.offset if s.offset is not None else 0.0)
-
-    def residuals(self, scaled: bool = False) -> np.ndarray:
-        """Response residuals y − fitted; ``scaled=True`` gives √w (y − fitted)/σ̂."""
-        r = self.structure.y - self.fitted()
-        if scaled:
-            w = self.structure.weights
-            r = (r if w is None else r * np.sqrt(w)) / self.sigma
-        return r
 
     # ------------------------------------------------------------------ display
     def summary(self) -> str:

@@ -110,3 +110,29 @@ def test_profile_confint_other_level_and_parm():
     want = np.array([[case["profile90"]["lower"][rn.index(p)], case["profile90"]["upper"][rn.index(p)]]
                      for p in [".sigma", "(Intercept)"]])
     np.testing.assert_allclose(got.to_numpy(), want, rtol=1e-3)
+
+
+def test_predict_matches_lme4_on_new_data():
+    """lme4's predict() with new levels allowed, and re.form = NA, on new rows."""
+    ref = EXTRA["predict"]
+    res = fl.lmer(ref["formula"], datasets.load("sleepstudy"))
+    nd = pd.DataFrame(ref["newdata"])
+    np.testing.assert_allclose(res.predict(nd, allow_new_levels=True).to_numpy(), ref["full_new_levels"], rtol=1e-5)
+    np.testing.assert_allclose(res.predict(nd, re_form="~0").to_numpy(), ref["population"], rtol=1e-6)
+    with pytest.raises(fl.DataError, match="999"):
+        res.predict(nd)
+    refp = EXTRA["predict_nested"]
+    resp = fl.lmer(refp["formula"], datasets.load("Pastes"))
+    np.testing.assert_allclose(resp.predict(pd.DataFrame(refp["newdata"])).to_numpy(), refp["full"], rtol=1e-5)
+
+
+def test_bootstrap_confint_brackets_profile():
+    res = fl.lmer("Reaction ~ Days + (Days|Subject)", datasets.load("sleepstudy"))
+    ci = res.confint(method="boot", nsim=100, seed=3)
+    prof = next(c for c in EXTRA["confint"] if c["name"] == "sleepstudy")["profile"]
+    assert list(ci.index) == prof["rownames"]
+    # the percentile intervals of 100 replicates cover the estimates and overlap lme4's profile intervals
+    for name, lo, hi in zip(prof["rownames"], prof["lower"], prof["upper"]):
+        assert ci.loc[name, "2.5 %"] < hi and ci.loc[name, "97.5 %"] > lo, name
+    again = res.confint(method="boot", nsim=100, seed=3)
+    pd.testing.assert_frame_equal(ci, again)

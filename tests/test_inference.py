@@ -277,8 +277,6 @@ def test_wald_confint_like_lme4(fitted_reference):
     assert list(res.confint(level=0.99).columns) == ["0.5 %", "99.5 %"]
     assert ci90.loc["Days", "95 %"] == pytest.approx(res.fixef["Days"] + stats.norm.ppf(0.95) * res.se["Days"])
     assert list(res.confint(parm=["Days"]).index) == ["Days"]
-    with pytest.raises(NotImplementedError, match="boot"):
-        res.confint(method="boot")
     with pytest.raises(ValueError):
         res.confint(method="nonsense")
     with pytest.raises(ValueError):
