@@ -265,19 +265,8 @@ class StatsmodelsMixin:
         ]
 
         # random effects: one row per (term, column), correlations with earlier columns
-        rows = []
-        covs = self.term_covariances()
-        for t in s.terms:
-            S = covs[t.name]
-            sd = np.sqrt(np.diag(S))
-            for i in range(t.k):
-                corr = []
-                for j in range(i):
-                    c = S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
-                    corr.append("NaN" if np.isnan(c) else f"{c:.2f}")
-                rows.append([t.name if i == 0 else "", t.cnms[i], f"{S[i, i]:.4g}", f"{sd[i]:.4g}",
-                             " ".join(corr)])
-        rows.append(["Residual", "", f"{self.sigma ** 2:.4g}", f"{self.sigma:.4g}", ""])
+        from ._summary import random_effects_rows
+        rows = random_effects_rows(self, lambda v: f"{v:.4g}")
         has_corr = any(t.k > 1 for t in s.terms)
         header = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] if has_corr else [])
         parts.append(_html_table("Random effects", header, [r[:len(header)] for r in rows], n_left=2))

@@ -521,6 +521,14 @@ def _type3_contrasts(structure, terms: list[_FixedTerm], has_intercept: bool, ke
     return out
 
 
+def confint_row_names(structure) -> list[str]:
+    """lme4's confint rows: .sig01, .sig02, ... (random-effect SDs and correlations, in θ's
+    positions), .sigma, then the fixed effects."""
+    nsig = structure.ntheta
+    width = max(2, len(str(nsig)))
+    return [f".sig{i + 1:0{width}d}" for i in range(nsig)] + [".sigma"] + list(structure.fixef_names)
+
+
 def _format_pct(probs) -> list[str]:
     """R's confint column labels: 100·prob formatted as R's format(digits = 3) (3 significant
     digits, trailing zeros dropped, common number of decimals), then ' %'."""
@@ -656,8 +664,7 @@ class InferenceMixin:
         cols = _format_pct([a, 1.0 - a])
         z = stats.norm.ppf(1.0 - a)
         nsig = self.structure.ntheta
-        width = max(2, len(str(nsig)))
-        names = [f".sig{i + 1:0{width}d}" for i in range(nsig)] + [".sigma"] + list(self.fixef.index)
+        names = confint_row_names(self.structure)
         beta = self.fixef.to_numpy()
         se = np.sqrt(np.diag(self.vcov.to_numpy()))
         lo = np.concatenate([np.full(nsig + 1, np.nan), beta - z * se])

@@ -9,7 +9,6 @@ import dataclasses
 import warnings
 
 import numpy as np
-import pandas as pd
 
 from ._backends import BACKENDS, make_backend
 from ._design import ModelStructure, build_structure

@@ -35,6 +35,7 @@ from scipy import stats
 
 from ._data import _label, check_columns, is_factor_dtype
 from ._exceptions import DataError
+from ._inference import _format_pct, confint_row_names
 
 __all__ = ["BootstrapResult", "PredictMixin"]
 
@@ -160,31 +161,7 @@ def _numeric_column(s: pd.Series, name: str) -> np.ndarray:
         raise DataError(f"column {name!r} of newdata must be numeric, as in the fitted data: {e}") from e
 
 
-def _pct_labels(probs) -> list[str]:
-    """R's confint column names: 100·p with 3 significant digits, common decimals, then ' %'."""
-    vals = [100.0 * float(p) for p in probs]
-    decs = []
-    for v in vals:
-        if v == 0.0:
-            decs.append(0)
-            continue
-        r = round(v, 2 - math.floor(math.log10(abs(v))))
-        k = 0
-        while k < 15 and abs(round(r, k) - r) > 1e-9 * abs(r):
-            k += 1
-        decs.append(k)
-    d = max(decs)
-    return [f"{v:.{d}f} %" for v in vals]
-
-
 # ----------------------------------------------------------------------------- sd / correlation
-
-def _sig_names(structure) -> list[str]:
-    """lme4's confint row names of the random-effects parameters: .sig01, .sig02, ..."""
-    m = structure.ntheta
-    width = max(2, len(str(m)))
-    return [f".sig{i + 1:0{width}d}" for i in range(m)]
-
 
 def _sdcor(structure, theta: np.ndarray, sigma: float) -> np.ndarray:
     """lme4's Cv_to_Sv: per term Σ = σ² T Tᵀ in θ's order (lower triangle column by column),
@@ -442,7 +419,7 @@ class BootstrapResult:
         if kind not in ("perc", "basic", "norm"):
             raise ValueError(f"unknown type {type!r}; choose 'perc', 'basic' or 'norm'")
         a = (1.0 - float(level)) / 2.0
-        cols = _pct_labels([a, 1.0 - a])
+        cols = _format_pct([a, 1.0 - a])
         lo, hi = [], []
         for name in self.replicates.columns:
             t = self.replicates[name].to_numpy(dtype=float)
@@ -817,7 +794,7 @@ class PredictMixin:
         finally:
             bar.close()
 
-        names = _sig_names(s) + [".sigma"] + list(s.fixef_names)
+        names = confint_row_names(s)
         vals = np.vstack([results[i][0] for i in range(nsim)])
         thetas = np.vstack([results[i][1] for i in range(nsim)]).reshape(nsim, s.ntheta)
         idx = pd.RangeIndex(nsim, name="replicate")

@@ -24,12 +24,9 @@ import pandas as pd
 import scipy.linalg as la
 from scipy import optimize, stats
 
+from ._inference import _format_pct, confint_row_names
+
 __all__ = ["Profiler", "profile_confint", "profile_table"]
-
-
-def _sig_names(nsig: int) -> list[str]:
-    width = max(2, len(str(nsig)))
-    return [f".sig{i + 1:0{width}d}" for i in range(nsig)]
 
 
 class Profiler:
@@ -54,7 +51,7 @@ class Profiler:
         self.dev_hat = float(res.criterion)
         self.psi_hat = self.theta_to_psi(self.theta_hat, self.sigma_hat)
         self.nsig = self.s.ntheta
-        self.names = _sig_names(self.nsig) + [".sigma"] + list(self.s.fixef_names)
+        self.names = confint_row_names(self.s)
         self.kinds = []  # "sd" | "cor" for each .sig
         for t in self.s.terms:
             for j in range(t.k):
@@ -155,7 +152,7 @@ class Profiler:
 
     def profiled_dev(self, m: int, c: float) -> float:
         """D_m(c): the ML deviance minimised with parameter m fixed at c."""
-        nsig, p = self.nsig, self.s.p
+        nsig = self.nsig
         if m < nsig:  # a variance parameter: free σ and the other SDs/correlations
             free = [i for i in range(nsig) if i != m]
             lo = np.array([0.0] + [0.0 if self.kinds[i] == "sd" else -1.0 for i in free])
@@ -237,7 +234,6 @@ def profile_confint(res, level: float = 0.95, parm=None) -> pd.DataFrame:
     for m in idx:
         lo.append(prof.bound(m, z, -1))
         hi.append(prof.bound(m, z, +1))
-    from ._inference import _format_pct
     cols = _format_pct([a, 1.0 - a])
     return pd.DataFrame({cols[0]: lo, cols[1]: hi}, index=[names[m] for m in idx])
 

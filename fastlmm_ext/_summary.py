@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 
-__all__ = ["format_summary", "abbreviate"]
+__all__ = ["format_summary", "abbreviate", "random_effects_rows"]
 
 
 def abbreviate(name: str, minlength: int = 6) -> str:
@@ -42,6 +42,24 @@ def _g(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}e}"
 
 
+def random_effects_rows(res, fmt) -> list[list[str]]:
+    """Rows of lme4's "Random effects:" table: group (first row of a term only), name, variance,
+    SD, correlations with the term's earlier columns; then the residual.  ``fmt`` formats numbers."""
+    rows = []
+    covs = res.term_covariances()
+    for t in res.structure.terms:
+        S = covs[t.name]
+        sd = np.sqrt(np.diag(S))
+        for i in range(t.k):
+            corr = []
+            for j in range(i):
+                c = S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
+                corr.append("NaN" if np.isnan(c) else f"{c:.2f}")
+            rows.append([t.name if i == 0 else "", t.cnms[i], fmt(S[i, i]), fmt(sd[i]), " ".join(corr)])
+    rows.append(["Residual", "", fmt(res.sigma ** 2), fmt(res.sigma), ""])
+    return rows
+
+
 def format_summary(res) -> str:
     s = res.structure
     lines = []
@@ -71,18 +89,7 @@ def format_summary(res) -> str:
     lines.append("")
 
     lines.append("Random effects:")
-    rows = []
-    covs = res.term_covariances()
-    for t in s.terms:
-        S = covs[t.name]
-        sd = np.sqrt(np.diag(S))
-        for i in range(t.k):
-            corr = []
-            for j in range(i):
-                c = S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
-                corr.append("NaN" if np.isnan(c) else f"{c:.2f}")
-            rows.append([t.name if i == 0 else "", t.cnms[i], _g(S[i, i]), _g(sd[i]), " ".join(corr)])
-    rows.append(["Residual", "", _g(res.sigma ** 2), _g(res.sigma), ""])
+    rows = random_effects_rows(res, _g)
     has_corr = any(t.k > 1 for t in s.terms)
     hdr = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] if has_corr else [])
     rows = [r if has_corr else r[:4] for r in rows]
