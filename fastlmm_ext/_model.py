@@ -14,7 +14,7 @@ from ._backends import BACKENDS, make_backend
 from ._design import ModelStructure, build_structure
 from ._exceptions import DataError, SingularFitWarning
 from ._progress import Progress
-from ._optimize import check_convergence, is_singular, minimize_theta, warn_convergence
+from ._optimize import OptSummary, check_convergence, is_singular, minimize_theta, warn_convergence
 from ._results import LmerResult
 
 __all__ = ["LinearMixedModel", "lmer"]
@@ -117,6 +117,17 @@ class LinearMixedModel:
             warn_convergence([m for m in summ.messages])
         state = self.backend.state(theta)
         return LmerResult(self, state, summ, fmin, singular, messages, conv_info)
+
+    def result_at(self, theta) -> LmerResult:
+        """The result object at a given θ, without optimising (e.g. at lme4's estimate, to compare
+        conditional modes and variances to the last digit)."""
+        theta = np.atleast_1d(np.asarray(theta, dtype=float))
+        crit = self.objective(theta)
+        summ = OptSummary(optimizer="none", theta_initial=theta.copy(), lower=self.lower.copy(),
+                          f_initial=crit, theta_final=theta.copy(), fmin=crit, feval=1,
+                          return_code="evaluated at a given theta", converged=True)
+        singular = is_singular(theta, self.lower)
+        return LmerResult(self, self.backend.state(theta), summ, crit, singular, [])
 
     def refit(self, y, **fit_options) -> LmerResult:
         """Fit the same design to a new response vector (one value per used row)."""

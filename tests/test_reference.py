@@ -153,3 +153,21 @@ def test_diagnostics_warn_only_when_they_apply(ds, ref):
     if not ref["isSingular"]:
         assert res.conv_info["checked"] and res.conv_info["max_scaled_gradient"] < 2e-3
         assert np.all(res.conv_info["hessian_eigenvalues"] > 0)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+@pytest.mark.parametrize("ds,ref", [(d, f) for d, f in FITS if "ranef" in f], ids=[i for (d, f), i in zip(FITS, IDS) if "ranef" in f])
+def test_condvar_at_lme4_theta_to_1e6(ds, ref, backend):
+    """At lme4's own θ the conditional modes and SDs (condVar) agree to 1e-6 for every term shape."""
+    df = load_reference_data(ref)
+    m = fl.LinearMixedModel(ref["formula"], df, REML=ref["REML"], backend=backend)
+    res = m.result_at(np.array(list(ref["theta"].values()), dtype=float))
+    got = res.ranef_table()
+    want = pd.DataFrame(ref["ranef"])
+    assert len(got) == len(want)
+    key = ["grpvar", "term", "grp"]
+    merged = want.merge(got.astype({"grp": str}), on=key, suffixes=("", "_got"))
+    assert len(merged) == len(want)
+    scale = want["condval"].abs().max()
+    np.testing.assert_allclose(merged["condval_got"], merged["condval"], rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_allclose(merged["condsd_got"], merged["condsd"], rtol=1e-6, atol=1e-9)
