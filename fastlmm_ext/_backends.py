@@ -52,13 +52,72 @@ class CompiledBackend:
         self.kernel = PLSKernel(self.cp.Ap, self.cp.Ai, self.cp.Mx, bstart, bsize, toff, Tflat, theta_pos,
                                 self.cp.ZtXy, self.cp.XyXy, ordering)
 
+        self._at = None          # θ of the kernel's current factor
+        self._M = None           # full symmetric ZᵀWZ, built on the first gradient
+
+    def _update(self, theta: np.ndarray) -> np.ndarray:
+        theta = np.ascontiguousarray(theta, dtype=np.float64)
+        if self._at is None or not np.array_equal(theta, self._at):
+            self._at = None
+            self.kernel.update(theta)
+            self._at = theta.copy()
+        return theta
+
     def objective(self, theta: np.ndarray, reml: bool) -> float:
-        return self.kernel.objective(np.ascontiguousarray(theta, dtype=np.float64), self.s.n, reml,
-                                     self.cp.sum_log_w)
+        theta = np.ascontiguousarray(theta, dtype=np.float64)
+        self._at = None
+        val = self.kernel.objective(theta, self.s.n, reml, self.cp.sum_log_w)
+        self._at = theta.copy()
+        return val
+
+    def gradient(self, theta: np.ndarray, reml: bool) -> np.ndarray:
+        """∂f/∂θ (see ``_gradient.py``): summed diagonal blocks of (A+I)⁻¹ from the kernel's
+        selected inverse (Takahashi recurrences on the CHOLMOD factor), plus H Hᵀ for REML;
+        ρ = ZᵀW(ỹ − Xβ̃) − ZᵀWZ Λû from the cross-products."""
+        from ._gradient import theta_gradient
+        theta = self._update(theta)
+        k = self.kernel
+        st = k.state()
+        p = self.s.p
+        u = st["u"]
+        b = np.empty_like(u)
+        for t in self.s.terms:
+            sl = slice(t.col_offset, t.col_offset + t.q)
+            b[sl] = (u[sl].reshape(t.nlevels, t.k) @ t.T(theta).T).ravel()
+        rho = self.cp.ZtXy[:, p] - self.cp.ZtXy[:, :p] @ st["beta"] - self._full_M() @ b
+        H = k.H_REML() if reml else None
+        G = []
+        for t in self.s.terms:
+            Gt = k.inverse_blocks(t.col_offset, t.k, t.nlevels).sum(axis=0)
+            if H is not None and p:
+                Ht = H[t.col_offset:t.col_offset + t.q].reshape(t.nlevels, t.k, p)
+                Gt = Gt + np.einsum("aim,ajm->ij", Ht, Ht)
+            G.append(Gt)
+        d = self.s.n - p if reml else self.s.n
+        g = theta_gradient(self.s, theta, G, rho, u, st["pwrss"], d)
+        bad = np.flatnonzero(np.isnan(g))
+        for i in bad:  # singular vector term: no T⁻¹, one-sided difference inwards
+            e = np.zeros_like(theta)
+            e[i] = 1e-6
+            g[i] = (self.objective(theta + e, reml) - self.objective(theta, reml)) / 1e-6
+        return g
+
+    def _full_M(self):
+        """ZᵀWZ as a full symmetric sparse matrix from its block-closed lower storage (entries
+        inside a diagonal level block are stored in both triangles already)."""
+        if self._M is None:
+            import scipy.sparse as sp
+            q = self.s.q
+            L = sp.csc_matrix((self.cp.Mx, self.cp.Ai, self.cp.Ap), shape=(q, q))
+            bstart = kernel_layout(self.s)[0]
+            coo = L.tocoo()
+            off = bstart[coo.row] != bstart[coo.col]
+            upper = sp.csc_matrix((coo.data[off], (coo.col[off], coo.row[off])), shape=(q, q))
+            self._M = (L + upper).tocsr()
+        return self._M
 
     def state(self, theta: np.ndarray) -> PLSState:
-        theta = np.ascontiguousarray(theta, dtype=np.float64)
-        self.kernel.update(theta)
+        theta = self._update(theta)
         st = self.kernel.state()
         p = self.s.p
         u = st["u"]
@@ -69,8 +128,9 @@ class CompiledBackend:
     def inverse_blocks(self, theta: np.ndarray, term_index: int, chunk_elems: int = 20_000_000) -> np.ndarray:
         """Diagonal k×k blocks of (Λᵀ ZᵀWZ Λ + I)⁻¹ for every level of one term, as
         Xᵀ X with L X = P E (E the term's columns of the identity), solved in chunks."""
-        self.kernel.update(np.ascontiguousarray(theta, dtype=np.float64))
-        return _blocks_by_solves(self.s, term_index, self.kernel.solve_L, chunk_elems)
+        self._update(theta)
+        t = self.s.terms[term_index]
+        return self.kernel.inverse_blocks(t.col_offset, t.k, t.nlevels)
 
 
 class ReferenceBackend:

@@ -77,6 +77,7 @@ cdef extern from "cholmod.h" nogil:
         void *p
         void *i
         void *x
+        void *nz
         size_t nsuper
         void *super "super"
         void *pi

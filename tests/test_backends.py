@@ -192,4 +192,26 @@ def test_blocked_not_applicable_is_clear():
 def test_lbfgsb_needs_gradient():
     df = make_data(1, 200, 10, 4)
     with pytest.raises(ValueError, match="gradient"):
-        fl.lmer("y ~ x + (1|g1)", df, optimizer="lbfgsb")
+        fl.lmer("y ~ x + (1|g1)", df, optimizer="lbfgsb", backend="reference")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(40, 200), l1=st.integers(6, 14), l2=st.integers(2, 6),
+       formula=st.sampled_from(FORMULAS), reml=st.booleans(), data=st.data())
+def test_compiled_gradient_equals_differences(seed, n, l1, l2, formula, reml, data):
+    """The compiled path's gradient (selected inverse of the CHOLMOD factor) == central differences."""
+    df = make_data(seed, n, l1, l2)
+    m = build(formula, df, "compiled", reml)
+    theta = np.array([data.draw(st.floats(0.05, 3.0)) if lb == 0.0 else data.draw(st.floats(-1.0, 1.0))
+                      for lb in m.lower])
+    g = m.backend.gradient(theta, reml)
+    h = 1e-6
+    fd = np.array([(m.objective(theta + h * e) - m.objective(theta - h * e)) / (2 * h) for e in np.eye(theta.size)])
+    np.testing.assert_allclose(g, fd, rtol=1e-4, atol=1e-4 * (1 + np.abs(fd).max()))
+
+
+def test_auto_optimizer_choice():
+    small = fl.lmer("Reaction ~ Days + (Days|Subject)", fl.datasets.load("sleepstudy"))
+    assert small.optsummary.optimizer == "bobyqa"
+    big = fl.lmer("y ~ x + (1|g1) + (1|g2)", make_data(2, 3000, 300, 40))
+    assert big.optsummary.optimizer == "lbfgsb" and big.converged

@@ -116,14 +116,16 @@ BLOCKED = [(d, f, i) for (d, f), i in zip(FITS, IDS)
            if d != "InstEval" or (f["REML"] and "dept:service" in f["formula"])]
 
 
+@pytest.mark.parametrize("backend", ["compiled", "blocked"])
 @pytest.mark.parametrize("ds,ref", [(d, f) for d, f, _ in BLOCKED], ids=[i for _, _, i in BLOCKED])
-def test_blocked_gradient_fit_matches_lme4(ds, ref):
-    """The analytic-gradient optimiser (L-BFGS-B on the blocked path) reaches lme4's optimum or better."""
+def test_gradient_fit_matches_lme4(ds, ref, backend):
+    """The analytic-gradient optimiser (L-BFGS-B; compiled: selected inverse of the CHOLMOD
+    factor, blocked: dense Schur complement) reaches lme4's optimum or better."""
     import warnings
     df = load_reference_data(ref)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = fl.lmer(ref["formula"], df, REML=ref["REML"], backend="blocked")
+        res = fl.lmer(ref["formula"], df, REML=ref["REML"], backend=backend, optimizer="lbfgsb")
     rc = ref["criterion"]
     assert res.optsummary.optimizer == "lbfgsb"
     assert res.criterion <= rc + 1e-6 + 2e-10 * abs(rc)
