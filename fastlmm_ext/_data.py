@@ -83,7 +83,7 @@ def factor_codes(values: pd.Series, name: str) -> tuple[np.ndarray, list[str]]:
         present = np.unique(raw)
         remap = np.full(len(cats), -1, dtype=np.int64)
         remap[present] = np.arange(present.size)
-        return remap[raw], [_label(cats[i]) for i in present]
+        return remap[raw], _labels(cats, present)
     if pd.api.types.is_bool_dtype(dtype):
         arr = np.asarray(values, dtype=bool)
         present = np.unique(arr)
@@ -92,7 +92,20 @@ def factor_codes(values: pd.Series, name: str) -> tuple[np.ndarray, list[str]]:
         codes, uniques = pd.factorize(values, sort=True)
     except TypeError:  # mixed types cannot be ordered: order their text instead
         codes, uniques = pd.factorize(values.astype(str), sort=True)
-    return np.asarray(codes, dtype=np.int64), [_label(u) for u in uniques]
+    return np.asarray(codes, dtype=np.int64), _labels(list(uniques) if not hasattr(uniques, "dtype") else uniques,
+                                                      np.arange(len(uniques)))
+
+
+def _labels(values, idx) -> list[str]:
+    """Labels of ``values[idx]`` as :func:`_label` makes them, vectorised for integer levels
+    (10⁵ levels: 0.1 s in a Python loop)."""
+    arr = np.asarray(values)[np.asarray(idx, dtype=np.intp)] if len(idx) else np.asarray([], dtype=object)
+    if arr.dtype.kind in "iu":
+        return arr.astype(str).tolist()
+    if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)) \
+            and np.all(np.abs(arr) < 2**53):
+        return arr.astype(np.int64).astype(str).tolist()
+    return [_label(v) for v in arr]
 
 
 def _label(v) -> str:
