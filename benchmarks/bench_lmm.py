@@ -3,30 +3,13 @@
 Run: ``cd benchmarks && asv run --quick`` (or ``asv dev``).  Speed goals are checked here,
 never by timed tests.
 """
-import numpy as np
-import pandas as pd
 
 import fastlmm_ext as fl
+from fastlmm_ext import datasets
 
 
-def crossed(n, la, lb, seed=1):
-    """y = 1 + 0.5 x + a (sd 1) + b (sd 0.5) + noise (sd 1), a and b crossed."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, la, n)
-    b = rng.integers(0, lb, n)
-    x = rng.normal(size=n)
-    y = 1 + 0.5 * x + rng.normal(0, 1, la)[a] + rng.normal(0, 0.5, lb)[b] + rng.normal(size=n)
-    return pd.DataFrame({"y": y, "x": x, "a": pd.Categorical(a), "b": pd.Categorical(b)})
-
-
-def nested(n, la, per, seed=2):
-    """Pastes-like: `per` casks nested in each of `la` batches."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, la, n)
-    c = rng.integers(0, per, n)
-    ab = a * per + c
-    y = 60 + rng.normal(0, 2, la)[a] + rng.normal(0, 3, la * per)[ab] + rng.normal(size=n)
-    return pd.DataFrame({"y": y, "a": pd.Categorical(a), "c": pd.Categorical(c)})
+crossed = datasets.simulate_crossed
+nested = datasets.simulate_nested
 
 
 DESIGNS = {

@@ -11,7 +11,7 @@ from importlib import resources
 
 import pandas as pd
 
-__all__ = ["load", "names"]
+__all__ = ["load", "names", "simulate_crossed", "simulate_nested"]
 
 # Columns that are factors in R even when they look numeric.
 _FACTORS = {"ingot": ["ingot", "metal"], "sleepstudy": ["Subject"], "Penicillin": ["plate", "sample"],
@@ -36,3 +36,31 @@ def load(name: str) -> pd.DataFrame:
 
 def _natural(s: str):
     return (0, int(s), "") if s.isdigit() else (1, 0, s)
+
+
+def simulate_crossed(n: int, la: int, lb: int, seed: int = 1, slope_sd: float = 0.0) -> pd.DataFrame:
+    """Synthetic crossed design (the speed issue's benchmark):
+    y = 1 + 0.5 x + a_i (sd 1) + b_j (sd 0.5) [+ s_i x (sd ``slope_sd``)] + ε (sd 1), x ~ N(0, 1),
+    with a (``la`` levels) and b (``lb`` levels) drawn uniformly; numpy ``default_rng(seed)``."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, la, n)
+    b = rng.integers(0, lb, n)
+    x = rng.normal(size=n)
+    y = 1 + 0.5 * x + rng.normal(0, 1, la)[a] + rng.normal(0, 0.5, lb)[b]
+    if slope_sd:
+        y = y + rng.normal(0, slope_sd, la)[a] * x
+    y = y + rng.normal(size=n)
+    return pd.DataFrame({"y": y, "x": x, "a": pd.Categorical(a), "b": pd.Categorical(b)})
+
+
+def simulate_nested(n: int, la: int, per: int, seed: int = 2) -> pd.DataFrame:
+    """Pastes-like nested design: ``per`` levels of c inside each of ``la`` levels of a,
+    y = 60 + a_i (sd 2) + (c in a)_ij (sd 3) + ε (sd 1); fit with ``y ~ 1 + (1|a/c)``."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, la, n)
+    c = rng.integers(0, per, n)
+    ab = a * per + c
+    y = 60 + rng.normal(0, 2, la)[a] + rng.normal(0, 3, la * per)[ab] + rng.normal(size=n)
+    return pd.DataFrame({"y": y, "a": pd.Categorical(a), "c": pd.Categorical(c)})

@@ -61,22 +61,11 @@ def _check(model, theta, kernel=None):
 
 
 def _crossed(n, la, lb, seed=1, slope=False):
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, la, n)
-    b = rng.integers(0, lb, n)
-    x = rng.normal(size=n)
-    y = (1 + 0.5 * x + rng.normal(0, 1, la)[a] + rng.normal(0, 0.5, lb)[b]
-         + (rng.normal(0, 0.3, la)[a] * x if slope else 0) + rng.normal(size=n))
-    return pd.DataFrame({"y": y, "x": x, "a": pd.Categorical(a), "b": pd.Categorical(b)})
+    return datasets.simulate_crossed(n, la, lb, seed=seed, slope_sd=0.3 if slope else 0.0)
 
 
 def _nested(n, la, per, seed=2):
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, la, n)
-    c = rng.integers(0, per, n)
-    ab = a * per + c
-    y = 60 + rng.normal(0, 2, la)[a] + rng.normal(0, 3, la * per)[ab] + rng.normal(size=n)
-    return pd.DataFrame({"y": y, "a": pd.Categorical(a), "c": pd.Categorical(c)})
+    return datasets.simulate_nested(n, la, per, seed=seed)
 
 
 SEEN_SUPER = set()
