@@ -529,6 +529,17 @@ def confint_row_names(structure) -> list[str]:
     return [f".sig{i + 1:0{width}d}" for i in range(nsig)] + [".sigma"] + list(structure.fixef_names)
 
 
+def select_parm(table: pd.DataFrame, parm) -> pd.DataFrame:
+    """Rows ``parm`` (a name or names) of a confint table; KeyError naming unknown ones."""
+    if parm is None:
+        return table
+    parm = [parm] if isinstance(parm, str) else list(parm)
+    missing = [q for q in parm if q not in table.index]
+    if missing:
+        raise KeyError(f"unknown parameter(s) {missing}; available: {list(table.index)}")
+    return table.loc[parm]
+
+
 def _format_pct(probs) -> list[str]:
     """R's confint column labels: 100·prob formatted as R's format(digits = 3) (3 significant
     digits, trailing zeros dropped, common number of decimals), then ' %'."""
@@ -669,14 +680,7 @@ class InferenceMixin:
         se = np.sqrt(np.diag(self.vcov.to_numpy()))
         lo = np.concatenate([np.full(nsig + 1, np.nan), beta - z * se])
         hi = np.concatenate([np.full(nsig + 1, np.nan), beta + z * se])
-        out = pd.DataFrame({cols[0]: lo, cols[1]: hi}, index=names)
-        if parm is not None:
-            parm = [parm] if isinstance(parm, str) else list(parm)
-            missing = [q for q in parm if q not in out.index]
-            if missing:
-                raise KeyError(f"unknown parameter(s) {missing}; available: {list(out.index)}")
-            out = out.loc[parm]
-        return out
+        return select_parm(pd.DataFrame({cols[0]: lo, cols[1]: hi}, index=names), parm)
 
 
 # ----------------------------------------------------------------------------- likelihood-ratio tests

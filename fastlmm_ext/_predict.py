@@ -35,7 +35,7 @@ from scipy import stats
 
 from ._data import _label, check_columns, is_factor_dtype
 from ._exceptions import DataError
-from ._inference import _format_pct, confint_row_names
+from ._inference import _format_pct, confint_row_names, select_parm
 
 __all__ = ["BootstrapResult", "PredictMixin"]
 
@@ -438,14 +438,7 @@ class BootstrapResult:
                     q = np.array([t0 - bias - merr, t0 - bias + merr])
             lo.append(q[0])
             hi.append(q[1])
-        out = pd.DataFrame({cols[0]: lo, cols[1]: hi}, index=list(self.replicates.columns))
-        if parm is not None:
-            parm = [parm] if isinstance(parm, str) else list(parm)
-            missing = [p for p in parm if p not in out.index]
-            if missing:
-                raise KeyError(f"unknown parameter(s) {missing}; available: {list(out.index)}")
-            out = out.loc[parm]
-        return out
+        return select_parm(pd.DataFrame({cols[0]: lo, cols[1]: hi}, index=list(self.replicates.columns)), parm)
 
     def __repr__(self) -> str:
         extra = []
