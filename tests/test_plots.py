@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-matplotlib = pytest.importorskip("matplotlib")
+import matplotlib  # noqa: E402  (a test requirement: pip install .[test])
 if "matplotlib.pyplot" not in sys.modules:
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
