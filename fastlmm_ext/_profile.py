@@ -207,7 +207,7 @@ class Profiler:
             if kind in ("sd", "sigma") and side < 0:
                 c = est * (1 - min(0.999999, 0.25 * 2 ** it)) if c <= 0 else c
             if kind == "cor":
-                c = est + side * (1 - side * est) * (1 - 0.5 ** (it + 1)) if True else c
+                c = est + side * (1 - side * est) * (1 - 0.5 ** (it + 1))
             c = min(max(c, lo_lim), hi_lim)
             if g(c) >= 0:
                 if kind == "sd" and side < 0 and c == 0.0:
