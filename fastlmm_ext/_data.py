@@ -80,7 +80,7 @@ def factor_codes(values: pd.Series, name: str) -> tuple[np.ndarray, list[str]]:
     if isinstance(dtype, pd.CategoricalDtype):
         raw = np.asarray(values.cat.codes, dtype=np.int64)
         cats = list(values.cat.categories)
-        present = np.unique(raw)
+        present = np.flatnonzero(np.bincount(raw, minlength=len(cats)))   # O(n), no sort
         remap = np.full(len(cats), -1, dtype=np.int64)
         remap[present] = np.arange(present.size)
         return remap[raw], _labels(cats, present)
