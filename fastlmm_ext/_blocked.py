@@ -166,9 +166,9 @@ class BlockedBackend:
         x1 = np.linalg.solve(np.transpose(f["L11"], (0, 2, 1)), B1.reshape(self.l1, self.k, m)).reshape(self.q1, m)
         return x1, x2
 
-    def inverse_diag_blocks(self, f, reml: bool):
-        """Diagonal blocks of Ω⁻¹ on the random effects: (ℓ₁,k,k) for the first term and the
-        diagonal (q₂) for the rest; (A+I)⁻¹ for ML, plus H Hᵀ for REML."""
+    def inverse_diag_blocks(self, f):
+        """Diagonal blocks of (A+I)⁻¹ (lme4's condVar uses these): (ℓ₁,k,k) for the first term
+        and the diagonal (q₂) for the rest."""
         k = self.k
         L11inv = np.linalg.inv(f["L11"]) if k > 1 else 1.0 / f["L11"]         # tiny k×k blocks
         D1 = np.einsum("aji,ajk->aik", L11inv, L11inv)                          # (L₁₁⁻ᵀL₁₁⁻¹)ₐ
@@ -182,15 +182,6 @@ class BlockedBackend:
             D1 = D1 + np.einsum("qai,qaj->aij", V, V)
         else:
             d2 = np.zeros(0)
-        if reml and self.p:
-            p = self.p
-            Lx = f["R"][:p, :p]
-            RZX1 = la.solve_triangular(Lx, f["c1"][:, :p].T, lower=True).T     # R_ZX R_X⁻¹
-            RZX2 = la.solve_triangular(Lx, f["c2"][:, :p].T, lower=True).T if self.q2 else np.zeros((0, p))
-            H1, H2 = self._Linv_t(f, RZX1, RZX2)
-            H1 = H1.reshape(self.l1, k, p)
-            D1 = D1 + np.einsum("aim,ajm->aij", H1, H1)
-            d2 = d2 + np.einsum("im,im->i", H2, H2)
         return D1, d2
 
     def _summed_inverse_blocks(self, f, reml: bool):
@@ -303,7 +294,7 @@ class BlockedBackend:
 
     def inverse_blocks(self, theta: np.ndarray, term_index: int, chunk_elems: int = 0) -> np.ndarray:
         f = self._factor(np.asarray(theta, dtype=float))
-        D1, d2 = self.inverse_diag_blocks(f, reml=False)
+        D1, d2 = self.inverse_diag_blocks(f)
         if term_index == 0:
             return D1
         t = self.s.terms[term_index]
