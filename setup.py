@@ -1,4 +1,5 @@
-"""Build the compiled CHOLMOD kernel (src_c/_kernel.pyx -> fastlmm_ext._kernel).
+"""Build the compiled CHOLMOD kernel (src_c/_kernel.pyx -> fastlmm_ext._kernel) and the sparse
+Gram kernel of the two-block path (src_c/_gram.pyx -> fastlmm_ext._gram).
 
 CHOLMOD is located, in order, from the environment variables
 SUITESPARSE_INCLUDE_DIR / SUITESPARSE_LIBRARY_DIR, from pkg-config (``cholmod``,
@@ -54,7 +55,15 @@ extensions = [
         libraries=["cholmod"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
-    )
+    ),
+    # Sparse Gram products into dense matrices for the two-block path (no CHOLMOD needed).
+    Extension(
+        "fastlmm_ext._gram",
+        sources=["src_c/_gram.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

@@ -1,4 +1,5 @@
-"""asv benchmarks: objective evaluation and full fits, over design size, crossed vs nested, and backend.
+"""asv benchmarks: objective evaluation, full fits and fit_many, over design size, crossed vs nested,
+and backend.
 
 Run: ``cd benchmarks && asv run --quick`` (or ``asv dev``).  Speed goals are checked here,
 never by timed tests.
@@ -61,3 +62,39 @@ class Fit:
 
     def track_feval(self, design, backend):
         return fl.lmer(self.formula, self.data, backend=backend).optsummary.feval
+
+
+class FitMany:
+    """fit_many: ~200 responses on one design (built once), serial and in two processes.
+    ``benchmarks/fit_many_speed.py`` prints the same per response next to a loop of lmer calls."""
+    params = (["sleepstudy", "crossed-5k"], [1, 2])
+    param_names = ["design", "n_jobs"]
+    timeout = 600
+    number = 1
+    repeat = (1, 3, 60.0)
+
+    def setup(self, design, n_jobs):
+        import numpy as np
+        rng = np.random.default_rng(1)
+        m = 200
+        if design == "sleepstudy":
+            self.data = datasets.load("sleepstudy")
+            self.formula = "~ Days + (Days|Subject)"
+            g = self.data["Subject"].cat.codes.to_numpy()
+            days = self.data["Days"].to_numpy()
+            self.Y = np.column_stack([251 + 10.5 * days + rng.normal(0, 25, 18)[g]
+                                      + rng.normal(0, 6, 18)[g] * days + rng.normal(0, 25, g.size)
+                                      for _ in range(m)])
+        else:
+            self.data = crossed(5_000, 200, 50)
+            self.formula = "~ x + (1|a) + (1|b)"
+            a, b = self.data["a"].cat.codes.to_numpy(), self.data["b"].cat.codes.to_numpy()
+            x = self.data["x"].to_numpy()
+            self.Y = np.column_stack([1 + 0.5 * x + rng.normal(0, 1, 200)[a] + rng.normal(0, 0.5, 50)[b]
+                                      + rng.normal(size=a.size) for _ in range(m)])
+
+    def time_fit_many(self, design, n_jobs):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fl.fit_many(self.formula, self.data, self.Y, n_jobs=n_jobs)

@@ -11,6 +11,8 @@ from ._exceptions import (CholmodError, ConvergenceWarning, DataError, FastLMMEr
                           SingularFitWarning)
 from ._formula import parse_formula
 from ._inference import anova
+from ._many import fit_many
+from ._chunked import lmer_chunked
 from ._model import LinearMixedModel, lmer
 from ._optimize import OptSummary
 from ._results import LmerResult
@@ -18,7 +20,7 @@ from ._results import LmerResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "lmer", "anova", "datasets", "LinearMixedModel", "LmerResult", "OptSummary", "parse_formula",
+    "lmer", "lmer_chunked", "anova", "fit_many", "datasets", "LinearMixedModel", "LmerResult", "OptSummary", "parse_formula",
     "FastLMMError", "FormulaError", "DataError", "MissingColumnError", "GroupingFactorError",
     "IdentifiabilityError", "NotPositiveDefiniteError", "CholmodError",
     "FastLMMWarning", "ConvergenceWarning", "SingularFitWarning", "RankDeficiencyWarning",

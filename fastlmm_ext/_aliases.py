@@ -153,10 +153,10 @@ class StatsmodelsMixin:
             "theta": lambda: self.theta.copy(),
             "beta": lambda: self.fixef.to_numpy().copy(),
             "sigma": lambda: float(self.sigma),
-            "X": lambda: s.X.copy(),
-            "Z": lambda: s.Z.copy(),
-            "Zt": lambda: s.Z.T.tocsc(),
-            "y": lambda: s.y.copy(),
+            "X": lambda: _rows(s, "getME('X')").X.copy(),
+            "Z": lambda: _rows(s, "getME('Z')").Z.copy(),
+            "Zt": lambda: _rows(s, "getME('Zt')").Z.T.tocsc(),
+            "y": lambda: _rows(s, "getME('y')").y.copy(),
             "lower": lambda: s.lower.copy(),
             "Lambda": lambda: s.Lambda(self.theta),
             "Lambdat": lambda: s.Lambda(self.theta).T.tocsc(),
@@ -305,3 +305,8 @@ def _html_table(caption: str, header: list[str], rows: list[list[str]], n_left: 
         out.append("<tr>" + "".join(cell("td", c, j) for j, c in enumerate(r)) + "</tr>")
     out += ["</tbody>", "</table>"]
     return "\n".join(out)
+
+
+def _rows(s, what: str):
+    s.require_rows(what)
+    return s

@@ -31,6 +31,8 @@ from ._crossprod import CrossProducts
 from ._design import ModelStructure, _lower_tri_colwise
 from ._exceptions import NotPositiveDefiniteError
 from ._gradient import theta_gradient
+from ._gram import gram_inner, gram_inner_sym, gram_lower_update
+from ._threads import bundled_blas_all_threads
 
 __all__ = ["BlockedBackend", "blocked_applicable"]
 
@@ -60,8 +62,17 @@ class BlockedBackend:
         d11 = Mlow[:q1, :q1].tocsc()
         self.M11 = d11.data.reshape(self.l1, k, k).transpose(0, 2, 1).copy()  # [a, i, j]
         self.M21 = Mlow[q1:, :q1].tocsr()                                     # q₂ × q₁
+        self.M21.sort_indices()
         D = Mlow[q1:, q1:].toarray()
-        self.M22 = np.tril(D) + np.tril(D, -1).T
+        self.M22 = np.asfortranarray(np.tril(D) + np.tril(D, -1).T)
+        # L₂₁ keeps M₂₁'s pattern for every θ: its CSC twin (for the Gram kernel) is a fixed
+        # permutation of the CSR values.
+        M = self.M21
+        order = sp.csr_matrix((np.arange(M.nnz, dtype=np.float64) + 1.0, M.indices, M.indptr), shape=M.shape).tocsc()
+        order.sort_indices()
+        self._rp, self._ri = M.indptr.astype(np.int32), M.indices.astype(np.int32)
+        self._cp, self._ci = order.indptr.astype(np.int32), order.indices.astype(np.int32)
+        self._perm = (order.data - 1.0).astype(np.intp)
         self.W1 = cp.ZtXy[:q1]                                                # q₁ × (p+1)
         self.W2 = cp.ZtXy[q1:]
         self.WtW = cp.XyXy
@@ -71,6 +82,11 @@ class BlockedBackend:
         self.lam_index = np.concatenate([np.full(t.q, i, dtype=np.intp) for i, t in enumerate(s.terms[1:])]) \
             if self.q2 else np.zeros(0, dtype=np.intp)
         self._cache_theta = None
+
+    def with_response(self, s: ModelStructure, crossprod: CrossProducts) -> BlockedBackend:
+        """A backend for another response on the same design, rebuilt from its cross-products
+        (ZᵀWZ is not recomputed; the blocks above are O(nnz) rearrangements)."""
+        return BlockedBackend(s, crossprod=crossprod)
 
     # ------------------------------------------------------------------ factorization
     def _T(self, theta):
@@ -99,11 +115,14 @@ class BlockedBackend:
         out = {"theta": theta.copy(), "T": T, "lam": lam, "L11": L11, "G": G, "c1": c1}
         if self.q2:
             L21 = self._L21(lam, G)
-            S22 = (lam[:, None] * self.M22 * lam[None, :])
+            S22 = np.multiply(self.M22, np.multiply.outer(lam, lam), order="F")
             S22[np.diag_indices_from(S22)] += 1.0
-            S22 -= (L21 @ L21.T).toarray()
+            # S₂₂ −= L₂₁L₂₁ᵀ on the lower triangle (the only one LAPACK reads), column by column
+            gram_lower_update(S22, self._rp, self._ri, L21.data, self._cp, self._ci, L21.data[self._perm],
+                              np.ones(L21.shape[1]), -1.0)
             try:
-                L22 = la.cholesky(S22, lower=True, overwrite_a=True, check_finite=False)
+                with bundled_blas_all_threads():
+                    L22 = la.cholesky(S22, lower=True, overwrite_a=True, check_finite=False)
             except la.LinAlgError as e:
                 raise NotPositiveDefiniteError("blocked: Schur complement not positive definite", theta) from e
             c2 = la.solve_triangular(L22, lam[:, None] * self.W2 - L21 @ c1, lower=True, check_finite=False)
@@ -193,29 +212,35 @@ class BlockedBackend:
         L11inv = np.linalg.inv(f["L11"]) if k > 1 else 1.0 / f["L11"]
         S1 = np.einsum("aji,ajk->ik", L11inv, L11inv)                           # Σₐ L₁₁ₐ⁻ᵀL₁₁ₐ⁻¹
         if self.q2:
-            # dpotri leaves (L₂₂L₂₂ᵀ)⁻¹ in the lower triangle and the zero upper triangle as is,
-            # so ⟨S⁻¹, C⟩ = 2 Σ(Sinv_low ∘ C) − Σ diag(S⁻¹) diag(C) for symmetric C.
-            Sinv, info = la.lapack.dpotri(f["L22"], lower=1)
+            # dpotri leaves (L₂₂L₂₂ᵀ)⁻¹ in the lower triangle; the Gram kernel wants it whole.
+            with bundled_blas_all_threads():
+                Sinv, info = la.lapack.dpotri(f["L22"], lower=1)
             if info != 0:
                 raise NotPositiveDefiniteError("blocked: dpotri failed", f["theta"])
             d2 = np.diag(Sinv).copy()
-
-            def inner(C):
-                return 2.0 * float(np.vdot(Sinv, C)) - float(d2 @ np.diag(C))
-            L21 = f["L21"].tocsc()
-            # B = L₂₁ (I ⊗ L₁₁⁻¹): column block a times L₁₁ₐ⁻¹ (same pattern, block-closed)
+            L21 = f["L21"]
             if k == 1:
-                B = [sp.csc_matrix((L21.data * np.repeat(L11inv[:, 0, 0], np.diff(L21.indptr)),
-                                    L21.indices, L21.indptr), shape=L21.shape)]
+                # Σₐ L₁₁ₐ⁻² (L₂₁ᵀ S⁻¹ L₂₁)ₐₐ = ⟨S⁻¹, L₂₁ diag(L₁₁⁻²) L₂₁ᵀ⟩, S⁻¹ from its lower triangle
+                S1[0, 0] += gram_inner_sym(np.asfortranarray(Sinv), self._rp, self._ri, L21.data, self._cp,
+                                           self._ci, L21.data[self._perm], L11inv[:, 0, 0] ** 2)
             else:
-                B = self._split_columns(L21, L11inv)
-            for i in range(k):
-                for j in range(i, k):
-                    C = (B[j] @ B[i].T).toarray()
-                    v = inner(C) if i == j else inner(C + C.T) / 2.0
-                    S1[i, j] += v
-                    if i != j:
-                        S1[j, i] += v
+                Sinv = np.tril(Sinv)
+                Sinv += np.tril(Sinv, -1).T
+                Sinv = np.asfortranarray(Sinv)
+                # B = L₂₁ (I ⊗ L₁₁⁻¹): column block a times L₁₁ₐ⁻¹ (same pattern, block-closed)
+                B = self._split_columns(L21.tocsc(), L11inv)
+                ones = np.ones(self.l1)
+                for i in range(k):
+                    Bi = B[i].tocsr()
+                    for j in range(i, k):
+                        Bj = B[j].tocsc()
+                        Bj.sort_indices()
+                        # ⟨S⁻¹, B_j B_iᵀ⟩ = ⟨S⁻¹, B_i B_jᵀ⟩ (S⁻¹ symmetric)
+                        v = gram_inner(Sinv, Bj.indptr.astype(np.int32), Bj.indices.astype(np.int32), Bj.data,
+                                       Bi.indptr.astype(np.int32), Bi.indices.astype(np.int32), Bi.data, ones)
+                        S1[i, j] += v
+                        if i != j:
+                            S1[j, i] += v
         else:
             d2 = np.zeros(0)
         if reml and self.p:

@@ -211,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("formula", metavar="FORMULA",
                      help='lme4 formula, e.g. "Reaction ~ Days + (Days|Subject)"')
     fit.add_argument("--ml", action="store_true", help="fit by maximum likelihood instead of REML")
-    fit.add_argument("--backend", choices=BACKENDS, default="compiled",
-                     help="criterion evaluation: 'compiled' is the CHOLMOD kernel (default), "
-                          "'reference' the dense NumPy path (see LinearMixedModel)")
+    fit.add_argument("--backend", choices=BACKENDS, default="auto",
+                     help="criterion evaluation: 'auto' (default) picks 'blocked' (dense Schur complement) for "
+                          "filled crossed designs and 'compiled' (CHOLMOD) otherwise; 'reference' is the dense "
+                          "NumPy path (see LinearMixedModel)")
     fit.add_argument("--json", metavar="OUT",
                      help="write the fit as JSON (LmerResult.to_json) to OUT; '-' writes it to stdout "
                           "instead of the summary")

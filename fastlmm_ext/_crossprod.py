@@ -21,7 +21,7 @@ import numpy as np
 
 from ._design import ModelStructure
 
-__all__ = ["CrossProducts", "block_lower_ZtZ"]
+__all__ = ["CrossProducts", "block_lower_ZtZ", "ztz_triplets", "sum_duplicates", "lower_csc"]
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,17 @@ class CrossProducts:
 
 
 def block_lower_ZtZ(s: ModelStructure, w: np.ndarray | None = None):
-    """ZᵀWZ on the block-closed lower pattern, as int32/int32/float64 CSC arrays.
+    """ZᵀWZ on the block-closed lower pattern, as int32/int32/float64 CSC arrays."""
+    return lower_csc(*ztz_triplets(s.terms, w), s.q)
+
+
+def ztz_triplets(terms, w: np.ndarray | None = None):
+    """(row, col, value) of ZᵀWZ's block-closed lower pattern, each entry once.
 
     Block (a, b) of terms (i, j) is Σ_{r: code_i(r)=a, code_j(r)=b} w_r X_i[r,:]ᵀ X_j[r,:]; the
-    pairs present are found with one sort of the combined codes, the sums with bincount."""
+    pairs present are found with one sort of the combined codes, the sums with bincount.
+    ``terms`` need ``codes``, ``Xi``, ``k``, ``nlevels`` and ``col_offset``."""
     rows, cols, vals = [], [], []
-    terms = s.terms
     for i, ti in enumerate(terms):
         Xi = ti.Xi if w is None else ti.Xi * w[:, None]
         for j in range(i + 1):
@@ -78,12 +83,23 @@ def block_lower_ZtZ(s: ModelStructure, w: np.ndarray | None = None):
                     vals.append(np.bincount(inv, weights=Xi[:, u] * tj.Xi[:, v], minlength=nb))
                     rows.append(ti.col_offset + blk_i * ti.k + u)
                     cols.append(tj.col_offset + blk_j * tj.k + v)
-    q = s.q
     if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+
+
+def sum_duplicates(r: np.ndarray, c: np.ndarray, x: np.ndarray, q: int):
+    """Triplets with repeated (row, col) summed; explicit zeros are kept (the kernel needs the
+    whole block pattern, not just the non-zero values)."""
+    key = c.astype(np.int64) * q + r
+    uniq, inv = np.unique(key, return_inverse=True)
+    return uniq % q, uniq // q, np.bincount(inv.ravel(), weights=x, minlength=uniq.size)
+
+
+def lower_csc(r: np.ndarray, c: np.ndarray, x: np.ndarray, q: int):
+    """int32 CSC arrays (Ap, Ai, Mx) of distinct lower-pattern triplets."""
+    if r.size == 0:
         return np.zeros(q + 1, np.int32), np.zeros(0, np.int32), np.zeros(0)
-    r = np.concatenate(rows)
-    c = np.concatenate(cols)
-    x = np.concatenate(vals)
     order = np.lexsort((r, c))
     r, c, x = r[order], c[order], x[order]
     Ap = np.zeros(q + 1, dtype=np.int64)

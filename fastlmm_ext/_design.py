@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import scipy.linalg as la
 import scipy.sparse as sp
 from formulaic import Formula, model_matrix
 
@@ -39,14 +40,15 @@ class ReTerm:
     expr: str                 # formulaic right-hand side of the term's model matrix
     cnms: tuple[str, ...]     # R-style column names of the term's model matrix
     levels: tuple[str, ...]   # level labels of the grouping factor
-    codes: np.ndarray         # int64[n] level code of each observation
-    Xi: np.ndarray            # float64[n, k] the term's model matrix
+    codes: np.ndarray | None  # int64[n] level code of each observation (None: built from cross-products)
+    Xi: np.ndarray | None     # float64[n, k] the term's model matrix (None: built from cross-products)
     col_offset: int           # first column of this term in Z
     theta_offset: int         # first element of this term's θ
+    ncols: int = -1           # k, when Xi is not kept
 
     @property
     def k(self) -> int:
-        return self.Xi.shape[1]
+        return self.Xi.shape[1] if self.Xi is not None else self.ncols
 
     @property
     def nlevels(self) -> int:
@@ -81,16 +83,20 @@ def _lower_tri_colwise(k: int) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class ModelStructure:
-    """Everything the criterion needs, fixed once per model (θ-independent)."""
+    """Everything the criterion needs, fixed once per model (θ-independent).
+
+    A structure built from accumulated cross-products (``lmer_chunked``, Dask) keeps no rows:
+    ``y``, ``X``, ``Z`` and the terms' ``codes``/``Xi`` are None, ``nobs`` holds n and
+    ``has_rows`` is False; everything that needs only the cross-products still works."""
     formula: str
     parsed: ParsedFormula
     response: str
-    y: np.ndarray                  # float64[n]
-    X: np.ndarray                  # float64[n, p] (rank-deficient columns already dropped)
+    y: np.ndarray | None           # float64[n]
+    X: np.ndarray | None           # float64[n, p] (rank-deficient columns already dropped)
     fixef_names: tuple[str, ...]
     dropped_fixef: tuple[str, ...]
     terms: tuple[ReTerm, ...]
-    Z: sp.csc_matrix               # n × q
+    Z: sp.csc_matrix | None        # n × q
     offset: np.ndarray | None
     weights: np.ndarray | None
     n_dropped: int
@@ -98,18 +104,35 @@ class ModelStructure:
     fixed_spec: object = field(repr=False, default=None)   # formulaic ModelSpec for new data
     factor_levels: dict = field(default_factory=dict)       # grouping factor -> levels
     variable_levels: dict = field(default_factory=dict)     # factor column -> (categories, ordered)
+    nobs: int | None = None        # n for a structure without rows
+    prior_weights: bool = False    # weights were given (for a structure without rows)
+
+    @property
+    def has_rows(self) -> bool:
+        return self.y is not None
+
+    @property
+    def weighted(self) -> bool:
+        return self.weights is not None or self.prior_weights
 
     @property
     def n(self) -> int:
-        return self.y.shape[0]
+        return self.y.shape[0] if self.y is not None else int(self.nobs)
 
     @property
     def p(self) -> int:
-        return self.X.shape[1]
+        return len(self.fixef_names)
 
     @property
     def q(self) -> int:
-        return self.Z.shape[1]
+        return sum(t.q for t in self.terms)
+
+    def require_rows(self, what: str) -> None:
+        """Raise a clear error for row-level quantities of a model fitted from cross-products."""
+        if not self.has_rows:
+            raise DataError(f"{what} needs the model's rows, but this model was fitted from accumulated "
+                            "cross-products (lmer_chunked / a Dask DataFrame); use predict(newdata) on the rows "
+                            "of interest instead")
 
     @property
     def ntheta(self) -> int:
@@ -274,14 +297,12 @@ def _vector_arg(arg, df: pd.DataFrame, name: str) -> np.ndarray | None:
     return arr
 
 
-def _drop_rank_deficient(X: np.ndarray, names: list[str], tol: float = 1e-7):
-    """Keep a column only if its part orthogonal to the columns kept before it has norm
-    above ``tol`` times its own norm (R's pivoting QR keeps the same columns).  Works on the
-    p×p Gram matrix by a Cholesky that skips dependent columns, so it costs one pass over X."""
-    p = X.shape[1]
-    if p == 0:
-        return X, names, []
-    G = X.T @ X
+def rank_deficient_keep(G: np.ndarray, tol: float = 1e-7) -> list[int]:
+    """Columns to keep given the Gram matrix G = XᵀX: column j stays only if its part
+    orthogonal to the columns kept before it has norm above ``tol`` times its own norm (R's
+    pivoting QR keeps the same columns).  A Cholesky that skips dependent columns, on G alone,
+    so the chunked path can decide from accumulated cross-products."""
+    p = G.shape[0]
     keep: list[int] = []
     Lk = np.zeros((p, p))
     for j in range(p):
@@ -289,8 +310,8 @@ def _drop_rank_deficient(X: np.ndarray, names: list[str], tol: float = 1e-7):
         if gjj <= 0.0:
             continue
         if keep:
-            Lkk = Lk[np.ix_(range(len(keep)), range(len(keep)))]
-            l = np.linalg.solve(np.tril(Lkk), G[keep, j])
+            m = len(keep)
+            l = la.solve_triangular(Lk[:m, :m], G[keep, j], lower=True)
             r2 = gjj - l @ l
         else:
             l, r2 = np.zeros(0), gjj
@@ -299,8 +320,168 @@ def _drop_rank_deficient(X: np.ndarray, names: list[str], tol: float = 1e-7):
             Lk[m, :m] = l
             Lk[m, m] = np.sqrt(r2)
             keep.append(j)
-    dropped = [names[j] for j in range(p) if j not in keep]
-    return X[:, keep], [names[j] for j in keep], dropped
+    return keep
+
+
+def warn_rank_deficient(dropped: list[str]) -> None:
+    if dropped:
+        warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
+                      f"column(s) / coefficient(s): {', '.join(dropped)}", RankDeficiencyWarning, stacklevel=4)
+
+
+@dataclass(frozen=True)
+class ModelVariables:
+    """Which data columns a parsed formula reads, by role."""
+    response: set[str]
+    fixed: set[str]
+    offsets: set[str]
+    random: set[str]
+    groups: list[str]
+    extra: list[str]              # weights= / offset= given as column names
+
+    @property
+    def used(self) -> list[str]:
+        return list(dict.fromkeys([*sorted(self.response), *sorted(self.fixed), *sorted(self.offsets),
+                                   *sorted(self.random), *self.groups]))
+
+    @property
+    def all_columns(self) -> list[str]:
+        return list(dict.fromkeys(self.used + self.extra))
+
+    @property
+    def frame_columns(self) -> list[str]:
+        """Columns the model matrices read (a grouping-only column is not among them)."""
+        read = self.response | self.fixed | self.random | self.offsets
+        return [c for c in self.used if c not in self.groups or c in read]
+
+
+def model_variables(parsed: ParsedFormula, columns, weights=None, offset=None) -> ModelVariables:
+    cols = list(columns)
+    groups: list[str] = []
+    re_vars: set[str] = set()
+    for rt in parsed.random:
+        re_vars |= _variables(rt.expr, f"the random-effects term ({rt.expr} | {rt.group_name()})", cols)
+        groups.extend(g for g in rt.group if g not in groups)
+    off_vars = set().union(*[_variables(o, "the offset", cols) for o in parsed.offsets]) if parsed.offsets else set()
+    return ModelVariables(response=_variables(parsed.response, "the response", cols),
+                          fixed=_variables(parsed.fixed, "the fixed effects", cols), offsets=off_vars,
+                          random=re_vars, groups=groups,
+                          extra=[a for a in (weights, offset) if isinstance(a, str)])
+
+
+def check_response_type(parsed: ParsedFormula, mv: ModelVariables, df: pd.DataFrame) -> None:
+    """R refuses a factor response; so do we, naming the column."""
+    for v in mv.response:
+        if is_factor_dtype(df[v].dtype):
+            raise DataError(f"response {parsed.response!r} must be numeric, but column {v!r} has type {df[v].dtype}")
+
+
+@dataclass
+class RowBlock:
+    """What one block of complete rows contributes: y, the fixed-effects matrix, the offset and,
+    per random-effects term (in formula order), its model matrix and grouping-factor codes."""
+    y: np.ndarray
+    X: np.ndarray
+    fixef_names: list[str]
+    fixed_spec: object
+    offset: np.ndarray | None
+    term_cnms: list[list[str]]
+    term_Xi: list[np.ndarray]
+    term_codes: list[np.ndarray]
+
+
+def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offset_arg=None,
+                  fixed_spec=None) -> RowBlock:
+    """Evaluate the response, fixed effects, offsets and random-effects model matrices on
+    ``frame`` (complete rows, factors already Categorical).  ``group_codes(group)`` gives the
+    integer level codes of a grouping factor; ``fixed_spec`` (formulaic's ModelSpec of an earlier
+    block) fixes the fixed-effects columns, so every chunk of a chunked fit gets the same ones."""
+    n = len(frame)
+    # y: a bare column or an expression of columns (np.log(y)), evaluated by formulaic.
+    if parsed.response in frame.columns:
+        y = as_numeric_array(frame[parsed.response], parsed.response, what="response")
+    else:
+        ymm = _model_matrix("0 + " + parsed.response, frame, "the response")
+        if ymm.shape[1] != 1:
+            raise DataError(f"response {parsed.response!r} must be a single numeric column")
+        y = as_numeric_array(ymm.iloc[:, 0], parsed.response, what="response")
+    if not np.isfinite(y).all():
+        raise DataError(f"response {parsed.response!r} has {int((~np.isfinite(y)).sum())} non-finite value(s) "
+                        "after evaluation (e.g. log of a non-positive number)")
+
+    fixed_rhs, renames = _poly_for_ordered(parsed.fixed, frame)
+    if fixed_spec is None:
+        Xmm = _model_matrix(fixed_rhs, frame, "the fixed effects")
+        fixed_spec = getattr(Xmm, "model_spec", None)
+    else:
+        try:
+            Xmm = fixed_spec.get_model_matrix(frame, output="pandas", na_action="ignore")
+        except Exception as e:
+            raise FormulaError(f"cannot build the model matrix of the fixed effects {fixed_rhs!r}: {e}") from e
+    X = np.asarray(Xmm.to_numpy(dtype=np.float64), dtype=np.float64).reshape(n, -1)
+    names = _r_names(Xmm.columns, renames)
+    if not np.isfinite(X).all():
+        bad = [c for c, ok in zip(names, np.isfinite(X).all(axis=0)) if not ok]
+        raise DataError(f"fixed-effects columns {bad} have non-finite values")
+
+    off_total = offset_arg
+    for o in parsed.offsets:
+        omm = _model_matrix("0 + " + o, frame, "the offset")
+        ov = as_numeric_array(omm.iloc[:, 0], o, what="offset")
+        off_total = ov if off_total is None else off_total + ov
+
+    cnms, Xis, codes = [], [], []
+    for rt in parsed.random:
+        label = ":".join(rt.group)
+        re_rhs, re_renames = _poly_for_ordered(rt.expr, frame)
+        Zmm = _model_matrix(re_rhs, frame, f"the random-effects term ({rt.expr} | {label})")
+        Xi = np.ascontiguousarray(Zmm.to_numpy(dtype=np.float64)).reshape(n, -1)
+        if Xi.shape[1] == 0:
+            raise FormulaError(f"random-effects term ({rt.expr} | {label}) has no columns")
+        if not np.isfinite(Xi).all():
+            raise DataError(f"random-effects term ({rt.expr} | {label}) has non-finite values")
+        cnms.append(_r_names(Zmm.columns, re_renames))
+        Xis.append(Xi)
+        codes.append(group_codes(rt.group))
+    return RowBlock(y=y, X=X, fixef_names=names, fixed_spec=fixed_spec, offset=off_total,
+                    term_cnms=cnms, term_Xi=Xis, term_codes=codes)
+
+
+def check_term_size(label: str, expr: str, nlevels: int, k: int, n: int) -> None:
+    """lme4's checks on a random-effects term: > 1 level, fewer levels than observations, and
+    fewer random effects than observations."""
+    if nlevels < 2:
+        raise GroupingFactorError(
+            f"grouping factor {label!r} has {nlevels} level; grouping factors must have > 1 sampled level")
+    if nlevels >= n:
+        raise IdentifiabilityError(
+            f"number of levels of grouping factor {label!r} ({nlevels}) must be < number of "
+            f"observations ({n}); the random effects and the residual variance are unidentifiable")
+    if k * nlevels >= n:
+        raise IdentifiabilityError(
+            f"number of observations ({n}) <= number of random effects ({k * nlevels}) "
+            f"for term ({expr} | {label}); the random-effects parameters and the residual "
+            "variance are probably unidentifiable")
+
+
+def order_terms(parsed: ParsedFormula, term_cnms, term_levels, term_codes=None, term_Xi=None) -> list[ReTerm]:
+    """ReTerms in lme4's order (decreasing number of levels, stable) with column and θ offsets.
+    ``term_codes``/``term_Xi`` are None for a structure built from cross-products alone."""
+    m = len(parsed.random)
+    order = sorted(range(m), key=lambda i: -len(term_levels[i]))
+    names = _unique_names([":".join(parsed.random[i].group) for i in order])
+    terms, col, th = [], 0, 0
+    for nm, i in zip(names, order):
+        rt = parsed.random[i]
+        t = ReTerm(name=nm, factor=":".join(rt.group), group_columns=tuple(rt.group), expr=rt.expr,
+                   cnms=tuple(term_cnms[i]), levels=tuple(term_levels[i]),
+                   codes=None if term_codes is None else term_codes[i],
+                   Xi=None if term_Xi is None else term_Xi[i], col_offset=col, theta_offset=th,
+                   ncols=len(term_cnms[i]))
+        terms.append(t)
+        col += t.q
+        th += t.ntheta
+    return terms
 
 
 def build_structure(formula: str, data, weights=None, offset=None) -> ModelStructure:
@@ -312,23 +493,12 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
     if len(df) == 0:
         raise DataError("data has no rows")
 
-    cols = list(df.columns)
-    resp_vars = _variables(parsed.response, "the response", cols)
-    fixed_vars = _variables(parsed.fixed, "the fixed effects", cols)
-    off_vars = set().union(*[_variables(o, "the offset", cols) for o in parsed.offsets]) if parsed.offsets else set()
-    re_vars: set[str] = set()
-    group_vars: list[str] = []
-    for rt in parsed.random:
-        re_vars |= _variables(rt.expr, f"the random-effects term ({rt.expr} | {rt.group_name()})", cols)
-        group_vars.extend(g for g in rt.group if g not in group_vars)
-    used = list(dict.fromkeys([*sorted(resp_vars), *sorted(fixed_vars), *sorted(off_vars),
-                               *sorted(re_vars), *group_vars]))
-    extra = [a for a in (weights, offset) if isinstance(a, str)]
-    check_columns(df, used + extra)
+    mv = model_variables(parsed, df.columns, weights, offset)
+    check_columns(df, mv.all_columns)
 
     w_all = _vector_arg(weights, df, "weights")
     o_all = _vector_arg(offset, df, "offset")
-    df2, keep_mask = drop_missing(df, list(dict.fromkeys(used + extra)))
+    df2, keep_mask = drop_missing(df, mv.all_columns)
     n_dropped = int(len(df) - keep_mask.sum())
     if w_all is not None and not isinstance(weights, str):
         w_all = w_all[keep_mask]
@@ -345,93 +515,46 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
     if w_all is not None and (w_all < 0).any():
         raise DataError("weights must be non-negative")
 
-    # Response: must be numeric (R refuses factors too).
-    for v in resp_vars:
-        if is_factor_dtype(df2[v].dtype):
-            raise DataError(f"response {parsed.response!r} must be numeric, but column {v!r} has type {df2[v].dtype}")
-    frame = prepare_factors(df2, [c for c in used if c not in group_vars or c in resp_vars | fixed_vars | re_vars | off_vars])
-    for g in group_vars:
+    check_response_type(parsed, mv, df2)
+    frame = prepare_factors(df2, mv.frame_columns)
+    for g in mv.groups:
         if g not in frame.columns:
             frame[g] = df2[g].to_numpy()
     n = len(frame)
 
-    # y: a bare column or an expression of columns (np.log(y)), evaluated by formulaic.
-    if parsed.response in frame.columns:
-        y = as_numeric_array(frame[parsed.response], parsed.response, what="response")
-    else:
-        ymm = _model_matrix("0 + " + parsed.response, frame, "the response")
-        if ymm.shape[1] != 1:
-            raise DataError(f"response {parsed.response!r} must be a single numeric column")
-        y = as_numeric_array(ymm.iloc[:, 0], parsed.response, what="response")
-    if not np.isfinite(y).all():
-        raise DataError(f"response {parsed.response!r} has {int((~np.isfinite(y)).sum())} non-finite value(s) "
-                        "after evaluation (e.g. log of a non-positive number)")
+    term_levels: list[list[str]] = []
 
-    fixed_rhs, renames = _poly_for_ordered(parsed.fixed, frame)
-    Xmm = _model_matrix(fixed_rhs, frame, "the fixed effects")
-    X = np.asarray(Xmm.to_numpy(dtype=np.float64), dtype=np.float64).reshape(n, -1)
-    if not np.isfinite(X).all():
-        bad = [c for c, ok in zip(_r_names(Xmm.columns, renames), np.isfinite(X).all(axis=0)) if not ok]
-        raise DataError(f"fixed-effects columns {bad} have non-finite values")
-    fixef_names = _r_names(Xmm.columns, renames)
-    X, fixef_names, dropped = _drop_rank_deficient(X, fixef_names)
-    if dropped:
-        warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
-                      f"column(s) / coefficient(s): {', '.join(dropped)}", RankDeficiencyWarning, stacklevel=3)
+    def group_codes(group):
+        codes, levels = _group_codes(df2, group)
+        term_levels.append(levels)
+        return codes
 
-    off_total = o_all
-    for o in parsed.offsets:
-        omm = _model_matrix("0 + " + o, frame, "the offset")
-        ov = as_numeric_array(omm.iloc[:, 0], o, what="offset")
-        off_total = ov if off_total is None else off_total + ov
+    rows = evaluate_rows(parsed, frame, group_codes, offset_arg=o_all)
+    keep = rank_deficient_keep(rows.X.T @ rows.X) if rows.X.shape[1] else []
+    dropped = [nm for j, nm in enumerate(rows.fixef_names) if j not in keep]
+    X, fixef_names = rows.X[:, keep], [rows.fixef_names[j] for j in keep]
+    warn_rank_deficient(dropped)
+    _check_not_exact(rows.y - (rows.offset if rows.offset is not None else 0.0), X, parsed.response)
 
-    _check_not_exact(y - (off_total if off_total is not None else 0.0), X, parsed.response)
-
-    # Random-effects terms, then lme4's order: decreasing number of levels, stable.
-    raw_terms = []
     factor_levels: dict[str, list[str]] = {}
-    for rt in parsed.random:
+    for rt, levels, Xi in zip(parsed.random, term_levels, rows.term_Xi):
         label = ":".join(rt.group)
-        codes, levels = _group_codes(df2, rt.group)
-        if len(levels) < 2:
-            raise GroupingFactorError(
-                f"grouping factor {label!r} has {len(levels)} level; grouping factors must have > 1 sampled level")
-        if len(levels) >= n:
-            raise IdentifiabilityError(
-                f"number of levels of grouping factor {label!r} ({len(levels)}) must be < number of "
-                f"observations ({n}); the random effects and the residual variance are unidentifiable")
-        re_rhs, re_renames = _poly_for_ordered(rt.expr, frame)
-        Zmm = _model_matrix(re_rhs, frame, f"the random-effects term ({rt.expr} | {label})")
-        Xi = np.ascontiguousarray(Zmm.to_numpy(dtype=np.float64)).reshape(n, -1)
-        if Xi.shape[1] == 0:
-            raise FormulaError(f"random-effects term ({rt.expr} | {label}) has no columns")
-        if not np.isfinite(Xi).all():
-            raise DataError(f"random-effects term ({rt.expr} | {label}) has non-finite values")
-        if Xi.shape[1] * len(levels) >= n:
-            raise IdentifiabilityError(
-                f"number of observations ({n}) <= number of random effects ({Xi.shape[1] * len(levels)}) "
-                f"for term ({rt.expr} | {label}); the random-effects parameters and the residual "
-                "variance are probably unidentifiable")
-        raw_terms.append((label, rt, _r_names(Zmm.columns, re_renames), levels, codes, Xi))
+        check_term_size(label, rt.expr, len(levels), Xi.shape[1], n)
         factor_levels[label] = levels
-    order = sorted(range(len(raw_terms)), key=lambda i: -len(raw_terms[i][3]))
-    names = _unique_names([raw_terms[i][0] for i in order])
-    terms, col, th = [], 0, 0
-    for nm, i in zip(names, order):
-        label, rt, cnms, levels, codes, Xi = raw_terms[i]
-        t = ReTerm(name=nm, factor=label, group_columns=tuple(rt.group), expr=rt.expr, cnms=tuple(cnms),
-                   levels=tuple(levels), codes=codes, Xi=Xi, col_offset=col, theta_offset=th)
-        terms.append(t)
-        col += t.q
-        th += t.ntheta
+    terms = order_terms(parsed, rows.term_cnms, term_levels, rows.term_codes, rows.term_Xi)
 
     return ModelStructure(
-        formula=formula, parsed=parsed, response=parsed.response, y=y, X=np.asfortranarray(X),
+        formula=formula, parsed=parsed, response=parsed.response, y=rows.y, X=np.asfortranarray(X),
         fixef_names=tuple(fixef_names), dropped_fixef=tuple(dropped), terms=tuple(terms),
-        Z=assemble_Z(terms, n), offset=off_total, weights=w_all, n_dropped=n_dropped,
-        row_index=df2.index, fixed_spec=getattr(Xmm, "model_spec", None), factor_levels=factor_levels,
-        variable_levels={str(c): (list(frame[c].cat.categories), bool(frame[c].cat.ordered))
-                         for c in frame.columns if isinstance(frame[c].dtype, pd.CategoricalDtype)})
+        Z=assemble_Z(terms, n), offset=rows.offset, weights=w_all, n_dropped=n_dropped,
+        row_index=df2.index, fixed_spec=rows.fixed_spec, factor_levels=factor_levels,
+        variable_levels=variable_levels_of(frame))
+
+
+def variable_levels_of(frame: pd.DataFrame) -> dict:
+    """Categories (and orderedness) of every factor column the model matrices read, for predict."""
+    return {str(c): (list(frame[c].cat.categories), bool(frame[c].cat.ordered))
+            for c in frame.columns if isinstance(frame[c].dtype, pd.CategoricalDtype)}
 
 
 def _check_not_exact(y: np.ndarray, X: np.ndarray, response: str) -> None:

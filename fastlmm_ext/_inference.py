@@ -373,11 +373,10 @@ def _containment(spec, terms: list[_FixedTerm]) -> dict[str, list[str]]:
     return out
 
 
-def _type1_contrasts(X: np.ndarray, terms: list[_FixedTerm]) -> dict[str, np.ndarray]:
+def _type1_contrasts(XtX: np.ndarray, terms: list[_FixedTerm]) -> dict[str, np.ndarray]:
     """Sequential (type I) hypotheses: rows of the Cholesky factor U of XᵀX scaled to a unit
     diagonal (the Doolittle factor of XᵀX), taken at each term's columns."""
-    p = X.shape[1]
-    XtX = X.T @ X
+    p = XtX.shape[0]
     U = la.cholesky(XtX, lower=False) if p > 1 else np.ones((1, 1))
     Lt = U / np.diag(U)[:, None] if p > 1 else U
     Lt[np.abs(Lt) < 1e-6] = 0.0
@@ -625,7 +624,8 @@ class InferenceMixin:
         s = self.structure
         terms, has_intercept, kept = _fixed_terms(s)
         if s.p <= 1 or len(terms) <= 1:
-            out = _type1_contrasts(s.X, terms) if s.p >= 1 else {}
+            XtX = s.X.T @ s.X if s.has_rows else self.model.backend.cp.XyXy[:s.p, :s.p]
+            out = _type1_contrasts(XtX, terms) if s.p >= 1 else {}
         else:
             out = _type3_contrasts(s, terms, has_intercept, kept)
         self.__dict__["_type3_hypotheses"] = out
@@ -709,7 +709,8 @@ def anova(*results, names=None) -> pd.DataFrame:
     if len(nobs) > 1:
         raise ValueError(f"models were not all fitted to the same number of observations: {sorted(nobs)}")
     y0 = results[0].structure.y
-    if any(not np.array_equal(r.structure.y, y0) for r in results[1:]):
+    if any(r.structure.has_rows and y0 is not None and not np.array_equal(r.structure.y, y0)
+           for r in results[1:]):
         raise ValueError("models were not all fitted to the same response values; "
                          "likelihood-ratio tests need the same data")
     fits = []
@@ -717,8 +718,8 @@ def anova(*results, names=None) -> pd.DataFrame:
         if r.REML:
             from ._model import LinearMixedModel
             m = r.model
-            ml = LinearMixedModel(m.structure.formula, None, REML=False, backend=m.backend_name,
-                                  ordering=getattr(m, "ordering", "default"), structure=m.structure)
+            # ML on the same backend: the criterion's inputs do not depend on REML.
+            ml = LinearMixedModel._from_backend(m.structure, False, m.ordering, m.backend_name, m.backend)
             r = ml.fit()
         fits.append(r)
     order = sorted(range(len(fits)), key=lambda i: fits[i].npar)   # stable, as R's order()

@@ -10,13 +10,17 @@ import warnings
 
 import numpy as np
 
-from ._backends import BACKENDS, make_backend
+from ._backends import BACKENDS, choose_backend, make_backend
+from ._crossprod import CrossProducts
+from ._dask import is_dask_dataframe
 from ._design import ModelStructure, build_structure
-from ._exceptions import DataError, SingularFitWarning
+from ._exceptions import ConvergenceWarning, DataError, SingularFitWarning
 from ._progress import Progress
 from ._threads import bundled_blas_single_thread
-from ._optimize import OptSummary, check_convergence, is_singular, minimize_theta, warn_convergence
+from ._optimize import OptSummary, check_convergence, is_singular, minimize_theta
+from ._response import check_not_exact, response_crossproducts
 from ._results import LmerResult
+from ._start import moment_theta0
 
 __all__ = ["LinearMixedModel", "lmer"]
 
@@ -33,28 +37,57 @@ class LinearMixedModel:
     Parameters
     ----------
     formula : lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
-    data : pandas DataFrame (or anything ``pd.DataFrame`` accepts).
+    data : pandas DataFrame (or anything ``pd.DataFrame`` accepts), or a ``dask.dataframe.DataFrame``:
+        its cross-products are then computed per partition on the active Dask scheduler and
+        reduced (``_dask``); the model keeps no rows (see :func:`lmer_chunked` for what that means).
     REML : fit by REML (default) or maximum likelihood.
-    backend : ``"compiled"`` (CHOLMOD kernel, default), ``"reference"`` (dense NumPy path) or
-        ``"blocked"`` (two-block dense-Schur layout with an analytic gradient; needs scalar terms
-        after the first).
+    backend : ``"auto"`` (default: ``"blocked"`` when it applies and the later terms' Schur
+        complement fills its dense block, else ``"compiled"``; see ``choose_backend``),
+        ``"compiled"`` (CHOLMOD kernel), ``"blocked"`` (two-block layout: block-diagonal first term,
+        dense Schur complement of the scalar later terms by LAPACK, sparse Gram products in
+        Cython) or ``"reference"`` (dense NumPy path, for checking).
     weights, offset : prior weights and an offset, as column names or arrays.
     ordering : fill-reducing ordering for CHOLMOD: ``"default"``, ``"amd"`` or ``"natural"``.
     """
 
-    def __init__(self, formula: str, data, REML: bool = True, backend: str = "compiled",
+    def __init__(self, formula: str, data, REML: bool = True, backend: str = "auto",
                  weights=None, offset=None, ordering: str = "default",
-                 structure: ModelStructure | None = None):
+                 structure: ModelStructure | None = None, crossprod=None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        self.structure = structure if structure is not None else build_structure(formula, data, weights, offset)
+        if structure is None and is_dask_dataframe(data):
+            from ._dask import structure_from_dask
+            structure, crossprod = structure_from_dask(formula, data, weights, offset)
+        s = structure if structure is not None else build_structure(formula, data, weights, offset)
+        if not s.has_rows and backend == "reference":
+            raise ValueError(f"backend {backend!r} needs the model's rows; a model built from accumulated "
+                             "cross-products (lmer_chunked, Dask) uses backend='auto', 'compiled' or 'blocked'")
+        if backend == "auto":
+            if crossprod is None:
+                crossprod = CrossProducts.from_structure(s)
+            backend = choose_backend(s, crossprod)   # the resolved name is what results report
+        opts = {"ordering": ordering} if backend == "compiled" else {}
+        if crossprod is not None and backend != "reference":
+            opts["crossprod"] = crossprod
+        self._assemble(s, REML, ordering, backend, make_backend(s, backend, **opts))
+
+    def _assemble(self, s: ModelStructure, REML: bool, ordering: str, backend_name: str, backend) -> None:
+        self.structure = s
         self.REML = bool(REML)
         self.ordering = ordering
-        self.backend_name = backend
-        opts = {"ordering": ordering} if backend == "compiled" else {}
-        self.backend = make_backend(self.structure, backend, **opts)
-        w = self.structure.weights
-        self._sum_log_w = 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
+        self.backend_name = backend_name
+        self.backend = backend
+        w = s.weights
+        cp = getattr(backend, "cp", None)
+        self._sum_log_w = cp.sum_log_w if cp is not None else 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
+
+    @classmethod
+    def _from_backend(cls, s: ModelStructure, REML: bool, ordering: str, backend_name: str,
+                      backend) -> LinearMixedModel:
+        """A model around an existing backend (no formula parsing, no cross-products)."""
+        m = cls.__new__(cls)
+        m._assemble(s, REML, ordering, backend_name, backend)
+        return m
 
     # ------------------------------------------------------------------ criterion
     @property
@@ -83,7 +116,17 @@ class LinearMixedModel:
         """Minimise the profiled criterion over θ ≥ lower and build the result.
 
         ``verbose=True`` shows progress (evaluations, best criterion, elapsed) on stderr."""
-        th0 = self.theta0 if theta0 is None else np.asarray(theta0, dtype=float)
+        res, warned = self._fit(optimizer=optimizer, theta0=theta0, check_conv=check_conv, ftol_abs=ftol_abs,
+                                xtol_abs=xtol_abs, maxeval=maxeval, verbose=verbose)
+        for category, message in warned:
+            warnings.warn(message, category, stacklevel=3)
+        return res
+
+    def _fit(self, optimizer: str, theta0, check_conv: bool, ftol_abs: float, xtol_abs: float, maxeval: int,
+             verbose: bool) -> tuple[LmerResult, list[tuple[type, str]]]:
+        """:meth:`fit`, returning the warnings it would raise as (category, message) pairs
+        (``fit_many`` records them per response instead of raising them)."""
+        warned: list[tuple[type, str]] = []
         progress = Progress(verbose, "REML criterion" if self.REML else "deviance")
 
         def crit(th):
@@ -96,6 +139,14 @@ class LinearMixedModel:
             # The gradient costs about two criterion evaluations and saves 3-6x of them; for small
             # q a criterion evaluation is cheaper than the gradient's Python overhead.
             optimizer = "lbfgsb" if grad is not None and self.structure.q >= AUTO_LBFGSB_MIN_Q else "bobyqa"
+        if theta0 is not None:
+            th0 = np.asarray(theta0, dtype=float)
+        elif optimizer == "lbfgsb" and getattr(self.backend, "cp", None) is not None:
+            # Moment estimates halve L-BFGS-B's evaluations on large crossed designs (_start.py);
+            # BOBYQA keeps lme4's start, where it was measured not to gain.
+            th0 = moment_theta0(self.structure, self.backend.cp)
+        else:
+            th0 = self.theta0
         try:
             with bundled_blas_single_thread():
                 summ = minimize_theta(crit, th0, self.lower, optimizer=optimizer, ftol_abs=ftol_abs,
@@ -114,15 +165,15 @@ class LinearMixedModel:
         conv_info: dict = {}
         if singular:
             messages.append("boundary (singular) fit: see help('isSingular')")
-            warnings.warn("boundary (singular) fit: see help('isSingular')", SingularFitWarning, stacklevel=3)
+            warned.append((SingularFitWarning, "boundary (singular) fit: see help('isSingular')"))
         elif check_conv:
             msgs, conv_info = check_convergence(plain, theta, fmin, self.lower, self.structure.n)
             messages += msgs
-            warn_convergence(msgs)
+            warned += [(ConvergenceWarning, m) for m in msgs]
         if not summ.converged:
-            warn_convergence([m for m in summ.messages])
+            warned += [(ConvergenceWarning, m) for m in summ.messages]
         state = self.backend.state(theta)
-        return LmerResult(self, state, summ, fmin, singular, messages, conv_info)
+        return LmerResult(self, state, summ, fmin, singular, messages, conv_info), warned
 
     def result_at(self, theta) -> LmerResult:
         """The result object at a given θ, without optimising (e.g. at lme4's estimate, to compare
@@ -136,19 +187,41 @@ class LinearMixedModel:
         return LmerResult(self, self.backend.state(theta), summ, crit, singular, [])
 
     def refit(self, y, **fit_options) -> LmerResult:
-        """Fit the same design to a new response vector (one value per used row)."""
+        """Fit the same design to a new response vector (one value per used row), as lme4's
+        ``refit(fit, newresp)``; the answer equals a fresh :func:`lmer` with that response.
+
+        Only the response's cross-products ZᵀWỹ, XᵀWỹ, ỹᵀWỹ are computed (ỹ = y − offset − X b,
+        b its weighted OLS coefficients); ZᵀWZ, ZᵀWX, XᵀWX and, for the compiled backend,
+        CHOLMOD's symbolic analysis are reused (the new model shares this one's kernel, so
+        the two must not be used from different threads at the same time).
+        ``fit_options`` go to :meth:`fit`."""
+        return self._with_response(self._check_response(y)).fit(**fit_options)
+
+    def _check_response(self, y) -> np.ndarray:
+        if getattr(self.structure, "y", None) is None:   # a model fitted from accumulated cross-products
+            raise DataError("refit needs the model's rows (X and Z); this model has only cross-products")
         y = np.asarray(y, dtype=float).ravel()
         if y.shape[0] != self.structure.n:
             raise DataError(f"new response has length {y.shape[0]}, the model has {self.structure.n} observations")
         if not np.isfinite(y).all():
             raise DataError("new response has missing or infinite values")
+        return y
+
+    def _with_response(self, y: np.ndarray, crossprod=None) -> LinearMixedModel:
+        """This model with response ``y`` (checked by the caller); ``crossprod`` from
+        :func:`response_crossproducts` if already computed (``fit_many`` does many at once)."""
         s = dataclasses.replace(self.structure, y=y)
-        m = LinearMixedModel(s.formula, None, REML=self.REML, backend=self.backend_name,
-                             ordering=self.ordering, structure=s)
-        return m.fit(**fit_options)
+        base = getattr(self.backend, "cp", None)      # the reference backend has no cross-products
+        if crossprod is None:
+            if base is not None:
+                crossprod = response_crossproducts(self.structure, base, y)[0]
+            else:
+                check_not_exact(self.structure, y)
+        backend = self.backend.with_response(s, crossprod)
+        return LinearMixedModel._from_backend(s, self.REML, self.ordering, self.backend_name, backend)
 
 
-def lmer(formula: str, data, REML: bool = True, backend: str = "compiled", *, weights=None, offset=None,
+def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weights=None, offset=None,
          ordering: str = "default", **fit_options) -> LmerResult:
     """Fit a linear mixed model with lme4's formula syntax; see :class:`LinearMixedModel`.
 

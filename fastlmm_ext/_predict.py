@@ -227,6 +227,7 @@ class _Simulator:
 
 def _make_simulator(res, re_form="~0") -> _Simulator:
     s = res.structure
+    s.require_rows("simulating responses (simulate, bootstrap)")
     keep = _selected_terms(s, re_form)
     mu0 = s.X @ res._state.beta + (s.offset if s.offset is not None else 0.0)
     ZL = (s.Z @ s.Lambda(res.theta)).tocsc()
@@ -484,6 +485,7 @@ class PredictMixin:
         if newdata is None:
             if offset is not None:
                 raise ValueError("offset= is only used with newdata")
+            s.require_rows("predict() without newdata")
             mu = s.X @ self._state.beta + (s.offset if s.offset is not None else 0.0)
             b = self._state.b
             for i in keep:
@@ -672,6 +674,7 @@ class PredictMixin:
         if kind not in ("response", "working", "pearson", "deviance"):
             raise ValueError(f"unknown residual type {type!r}; choose 'response' or 'pearson'")
         s = self.structure
+        s.require_rows("residuals()")
         r = s.y - self.fitted()
         w = s.weights
         if w is not None and (scaled or kind in ("pearson", "deviance")):

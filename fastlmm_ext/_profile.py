@@ -37,8 +37,7 @@ class Profiler:
 
         m = res.model
         if res.REML:
-            m = LinearMixedModel(m.structure.formula, None, REML=False, backend=m.backend_name,
-                                 structure=m.structure)
+            m = LinearMixedModel._from_backend(m.structure, False, m.ordering, m.backend_name, m.backend)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 res = m.fit(check_conv=False)

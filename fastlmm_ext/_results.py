@@ -160,6 +160,7 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
     def fitted(self) -> np.ndarray:
         """Conditional fitted values  Xβ̂ + Z b̂ + offset."""
         s = self.structure
+        s.require_rows("fitted()")
         mu = s.X @ self._state.beta + s.Z @ self._state.b
         return mu + (s.offset if s.offset is not None else 0.0)
 
@@ -174,3 +175,9 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
 
     def __str__(self) -> str:
         return self.summary()
+
+    # ------------------------------------------------------------------ new response
+    def refit(self, new_y, **fit_options) -> LmerResult:
+        """The same model fitted to a new response (lme4's ``refit(fit, newresp)``): see
+        :meth:`LinearMixedModel.refit`; ``new_y`` has one value per used row (:attr:`nobs`)."""
+        return self.model.refit(new_y, **fit_options)

@@ -70,7 +70,7 @@ def format_summary(res) -> str:
     lines.append(f"Formula: {res.formula}")
     if res.n_dropped:
         lines.append(f"   ({res.n_dropped} observation(s) deleted due to missingness)")
-    if s.weights is not None:
+    if s.weighted:
         lines.append("Weights: prior weights")
     lines.append("")
     if res.REML:
@@ -82,10 +82,13 @@ def format_summary(res) -> str:
         lines.append("".join(h.rjust(x) for h, x in zip(hdr, w)))
         lines.append("".join(v.rjust(x) for v, x in zip(vals, w)))
     lines.append("")
-    r = res.residuals(scaled=True)
-    q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1.0])
-    lines.append("Scaled residuals: ")
-    lines += _table([[f"{v:.4f}" for v in q]], ["Min", "1Q", "Median", "3Q", "Max"], n_left=0)
+    if s.has_rows:
+        r = res.residuals(scaled=True)
+        q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1.0])
+        lines.append("Scaled residuals: ")
+        lines += _table([[f"{v:.4f}" for v in q]], ["Min", "1Q", "Median", "3Q", "Max"], n_left=0)
+    else:
+        lines.append("Scaled residuals: not kept (fitted from accumulated cross-products)")
     lines.append("")
 
     lines.append("Random effects:")

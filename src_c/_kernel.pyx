@@ -59,6 +59,9 @@ cdef class PLSKernel:
     ZtXy : float64 (q, p+1) Fortran order, [ZᵀX  Zᵀy].
     XyXy : float64 (p+1, p+1) Fortran order, [XᵀX Xᵀy; yᵀX yᵀy].
     ordering : "default" (CHOLMOD's choice), "amd" or "natural".
+
+    :meth:`set_response` swaps [ZᵀX Zᵀy] and the Gram matrix for another response on the same
+    design: ZᵀZ, its symbolic analysis and the factor's pattern are kept.
     """
     cdef cholmod_common c
     cdef cholmod_factor *L
@@ -68,7 +71,8 @@ cdef class PLSKernel:
     cdef int q, p, nth
     cdef int[::1] Ap, Ai, bstart, bsize, toff, theta_pos
     cdef double[::1] Mx, Ax, Tflat, W
-    cdef double[::1, :] ZtXy, XyXy, S
+    cdef const double[::1, :] ZtXy, XyXy   # read only: the caller's arrays, replaced by set_response
+    cdef double[::1, :] S
     cdef readonly double ldL2, ldRX2, pwrss
     cdef readonly bint has_state
     cdef object _keep
@@ -147,6 +151,30 @@ cdef class PLSKernel:
         if self.L != NULL:
             cholmod_free_factor(&self.L, &self.c)
         cholmod_finish(&self.c)
+
+    # ------------------------------------------------------------------ response
+    def set_response(self, ZtXy, XyXy):
+        """Use another response on the same design: ``ZtXy`` = [ZᵀX  Zᵀy] (q × (p+1)) and
+        ``XyXy`` = [XᵀX Xᵀy; yᵀX yᵀy] ((p+1) × (p+1)), both float64 in Fortran order.
+
+        Only the y column and row differ between responses, but the kernel reads both arrays
+        whole, so the caller passes complete ones; the kernel keeps references to them (no copy)
+        until the next call.  The symbolic analysis and the factor's storage are reused; the
+        state of the last update() is dropped, so call update(θ) before state()."""
+        shapes = {"ZtXy": (self.q, self.p + 1), "XyXy": (self.p + 1, self.p + 1)}
+        for name, arr in (("ZtXy", ZtXy), ("XyXy", XyXy)):
+            if not isinstance(arr, np.ndarray):
+                raise TypeError(f"{name} must be a numpy array, got {type(arr).__name__}")
+            if arr.dtype != np.float64:
+                raise TypeError(f"{name} must have dtype float64, got {arr.dtype}")
+            if arr.ndim != 2 or arr.shape != shapes[name]:
+                raise ValueError(f"{name} must have shape {shapes[name]}, got {arr.shape}")
+            if not arr.flags.f_contiguous:
+                raise ValueError(f"{name} must be in Fortran (column-major) order")
+        # Memoryview assignment holds a reference to each array (released on the next swap).
+        self.has_state = False
+        self.ZtXy = ZtXy
+        self.XyXy = XyXy
 
     # ------------------------------------------------------------------ per-θ steps
     cdef void _set_theta(self, const double[::1] theta) noexcept nogil:

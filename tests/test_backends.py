@@ -95,7 +95,7 @@ def test_ldL2_against_scikit_sparse():
     from sksparse.cholmod import cholesky
 
     df = make_data(7, 400, 40, 15)
-    m = fl.LinearMixedModel("y ~ x + (x|g1) + (1|g2)", df)
+    m = fl.LinearMixedModel("y ~ x + (x|g1) + (1|g2)", df, backend="compiled")
     theta = np.array([0.8, 0.3, 0.5, 1.3])
     s = m.structure
     ZL = (s.Z @ s.Lambda(theta)).tocsc()

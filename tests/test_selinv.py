@@ -24,6 +24,12 @@ TOL = 1e-10
 INSTEVAL = REFERENCE / "InstEval.csv.gz"
 
 
+
+def cholmod_model(*args, **kw) -> fl.LinearMixedModel:
+    """These tests are about the CHOLMOD kernel: never let backend='auto' pick the blocked path."""
+    return fl.LinearMixedModel(*args, backend="compiled", **kw)
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         pages = int(fh.read().split()[1])
@@ -74,7 +80,7 @@ SEEN_SUPER = set()
 @pytest.mark.parametrize("ordering", ["default", "amd", "natural"])
 def test_single_scalar_term(ordering):
     df = _crossed(400, 30, 5)
-    m = fl.LinearMixedModel("y ~ x + (1|a)", df, ordering=ordering)
+    m = cholmod_model("y ~ x + (1|a)", df, ordering=ordering)
     for th in ([1.0], [0.37], [0.0], [5.0]):
         SEEN_SUPER.add(_check(m, th)["is_super"])
 
@@ -82,7 +88,7 @@ def test_single_scalar_term(ordering):
 @pytest.mark.parametrize("ordering", ["default", "natural"])
 def test_vector_term(ordering):
     df = _crossed(600, 40, 5, slope=True)
-    m = fl.LinearMixedModel("y ~ x + (x|a)", df, ordering=ordering)
+    m = cholmod_model("y ~ x + (x|a)", df, ordering=ordering)
     for th in ([1.0, 0.0, 1.0], [0.8, -0.4, 0.3], [0.5, 0.2, 0.0]):
         SEEN_SUPER.add(_check(m, th)["is_super"])
 
@@ -90,7 +96,7 @@ def test_vector_term(ordering):
 @pytest.mark.parametrize("ordering", ["default", "amd", "natural"])
 def test_crossed_many_levels_supernodal(ordering):
     df = _crossed(20_000, 1_200, 250)
-    m = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", df, ordering=ordering)
+    m = cholmod_model("y ~ x + (1|a) + (1|b)", df, ordering=ordering)
     info = _check(m, [0.9, 0.45])
     assert info["is_super"]
     SEEN_SUPER.add(info["is_super"])
@@ -99,7 +105,7 @@ def test_crossed_many_levels_supernodal(ordering):
 
 def test_crossed_vector_and_scalar_supernodal():
     df = _crossed(8_000, 300, 120, slope=True)
-    m = fl.LinearMixedModel("y ~ x + (x|a) + (1|b)", df)
+    m = cholmod_model("y ~ x + (x|a) + (1|b)", df)
     info = _check(m, [0.9, -0.3, 0.4, 0.6])
     SEEN_SUPER.add(info["is_super"])
     _check(m, [0.0, 0.0, 0.4, 0.6])      # a degenerate first term: Λ columns of zeros
@@ -107,7 +113,7 @@ def test_crossed_vector_and_scalar_supernodal():
 
 def test_crossed_small_simplicial():
     df = _crossed(300, 12, 6)
-    m = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", df)
+    m = cholmod_model("y ~ x + (1|a) + (1|b)", df)
     info = _check(m, [0.9, 0.45])
     assert not info["is_super"]
     SEEN_SUPER.add(info["is_super"])
@@ -116,24 +122,24 @@ def test_crossed_small_simplicial():
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_nested(size):
     df = _nested(600, 20, 4) if size == "small" else _nested(12_000, 300, 4)
-    m = fl.LinearMixedModel("y ~ 1 + (1|a/c)", df)
+    m = cholmod_model("y ~ 1 + (1|a/c)", df)
     assert len(m.structure.terms) == 2
     SEEN_SUPER.add(_check(m, [1.3, 0.7])["is_super"])
     _check(m, [0.1, 2.0])
 
 
 def test_sleepstudy():
-    m = fl.LinearMixedModel("Reaction ~ Days + (Days|Subject)", datasets.load("sleepstudy"))
+    m = cholmod_model("Reaction ~ Days + (Days|Subject)", datasets.load("sleepstudy"))
     for th in ([0.9667, 0.0152, 0.2309], [1.0, 0.0, 1.0], [2.0, -1.0, 0.5]):
         SEEN_SUPER.add(_check(m, th)["is_super"])
-    m2 = fl.LinearMixedModel("Reaction ~ Days + (1|Subject) + (0 + Days|Subject)", datasets.load("sleepstudy"))
+    m2 = cholmod_model("Reaction ~ Days + (1|Subject) + (0 + Days|Subject)", datasets.load("sleepstudy"))
     SEEN_SUPER.add(_check(m2, [0.9, 0.25])["is_super"])
 
 
 def test_weighted():
     df = _crossed(5_000, 400, 80)
     w = np.random.default_rng(3).uniform(0.2, 3.0, len(df))
-    m = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", df, weights=w)
+    m = cholmod_model("y ~ x + (1|a) + (1|b)", df, weights=w)
     SEEN_SUPER.add(_check(m, [0.9, 0.45])["is_super"])
 
 
@@ -143,7 +149,7 @@ def test_both_factor_kinds_covered():
 
 def test_matches_solve_based_blocks():
     df = _crossed(6_000, 500, 100, slope=True)
-    m = fl.LinearMixedModel("y ~ x + (x|a) + (1|b)", df)
+    m = cholmod_model("y ~ x + (x|a) + (1|b)", df)
     th = np.array([0.7, 0.2, 0.5, 0.8])
     k = m.backend.kernel
     for i, t in enumerate(m.structure.terms):
@@ -154,7 +160,7 @@ def test_matches_solve_based_blocks():
 def test_cache_follows_update():
     """The cached selected inverse belongs to the factor of the last update()."""
     df = _crossed(5_000, 300, 60)
-    m = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", df)
+    m = cholmod_model("y ~ x + (1|a) + (1|b)", df)
     k, s = m.backend.kernel, m.structure
     th1, th2 = np.array([0.9, 0.45]), np.array([0.3, 1.2])
     k.update(th1)
@@ -168,7 +174,7 @@ def test_cache_follows_update():
 
 
 def test_errors():
-    m = fl.LinearMixedModel("Reaction ~ Days + (Days|Subject)", datasets.load("sleepstudy"))
+    m = cholmod_model("Reaction ~ Days + (Days|Subject)", datasets.load("sleepstudy"))
     cp = CrossProducts.from_structure(m.structure)
     k = PLSKernel(cp.Ap, cp.Ai, cp.Mx, *kernel_layout(m.structure), cp.ZtXy, cp.XyXy, "default")
     with pytest.raises(RuntimeError, match="update"):
@@ -187,8 +193,8 @@ def test_errors():
 
 def test_no_memory_growth():
     df = _crossed(5_000, 300, 200)
-    m = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", df)
-    m2 = fl.LinearMixedModel("Reaction ~ Days + (Days|Subject)", datasets.load("sleepstudy"))
+    m = cholmod_model("y ~ x + (1|a) + (1|b)", df)
+    m2 = cholmod_model("Reaction ~ Days + (Days|Subject)", datasets.load("sleepstudy"))
     k, k2 = m.backend.kernel, m2.backend.kernel
     assert k.factor_info["is_super"] and not k2.factor_info["is_super"]
 
@@ -209,7 +215,7 @@ def test_no_memory_growth():
 
 def test_threads_give_same_values():
     df = _crossed(8_000, 600, 100)
-    models = [fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", df) for _ in range(2)]
+    models = [cholmod_model("y ~ x + (1|a) + (1|b)", df) for _ in range(2)]
     th = np.array([0.8, 0.6])
     models[0].backend.kernel.update(th)
     want = models[0].backend.kernel.inverse_diag()
@@ -233,9 +239,9 @@ def test_narrow_panels(nb):
     old = _kernel._selinv_options(nb=nb)
     try:
         df = _crossed(8_000, 300, 120, slope=True)
-        m = fl.LinearMixedModel("y ~ x + (x|a) + (1|b)", df)
+        m = cholmod_model("y ~ x + (x|a) + (1|b)", df)
         assert _check(m, [0.9, -0.3, 0.4, 0.6])["is_super"]
-        m2 = fl.LinearMixedModel("Reaction ~ Days + (Days|Subject)", datasets.load("sleepstudy"))
+        m2 = cholmod_model("Reaction ~ Days + (Days|Subject)", datasets.load("sleepstudy"))
         _check(m2, [0.9667, 0.0152, 0.2309])
     finally:
         _kernel._selinv_options(nb=old[0])
@@ -245,7 +251,7 @@ def test_scipy_blas_fallback():
     """The large products use CHOLMOD's BLAS when found, SciPy's otherwise: both agree."""
     assert _kernel.selinv_blas() in ("cholmod", "scipy")
     df = _crossed(20_000, 1_200, 250)
-    m = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", df)
+    m = cholmod_model("y ~ x + (1|a) + (1|b)", df)
     k = m.backend.kernel
     th = np.array([0.9, 0.45])
     k.update(th)
@@ -271,7 +277,7 @@ def test_insteval_blocks_match_solves():
     df = pd.read_csv(INSTEVAL, usecols=["s", "d", "dept", "service", "y"])
     for col in ("s", "d", "dept", "service"):
         df[col] = pd.Categorical(df[col])
-    m = fl.LinearMixedModel("y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)", df)
+    m = cholmod_model("y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)", df)
     th = np.array([0.3242, 0.5120, 0.3837])   # near the REML optimum
     k, t2 = m.backend.kernel, m.structure.terms[2]
     k.update(th)

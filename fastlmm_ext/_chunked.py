@@ -1,0 +1,334 @@
+"""Fitting from data that arrives in chunks: out-of-core files and iterators of DataFrames.
+
+Two passes over the chunks, each holding one chunk in memory at a time:
+
+1. *levels*: the distinct levels of every factor in complete rows (``_levels``), so that each
+   chunk numbers a level the way the whole data would (lme4's sorted levels);
+2. *sums*: each chunk's contribution to the cross-products of [Z X y] (``_suffstats``).
+
+The model is then fitted from the cross-products alone; the criterion equals the in-memory
+fit's to rounding (tests: 1e-8).  A one-shot iterator (``pd.read_csv(..., chunksize=...)``)
+cannot be read twice, so its chunks (only the model's columns) are spooled to a temporary
+directory during the first pass and read back from there.
+
+:class:`ChunkPlan` carries everything a worker needs to turn a chunk into sums; it is
+picklable, so the Dask path (``_dask``) runs the same two functions per partition.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import pandas as pd
+
+from ._data import as_numeric_array, check_columns
+from ._design import (ModelStructure, ModelVariables, ReTerm, check_response_type, check_term_size,
+                      evaluate_rows, model_variables, order_terms, warn_rank_deficient)
+from ._exceptions import DataError, FormulaError, MissingValuesWarning
+from ._formula import ParsedFormula, parse_formula
+from ._levels import GlobalLevels, LevelScanner
+from ._suffstats import SuffStats
+
+__all__ = ["lmer_chunked", "structure_from_chunks", "ChunkPlan", "iter_file_chunks"]
+
+DEFAULT_CHUNKSIZE = 500_000
+
+# formulaic's stateful transforms learn a state (mean, sd, knots, ...) from the data they see;
+# chunk by chunk they would each see a different chunk.
+_STATEFUL = re.compile(r"(?<![\w.])(center|scale|standardize|poly|bs|cs|cr|cc|te|hashed|lag)\s*\(")
+
+
+# ----------------------------------------------------------------------------- sources
+
+def iter_file_chunks(path, chunksize: int = DEFAULT_CHUNKSIZE, columns: list[str] | None = None
+                     ) -> Iterator[pd.DataFrame]:
+    """DataFrames of at most ``chunksize`` rows from a CSV (.csv, .csv.gz, .tsv) or Parquet file,
+    reading only ``columns``."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".parquet", ".pq")):
+        import pyarrow.parquet as pq
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=chunksize, columns=columns):
+            yield batch.to_pandas()
+    else:
+        sep = "\t" if name.endswith((".tsv", ".tsv.gz", ".tab")) else ","
+        usecols = (lambda c: c in set(columns)) if columns is not None else None
+        yield from pd.read_csv(path, sep=sep, chunksize=chunksize, usecols=usecols)
+
+
+class _Source:
+    """Chunks that can be read twice: a file path, a sequence of DataFrames, a callable returning
+    a fresh iterable, or a one-shot iterator (spooled to a temporary directory on first read)."""
+
+    def __init__(self, chunks, chunksize: int, columns: list[str] | None):
+        self._spool: tempfile.TemporaryDirectory | None = None
+        self._files: list[str] = []
+        self._consumed = False
+        if isinstance(chunks, (str, os.PathLike)):
+            self._factory: Callable[[], Iterable] | None = lambda: iter_file_chunks(chunks, chunksize, columns)
+        elif isinstance(chunks, pd.DataFrame):
+            self._factory = lambda: [chunks]
+        elif isinstance(chunks, (list, tuple)):
+            self._factory = lambda: chunks
+        elif callable(chunks):
+            self._factory = chunks
+        elif isinstance(chunks, Iterable):
+            self._factory = None
+            self._once = iter(chunks)
+        else:
+            raise DataError(f"chunks must be a file path, DataFrames, or an iterable of DataFrames; "
+                            f"got {type(chunks).__name__}")
+
+    def first_pass(self, columns: list[str]) -> Iterator[pd.DataFrame]:
+        if self._factory is not None:
+            yield from (_as_chunk(c) for c in self._factory())
+            return
+        self._spool = tempfile.TemporaryDirectory(prefix="fastlmm_chunks_")
+        for i, c in enumerate(self._once):
+            c = _as_chunk(c)
+            check_columns(c, columns)
+            path = os.path.join(self._spool.name, f"{i:08d}.pkl")
+            c[columns].to_pickle(path)
+            self._files.append(path)
+            yield c
+
+    def second_pass(self) -> Iterator[pd.DataFrame]:
+        if self._factory is not None:
+            yield from (_as_chunk(c) for c in self._factory())
+            return
+        for path in self._files:
+            yield pd.read_pickle(path)
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.cleanup()
+            self._spool = None
+
+
+def _as_chunk(c) -> pd.DataFrame:
+    if isinstance(c, pd.DataFrame):
+        return c
+    raise DataError(f"every chunk must be a pandas DataFrame, got {type(c).__name__}")
+
+
+# ----------------------------------------------------------------------------- plan
+
+@dataclass
+class ChunkPlan:
+    """What turning a chunk into sums needs, fixed after the level scan (picklable)."""
+    formula: str
+    parsed: ParsedFormula
+    mv: ModelVariables
+    weights: str | None
+    offset: str | None
+    levels: GlobalLevels | None = None
+    fixed_spec: object = None
+    terms: list[ReTerm] | None = None      # sorted terms without rows
+    order: list[int] | None = None         # formula position of each sorted term
+    fixef_names: list[str] | None = None   # all fixed-effects columns, before the rank check
+
+    @classmethod
+    def create(cls, formula: str, columns, weights=None, offset=None) -> "ChunkPlan":
+        if not isinstance(formula, str):
+            raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
+        for name, arg in (("weights", weights), ("offset", offset)):
+            if arg is not None and not isinstance(arg, str):
+                raise DataError(f"{name}= must name a column when the data come in chunks")
+        parsed = parse_formula(formula)
+        for part in [parsed.response, parsed.fixed, *parsed.offsets, *(rt.expr for rt in parsed.random)]:
+            m = _STATEFUL.search(part)
+            if m:
+                raise FormulaError(f"{m.group(1)}() learns its state from the data it sees, so chunk by chunk it "
+                                   "would differ between chunks; transform the column before chunking")
+        mv = model_variables(parsed, columns, weights, offset)
+        return cls(formula=formula, parsed=parsed, mv=mv, weights=weights, offset=offset)
+
+    # -- per chunk
+    def complete_rows(self, df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+        """The model's columns of the rows with no missing value, and how many rows were dropped."""
+        check_columns(df, self.mv.all_columns)
+        sub = df[self.mv.all_columns]
+        bad = sub.isna().any(axis=1).to_numpy()
+        n_bad = int(bad.sum())
+        return (sub.loc[~bad] if n_bad else sub), n_bad
+
+    def scanner(self) -> LevelScanner:
+        return LevelScanner(self.mv.frame_columns, [tuple(rt.group) for rt in self.parsed.random])
+
+    def scan(self, df: pd.DataFrame, scanner: LevelScanner) -> int:
+        sub, n_bad = self.complete_rows(df)
+        if len(sub):
+            check_response_type(self.parsed, self.mv, sub)
+            scanner.add(sub)
+        return n_bad
+
+    def rows(self, sub: pd.DataFrame):
+        """Evaluate a block of complete rows with the global levels (and, after the first block,
+        the fixed-effects columns of the first)."""
+        frame = self.levels.categorize(sub[self.mv.frame_columns])
+        w = as_numeric_array(sub[self.weights], self.weights, what="weights column") if self.weights else None
+        if w is not None and (w < 0).any():
+            raise DataError("weights must be non-negative")
+        o = as_numeric_array(sub[self.offset], self.offset, what="offset column") if self.offset else None
+        block = evaluate_rows(self.parsed, frame, lambda g: self.levels.group_codes(sub, tuple(g)),
+                              offset_arg=o, fixed_spec=self.fixed_spec)
+        return block, w
+
+    def set_prototype(self, block) -> None:
+        """Fix the fixed-effects columns and the sorted terms from the first evaluated block."""
+        self.fixed_spec = block.fixed_spec
+        self.fixef_names = list(block.fixef_names)
+        term_levels = [self.levels.group_labels(tuple(rt.group)) for rt in self.parsed.random]
+        self.terms = order_terms(self.parsed, block.term_cnms, term_levels)
+        m = len(self.parsed.random)
+        self.order = sorted(range(m), key=lambda i: -len(term_levels[i]))
+
+    def new_stats(self) -> SuffStats:
+        return SuffStats(self.terms, len(self.fixef_names), weighted=self.weights is not None)
+
+    def accumulate(self, df: pd.DataFrame, stats: SuffStats) -> SuffStats:
+        sub, n_bad = self.complete_rows(df)
+        stats.n_dropped += n_bad
+        if len(sub):
+            block, w = self.rows(sub)
+            stats.add(block.y, block.X, [block.term_codes[i] for i in self.order],
+                      [block.term_Xi[i] for i in self.order], offset=block.offset, weights=w)
+        return stats
+
+    # -- at the end
+    def structure(self, stats: SuffStats):
+        """The row-less ModelStructure and the kernel's cross-products from the summed stats."""
+        n = stats.n
+        if n == 0:
+            raise DataError("no complete rows: the chunks held no row without missing values")
+        if stats.n_dropped:
+            warnings.warn(f"dropped {stats.n_dropped} of {n + stats.n_dropped} rows with missing values in the "
+                          "model's columns", MissingValuesWarning, stacklevel=4)
+        for t in self.terms:
+            check_term_size(t.factor, t.expr, t.nlevels, t.k, n)
+        keep = stats.kept_columns()
+        names = [self.fixef_names[j] for j in keep]
+        dropped = [nm for j, nm in enumerate(self.fixef_names) if j not in set(keep)]
+        warn_rank_deficient(dropped)
+        if keep and stats.residual_ss(keep) <= 1e-20 * max(stats.yy, 1e-300):
+            raise DataError(f"response {self.parsed.response!r} is an exact linear function of the fixed effects: "
+                            "the residual variance is zero and the model cannot be fitted")
+        cp = stats.finish(keep)
+        lv = self.levels
+        s = ModelStructure(
+            formula=self.formula, parsed=self.parsed, response=self.parsed.response, y=None, X=None,
+            fixef_names=tuple(names), dropped_fixef=tuple(dropped), terms=tuple(self.terms), Z=None,
+            offset=None, weights=None, n_dropped=stats.n_dropped, row_index=pd.RangeIndex(0),
+            fixed_spec=self.fixed_spec,
+            factor_levels={t.factor: list(t.levels) for t in self.terms},
+            variable_levels={c: (list(lv.columns[c].labels), lv.columns[c].ordered)
+                             for c in self.mv.frame_columns if c in lv.non_numeric},
+            nobs=n, prior_weights=self.weights is not None)
+        return s, cp
+
+
+# ----------------------------------------------------------------------------- drivers
+
+def structure_from_chunks(formula: str, chunks, *, weights: str | None = None, offset: str | None = None,
+                          chunksize: int = DEFAULT_CHUNKSIZE, progress: bool = False):
+    """The row-less model structure and cross-products of chunks of rows (see :func:`lmer_chunked`)."""
+    source = _Source(chunks, chunksize, None)
+    plan: ChunkPlan | None = None
+    scanner = None
+    stats = None
+    try:
+        for df in _progress(source.first_pass(_columns_hint(formula, weights, offset)), progress, "levels"):
+            if plan is None:
+                plan = ChunkPlan.create(formula, df.columns, weights, offset)
+                scanner = plan.scanner()
+            plan.scan(df, scanner)
+        if plan is None:
+            raise DataError("no data: the chunks iterable yielded no DataFrame")
+        plan.levels = scanner.finish()
+        dropped_before = 0
+        for df in _progress(source.second_pass(), progress, "cross-products"):
+            if stats is None:
+                sub, n_bad = plan.complete_rows(df)
+                if not len(sub):
+                    dropped_before += n_bad
+                    continue
+                plan.set_prototype(plan.rows(sub)[0])
+                stats = plan.new_stats()
+                stats.n_dropped += dropped_before
+            plan.accumulate(df, stats)
+    finally:
+        source.close()
+    if stats is None:
+        raise DataError("no complete rows: every row has a missing value in the model's columns")
+    return plan.structure(stats)
+
+
+def _progress(it: Iterable, enabled: bool, what: str):
+    """Chunks counted on stderr when asked (tqdm if installed), silent otherwise."""
+    if not enabled:
+        yield from it
+        return
+    import sys
+    import time
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        yield from tqdm(it, desc=f"fastlmm_ext: chunks ({what})", unit=" chunk", file=sys.stderr, leave=False)
+        return
+    start = time.perf_counter()
+    i = 0
+    for i, item in enumerate(it, 1):
+        yield item
+        print(f"fastlmm_ext: chunks ({what}): {i} done, {time.perf_counter() - start:.1f}s", file=sys.stderr)
+
+
+def _columns_hint(formula, weights, offset):
+    """Columns to spool for a one-shot iterator: the model's (from the formula alone)."""
+    parsed = parse_formula(formula)
+    names: list[str] = []
+    for part in [parsed.response, parsed.fixed, *parsed.offsets, *(rt.expr for rt in parsed.random)]:
+        names += sorted(_formula_names(part))
+    for rt in parsed.random:
+        names += list(rt.group)
+    names += [a for a in (weights, offset) if isinstance(a, str)]
+    return list(dict.fromkeys(names))
+
+
+def _formula_names(rhs: str) -> set[str]:
+    from ._design import _variables
+    return _variables(rhs, "the formula")
+
+
+def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None = None,
+                 offset: str | None = None, chunksize: int = DEFAULT_CHUNKSIZE, ordering: str = "default",
+                 progress: bool = False, **fit_options):
+    """Fit an LMM from data that does not fit in memory, one chunk of rows at a time.
+
+    ``chunks``: a CSV/Parquet file path (read ``chunksize`` rows at a time, model columns only),
+    a list of DataFrames, a callable returning a fresh iterable of DataFrames, or any iterable of
+    DataFrames such as ``pd.read_csv(path, chunksize=100_000)`` (a one-shot iterator is spooled to
+    a temporary directory, model columns only, so it can be read twice).
+
+    Peak memory is one chunk plus the cross-products (ZᵀZ's non-zeros, q × (p+1), (p+1)²), never
+    the whole data.  Levels are numbered as the in-memory fit numbers them, so estimates, names
+    and the criterion equal :func:`lmer`'s on the concatenated data (to rounding).  ``weights`` and
+    ``offset`` must be column names.  Stateful transforms (``scale(x)``, ``poly(x, 2)``, ...)
+    are refused: transform the column before chunking.
+
+    The result has everything computed from the cross-products (fixef, SEs, θ, σ, VarCorr, ranef
+    and condVar, logLik, AIC/BIC, summary, Satterthwaite tests, profile CIs, predict on new
+    data); row-level quantities (fitted, residuals, simulate, parametric bootstrap) raise
+    ``DataError`` because the rows are gone."""
+    from ._model import LinearMixedModel
+    s, cp = structure_from_chunks(formula, chunks, weights=weights, offset=offset, chunksize=chunksize,
+                                  progress=progress)
+    model = LinearMixedModel(formula, None, REML=REML, ordering=ordering, structure=s, crossprod=cp)
+    return model.fit(**fit_options)

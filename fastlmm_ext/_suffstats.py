@@ -1,0 +1,211 @@
+"""Sufficient statistics of an LMM accumulated over blocks of rows.
+
+The profiled criterion needs the data only through  n, Σ log wᵢ  and the cross-products
+
+    ZᵀWZ,  ZᵀW[X ỹ],  [X ỹ]ᵀW[X ỹ],        ỹ = y − offset − X b,
+
+(see ``_crossprod``); all of them are sums over rows, so blocks of rows (chunks of a file,
+partitions of a Dask DataFrame) can be reduced independently and added.  ZᵀWZ is kept as
+(row, col, value) triplets of its block-closed lower pattern and duplicates are summed when
+the buffer grows, so memory is O(non-zeros of ZᵀZ), never O(n).
+
+The shift b removes the bulk of y (its mean, its trend in X) before squares are summed, so
+that r² = ỹᵀWỹ − … does not cancel.  Each accumulator takes b from the least-squares fit of
+its first block; when two accumulators with shifts b_A, b_B are merged, B's sums are moved to
+b_A exactly:  with d = b_A − b_B,
+    ZᵀWỹ_A = ZᵀWỹ_B − ZᵀWX d,   XᵀWỹ_A = XᵀWỹ_B − XᵀWX d,
+    ỹ_AᵀWỹ_A = ỹ_BᵀWỹ_B − 2 dᵀXᵀWỹ_B + dᵀXᵀWX d.
+At the end the same move puts b at the weighted least-squares solution of all the data.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._crossprod import CrossProducts, lower_csc, sum_duplicates, ztz_triplets
+from ._design import ReTerm, assemble_Z, rank_deficient_keep
+
+__all__ = ["SuffStats"]
+
+# Sum duplicate ZᵀZ triplets once the unsummed ones outnumber the summed ones (and this many):
+# memory stays within about twice ZᵀZ's non-zeros, and each triplet is re-sorted O(log) times.
+COMPACT_MIN = 100_000
+
+
+class _BlockTerm:
+    """A term's metadata with one block's codes and model matrix (what ztz_triplets reads)."""
+    __slots__ = ("codes", "Xi", "k", "nlevels", "col_offset")
+
+    def __init__(self, t: ReTerm, codes: np.ndarray, Xi: np.ndarray):
+        self.codes, self.Xi, self.k, self.nlevels, self.col_offset = codes, Xi, t.k, t.nlevels, t.col_offset
+
+    @property
+    def q(self) -> int:
+        return self.k * self.nlevels
+
+
+class SuffStats:
+    """Running sums for a model whose terms (sorted, with global levels) and raw fixed-effects
+    columns (p of them, before any rank-deficient column is dropped) are fixed.
+
+    ``add`` one block at a time, ``merge`` accumulators of disjoint row sets, ``finish`` to get
+    the kernel's :class:`CrossProducts` and the fixed-effects columns kept."""
+
+    def __init__(self, terms: list[ReTerm], p: int, weighted: bool):
+        self.terms = list(terms)
+        self.q = sum(t.q for t in terms)
+        self.p = p
+        self.weighted = weighted
+        self.n = 0
+        self.n_dropped = 0
+        self.sum_log_w = 0.0
+        self.shift: np.ndarray | None = None      # b of ỹ = y − offset − X b
+        self.XyXy = np.zeros((p + 1, p + 1))      # [X ỹ]ᵀ W [X ỹ]
+        self.XtX = np.zeros((p, p))               # unweighted XᵀX, for the rank check
+        self.ZtXy = np.zeros((self.q, p + 1))
+        self.yy = 0.0                             # Σ w (y − offset)², for the exact-fit check
+        self._trip: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._merged = 0                          # triplets in _trip[0] after the last compaction
+        self._pending = 0
+
+    # ------------------------------------------------------------------ accumulation
+    def add(self, y: np.ndarray, X: np.ndarray, term_codes: list[np.ndarray], term_Xi: list[np.ndarray],
+            offset: np.ndarray | None = None, weights: np.ndarray | None = None) -> None:
+        """Add a block of complete rows; ``term_codes``/``term_Xi`` in the order of ``terms``."""
+        n = y.shape[0]
+        if n == 0:
+            return
+        y0 = y - offset if offset is not None else y
+        if self.shift is None:
+            self.shift = _pilot_shift(X, y0)
+        yt = y0 - X @ self.shift if self.p else y0
+        w = weights
+        Xy = np.column_stack([X, yt])
+        WXy = Xy if w is None else Xy * w[:, None]
+        self.XyXy += Xy.T @ WXy
+        if self.weighted:
+            self.XtX += X.T @ X
+        self.yy += float(y0 @ (y0 if w is None else y0 * w))
+        if w is not None:
+            self.sum_log_w += float(np.sum(np.log(w[w > 0])))
+        bt = [_BlockTerm(t, c, Xi) for t, c, Xi in zip(self.terms, term_codes, term_Xi)]
+        if bt:
+            Z = assemble_Z(bt, n)
+            self.ZtXy += np.asarray(Z.T @ WXy)
+            r, c, x = ztz_triplets(bt, w)
+            self._trip.append((r, c, x))
+            self._pending += r.size
+            if self._pending > max(self._merged, COMPACT_MIN):
+                self._compact()
+        self.n += n
+
+    def _compact(self) -> None:
+        if len(self._trip) > 1:
+            r, c, x = (np.concatenate(a) for a in zip(*self._trip))
+            self._trip = [sum_duplicates(r, c, x, self.q)]
+        self._merged = self._trip[0][0].size if self._trip else 0
+        self._pending = 0
+
+    def merge(self, other: "SuffStats") -> "SuffStats":
+        """Add another accumulator's sums (disjoint rows of the same model) into this one."""
+        if other.n == 0:
+            self.n_dropped += other.n_dropped
+            return self
+        if self.shift is None:
+            self.shift = other.shift
+        else:
+            other._move_shift(self.shift)
+        self.n += other.n
+        self.n_dropped += other.n_dropped
+        self.sum_log_w += other.sum_log_w
+        self.XyXy += other.XyXy
+        self.XtX += other.XtX
+        self.ZtXy += other.ZtXy
+        self.yy += other.yy
+        self._trip += other._trip
+        self._pending += sum(t[0].size for t in other._trip)
+        if self._pending > max(self._merged, COMPACT_MIN):
+            self._compact()
+        return self
+
+    def _move_shift(self, b_new: np.ndarray) -> None:
+        """Re-express the sums for ỹ = y − offset − X b_new (module docstring)."""
+        p = self.p
+        if not p or self.shift is None:
+            return
+        d = b_new - self.shift
+        XtWX, XtWy = self.XyXy[:p, :p], self.XyXy[:p, p]
+        yy = self.XyXy[p, p] - 2.0 * d @ XtWy + d @ XtWX @ d
+        new_col = XtWy - XtWX @ d
+        self.XyXy[:p, p] = new_col
+        self.XyXy[p, :p] = new_col
+        self.XyXy[p, p] = max(yy, 0.0)
+        self.ZtXy[:, p] -= self.ZtXy[:, :p] @ d
+        self.shift = b_new.copy()
+
+    # ------------------------------------------------------------------ result
+    def kept_columns(self) -> list[int]:
+        """Fixed-effects columns kept by the same rank rule as the in-memory path (unweighted XᵀX)."""
+        G = self.XtX if self.weighted else self.XyXy[:self.p, :self.p]
+        return rank_deficient_keep(G) if self.p else []
+
+    def finish(self, keep: list[int]) -> CrossProducts:
+        """Cross-products over the kept fixed-effects columns, with ỹ the weighted OLS residual."""
+        self._compact()
+        p = self.p
+        cols = list(keep) + [p]
+        idx = np.asarray(cols, dtype=np.intp)
+        XyXy = self.XyXy[np.ix_(idx, idx)].copy()
+        ZtXy = self.ZtXy[:, idx].copy()
+        shift = np.zeros(p) if self.shift is None else self.shift.copy()
+        # The dropped columns are (numerically) combinations of the kept ones, so moving the
+        # shift onto the kept columns alone leaves the criterion unchanged.
+        pk = len(keep)
+        b = np.zeros(pk)
+        if pk:
+            b1 = np.linalg.solve(XyXy[:pk, :pk], XyXy[:pk, pk])
+            d = b1
+            yy = XyXy[pk, pk] - 2.0 * d @ XyXy[:pk, pk] + d @ XyXy[:pk, :pk] @ d
+            col = XyXy[:pk, pk] - XyXy[:pk, :pk] @ d
+            XyXy[:pk, pk] = col
+            XyXy[pk, :pk] = col
+            XyXy[pk, pk] = max(yy, 0.0)
+            ZtXy[:, pk] -= ZtXy[:, :pk] @ d
+            b = shift[keep] + b1
+            dropped = [j for j in range(p) if j not in set(keep)]
+            if dropped and np.any(shift[dropped] != 0.0):
+                # Express X_dropped b_dropped through the kept columns (least squares in the Gram).
+                G = self.XyXy[:p, :p]
+                coef = np.linalg.solve(G[np.ix_(keep, keep)], G[np.ix_(keep, dropped)])
+                b = b + coef @ shift[dropped]
+        if self._trip:
+            r, c, x = self._trip[0]
+            Ap, Ai, Mx = lower_csc(r, c, x, self.q)
+        else:
+            Ap, Ai, Mx = lower_csc(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), self.q)
+        return CrossProducts(Ap=Ap, Ai=Ai, Mx=Mx, ZtXy=np.asfortranarray(ZtXy), XyXy=np.asfortranarray(XyXy),
+                             beta_shift=b, n=self.n, sum_log_w=self.sum_log_w)
+
+    def residual_ss(self, keep: list[int]) -> float:
+        """Weighted residual sum of squares of the least-squares fit on the kept columns."""
+        p = self.p
+        idx = np.asarray(list(keep) + [p], dtype=np.intp)
+        G = self.XyXy[np.ix_(idx, idx)]
+        pk = len(keep)
+        if not pk:
+            return float(G[0, 0])
+        b = np.linalg.solve(G[:pk, :pk], G[:pk, pk])
+        return float(G[pk, pk] - G[:pk, pk] @ b)
+
+
+def _pilot_shift(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients of the first block, on the columns independent there (a
+    column dependent on the whole data is dependent on every block, so no shift lands on a
+    column the final rank check drops)."""
+    p = X.shape[1]
+    b = np.zeros(p)
+    if p == 0:
+        return b
+    keep = rank_deficient_keep(X.T @ X)
+    if keep:
+        b[keep] = np.linalg.lstsq(X[:, keep], y, rcond=None)[0]
+    return b
