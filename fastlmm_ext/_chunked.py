@@ -328,7 +328,6 @@ def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None
     data); row-level quantities (fitted, residuals, simulate, parametric bootstrap) raise
     ``DataError`` because the rows are gone."""
     from ._model import LinearMixedModel
-    s, cp = structure_from_chunks(formula, chunks, weights=weights, offset=offset, chunksize=chunksize,
-                                  progress=progress)
-    model = LinearMixedModel(formula, None, REML=REML, ordering=ordering, structure=s, crossprod=cp)
+    model = LinearMixedModel.from_chunks(formula, chunks, REML, weights=weights, offset=offset, chunksize=chunksize,
+                                         ordering=ordering, progress=progress)
     return model.fit(**fit_options)

@@ -82,6 +82,17 @@ class LinearMixedModel:
         self._sum_log_w = cp.sum_log_w if cp is not None else 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
 
     @classmethod
+    def from_chunks(cls, formula: str, chunks, REML: bool = True, *, weights: str | None = None,
+                    offset: str | None = None, chunksize: int = 500_000, backend: str = "auto",
+                    ordering: str = "default", progress: bool = False) -> "LinearMixedModel":
+        """A model built from chunks of rows without holding them all (see :func:`lmer_chunked`
+        for what ``chunks`` may be and what the model then keeps)."""
+        from ._chunked import structure_from_chunks
+        s, cp = structure_from_chunks(formula, chunks, weights=weights, offset=offset, chunksize=chunksize,
+                                      progress=progress)
+        return cls(formula, None, REML=REML, backend=backend, ordering=ordering, structure=s, crossprod=cp)
+
+    @classmethod
     def _from_backend(cls, s: ModelStructure, REML: bool, ordering: str, backend_name: str,
                       backend) -> LinearMixedModel:
         """A model around an existing backend (no formula parsing, no cross-products)."""
@@ -116,8 +127,11 @@ class LinearMixedModel:
         """Minimise the profiled criterion over θ ≥ lower and build the result.
 
         ``verbose=True`` shows progress (evaluations, best criterion, elapsed) on stderr."""
-        res, warned = self._fit(optimizer=optimizer, theta0=theta0, check_conv=check_conv, ftol_abs=ftol_abs,
-                                xtol_abs=xtol_abs, maxeval=maxeval, verbose=verbose)
+        # One single-thread block around the whole fit, result included: the small BLAS calls
+        # that build the result would otherwise wake the bundled pool's threads (see _threads).
+        with bundled_blas_single_thread():
+            res, warned = self._fit(optimizer=optimizer, theta0=theta0, check_conv=check_conv, ftol_abs=ftol_abs,
+                                    xtol_abs=xtol_abs, maxeval=maxeval, verbose=verbose)
         for category, message in warned:
             warnings.warn(message, category, stacklevel=3)
         return res

@@ -44,15 +44,28 @@ def bundled_blas_single_thread():
                 _saved = []
 
 
+_bundled_libs: list | None = None
+
+
+def _bundled() -> list:
+    """The bundled OpenBLAS controllers, looked up once per process (the lookup reads every
+    loaded library, ~3 ms; NumPy's and SciPy's copies are loaded before any fit can start)."""
+    global _bundled_libs
+    if _bundled_libs is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            _bundled_libs = []
+            return _bundled_libs
+        ctl = ThreadpoolController()
+        _bundled_libs = [lib for lib in ctl.lib_controllers
+                         if lib.internal_api == "openblas" and any(lib.prefix.startswith(p) for p in _BUNDLED)
+                         and "site-packages" in (lib.filepath or "")]
+    return _bundled_libs
+
+
 def _limit_bundled() -> list:
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        return []
-    ctl = ThreadpoolController()
-    bundled = [lib for lib in ctl.lib_controllers
-               if lib.internal_api == "openblas" and any(lib.prefix.startswith(p) for p in _BUNDLED)
-               and "site-packages" in (lib.filepath or "")]
+    bundled = _bundled()
     saved = [(lib, lib.num_threads) for lib in bundled]
     for lib in bundled:
         lib.set_num_threads(1)

@@ -301,7 +301,9 @@ def test_file_larger_than_the_memory_limit(tmp_path):
                           "fixef": res.fixef.tolist()}}))
     """)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    # cwd: not the checkout, whose uncompiled fastlmm_ext would shadow the installed one
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     import json
     got = json.loads(out.stdout.strip().splitlines()[-1])
