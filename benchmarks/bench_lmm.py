@@ -46,7 +46,7 @@ class Objective:
 
 
 class Fit:
-    params = (["crossed-20k", "crossed-200k", "nested-100k"], ["compiled", "blocked"])
+    params = (["crossed-20k", "crossed-200k", "nested-100k"], ["auto", "compiled", "blocked"])
     param_names = ["design", "backend"]
     timeout = 600
 
@@ -98,3 +98,45 @@ class FitMany:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fl.fit_many(self.formula, self.data, self.Y, n_jobs=n_jobs)
+
+
+class Chunked:
+    """Fits from accumulated cross-products: chunks of a DataFrame, and a Dask DataFrame on the
+    local threaded scheduler (time and peak memory, against the in-memory fit in ``Fit``)."""
+    params = (["crossed-200k", "nested-100k"], ["chunks-8", "dask-4"])
+    param_names = ["design", "source"]
+    timeout = 600
+
+    def setup(self, design, source):
+        make, self.formula = DESIGNS[design]
+        self.data = make()
+
+    def _fit(self, source):
+        if source == "chunks-8":
+            n = len(self.data)
+            return fl.lmer_chunked(self.formula, [self.data.iloc[i * n // 8:(i + 1) * n // 8] for i in range(8)])
+        import dask.dataframe as dd
+        return fl.lmer(self.formula, dd.from_pandas(self.data, npartitions=4))
+
+    def time_fit(self, design, source):
+        self._fit(source)
+
+    def peakmem_fit(self, design, source):
+        self._fit(source)
+
+
+class Scale:
+    """The issue's scale problems (``benchmarks/scale.py`` runs them with peak RSS per process):
+    a MovieLens-1M-shaped crossed design (10⁶ rows, 6,040 × 3,706 levels)."""
+    timeout = 1800
+    repeat = 1
+    number = 1
+
+    def setup(self):
+        self.data = datasets.simulate_ratings()
+
+    def time_movielens_fit(self):
+        fl.lmer("rating ~ 1 + (1|user) + (1|item)", self.data)
+
+    def peakmem_movielens_fit(self):
+        fl.lmer("rating ~ 1 + (1|user) + (1|item)", self.data)

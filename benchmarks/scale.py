@@ -3,8 +3,9 @@
     python benchmarks/scale.py                 # all problems
     python benchmarks/scale.py movielens       # one of: movielens, crossed1e7, chunked1e7
 
-* ``movielens``: 10⁶ ratings, 6,040 users × 3,706 movies (the MovieLens-1M shape), with skewed
-  user activity and movie popularity, ``y ~ 1 + (1|user) + (1|movie)``;
+* ``movielens``: 10⁶ ratings, 6,040 users × 3,706 items (the MovieLens-1M shape), with skewed
+  user activity and item popularity (``datasets.simulate_ratings``),
+  ``rating ~ 1 + (1|user) + (1|item)``;
 * ``crossed1e7``: 10⁷ rows, factor a with 10⁵ levels crossed with b (2,000 levels),
   ``y ~ x + (1|a) + (1|b)``, in memory;
 * ``chunked1e7``: the same 10⁷ rows written to a Parquet file and fitted by ``lmer_chunked``
@@ -22,31 +23,7 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import pandas as pd
-
 PROBLEMS = ("movielens", "crossed1e7", "chunked1e7")
-
-
-def movielens_like(seed: int = 1) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    n, nu, nm = 1_000_000, 6040, 3706
-    pu = rng.lognormal(0.0, 1.0, nu)
-    pm = 1.0 / np.arange(1, nm + 1) ** 0.9
-    u = rng.choice(nu, n, p=pu / pu.sum())
-    m = rng.permutation(nm)[rng.choice(nm, n, p=pm / pm.sum())]
-    y = 3.6 + 0.45 * rng.normal(size=nu)[u] + 0.5 * rng.normal(size=nm)[m] + 0.9 * rng.normal(size=n)
-    return pd.DataFrame({"rating": np.clip(np.round(y), 1, 5), "user": u, "movie": m})
-
-
-def crossed_1e7(seed: int = 1) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    n, la, lb = 10_000_000, 100_000, 2000
-    a = rng.integers(0, la, n)
-    b = rng.integers(0, lb, n)
-    x = rng.normal(size=n)
-    y = 1 + 0.5 * x + rng.normal(size=la)[a] + 0.5 * rng.normal(size=lb)[b] + rng.normal(size=n)
-    return pd.DataFrame({"y": y, "x": x, "a": a, "b": b})
 
 
 def _peak_mb() -> float:
@@ -57,10 +34,10 @@ def run_one(name: str) -> dict:
     import fastlmm_ext as fl
     t0 = time.perf_counter()
     if name == "movielens":
-        df = movielens_like()
-        formula = "rating ~ 1 + (1|user) + (1|movie)"
+        df = fl.datasets.simulate_ratings()
+        formula = "rating ~ 1 + (1|user) + (1|item)"
     else:
-        df = crossed_1e7()
+        df = fl.datasets.simulate_crossed(10_000_000, 100_000, 2000)
         formula = "y ~ x + (1|a) + (1|b)"
     t_data = time.perf_counter() - t0
     base_mb = _peak_mb()

@@ -13,7 +13,16 @@ with σ² ≈ ỹᵀỹ/n − Σ_j σ_j², gives θ_j ≈ σ_j/σ.  For crossed 
 close (the other factors average out within a level); for nested ones it overstates the inner
 term.  It is only a start: the optimiser still finds the optimum, and an estimate at or below
 zero starts the term at a small positive θ so that the optimiser can move either way.
-Vector-valued terms keep lme4's start (identity T).
+
+A vector-valued term (k columns) gets its moment estimate from the level sums, again from the
+cross-products alone: with M_l = Z_lᵀZ_l (the level's k×k diagonal block of ZᵀZ) and
+r_l = Z_lᵀỹ, treating the other terms as noise,
+
+    E[Σ_l r_l r_lᵀ] = Σ_l M_l Σ_b M_l + σ² Σ_l M_l,     E[ỹᵀỹ] = Σ_l tr(M_l Σ_b) + n σ²,
+
+k² + 1 linear equations in vec Σ_b and σ² (no per-level inverse, so levels with few or collinear
+rows do no harm).  T is the Cholesky factor of Σ_b/σ² after its eigenvalues are floored, so
+that it is a proper start; otherwise the term keeps lme4's start (identity T).
 """
 from __future__ import annotations
 
@@ -40,6 +49,11 @@ def moment_theta0(s: ModelStructure, cp: CrossProducts) -> np.ndarray:
     sig2, scalar = {}, []
     for i, t in enumerate(s.terms):
         if t.k != 1:
+            T = _vector_start(t, cp, yz, tss, n)
+            if T is not None:
+                rows, cols = np.tril_indices(t.k)
+                order = np.lexsort((rows, cols))          # lme4's θ order: column by column
+                theta[t.theta_offset:t.theta_offset + t.ntheta] = T[rows[order], cols[order]]
             continue
         sl = slice(t.col_offset, t.col_offset + t.q)
         nl, S = diag[sl], yz[sl]
@@ -59,3 +73,35 @@ def moment_theta0(s: ModelStructure, cp: CrossProducts) -> np.ndarray:
     for i in scalar:
         theta[s.terms[i].theta_offset] = float(np.clip(np.sqrt(sig2[i] / s2), MIN_START, MAX_START))
     return theta
+
+
+def _vector_start(t, cp: CrossProducts, yz: np.ndarray, tss: float, n: int) -> np.ndarray | None:
+    """T from the moment equations of the level sums (module docstring), or None."""
+    k, ell = t.k, t.nlevels
+    if ell < 2 * k:
+        return None
+    M = np.empty((ell, k, k))
+    for j in range(k):
+        c = t.col_offset + np.arange(ell) * k + j
+        for i in range(k):
+            # the block-closed storage starts column (l, j) with all k rows (l, 0..k-1) of its own block
+            M[:, i, j] = cp.Mx[cp.Ap[c] + i]
+    r = yz[t.col_offset:t.col_offset + t.q].reshape(ell, k)
+    kk = k * k
+    A = np.zeros((kk + 1, kk + 1))
+    A[:kk, :kk] = np.einsum("lij,lkm->ikjm", M, M).reshape(kk, kk)     # Σ_l M_l ⊗ M_l
+    sumM = M.sum(axis=0).ravel()
+    A[:kk, kk] = sumM
+    A[kk, :kk] = sumM
+    A[kk, kk] = n
+    rhs = np.append(np.einsum("li,lj->ij", r, r).ravel(), tss)
+    try:
+        sol = np.linalg.lstsq(A, rhs, rcond=None)[0]
+    except np.linalg.LinAlgError:  # pragma: no cover - lstsq of a finite system does not fail
+        return None
+    Sb, s2 = sol[:kk].reshape(k, k), float(sol[kk])
+    if not np.isfinite(sol).all() or s2 <= 0:
+        return None
+    w, V = np.linalg.eigh((Sb + Sb.T) / 2.0 / s2)
+    w = np.clip(w, (MIN_START ** 2) * max(float(w.max()), 1e-12), MAX_START ** 2)
+    return np.linalg.cholesky((V * w) @ V.T)

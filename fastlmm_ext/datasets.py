@@ -64,3 +64,18 @@ def simulate_nested(n: int, la: int, per: int, seed: int = 2) -> pd.DataFrame:
     ab = a * per + c
     y = 60 + rng.normal(0, 2, la)[a] + rng.normal(0, 3, la * per)[ab] + rng.normal(size=n)
     return pd.DataFrame({"y": y, "a": pd.Categorical(a), "c": pd.Categorical(c)})
+
+
+def simulate_ratings(n: int = 1_000_000, n_users: int = 6040, n_items: int = 3706, seed: int = 1) -> pd.DataFrame:
+    """Ratings in the MovieLens-1M shape (10⁶ ratings of 3,706 movies by 6,040 users by default):
+    lognormal user activity, Zipf-like item popularity (weight ∝ rank^-0.9),
+    rating = clip(round(3.6 + user (sd 0.45) + item (sd 0.5) + ε (sd 0.9)), 1, 5);
+    fit with ``rating ~ 1 + (1|user) + (1|item)``.  Integer level codes, as read from a file."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    pu = rng.lognormal(0.0, 1.0, n_users)
+    pm = 1.0 / np.arange(1, n_items + 1) ** 0.9
+    u = rng.choice(n_users, n, p=pu / pu.sum())
+    m = rng.permutation(n_items)[rng.choice(n_items, n, p=pm / pm.sum())]
+    y = 3.6 + 0.45 * rng.normal(size=n_users)[u] + 0.5 * rng.normal(size=n_items)[m] + 0.9 * rng.normal(size=n)
+    return pd.DataFrame({"rating": np.clip(np.round(y), 1, 5), "user": u, "item": m})

@@ -300,7 +300,9 @@ def test_file_larger_than_the_memory_limit(tmp_path):
         print(json.dumps({{"whole": whole, "criterion": res.criterion, "nobs": res.nobs,
                           "fixef": res.fixef.tolist()}}))
     """)
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    # the fastlmm_ext these tests import (installed, or an in-place build), whatever the cwd
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.path.dirname(os.path.dirname(fl.__file__)))
     # cwd: not the checkout, whose uncompiled fastlmm_ext would shadow the installed one
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
                          cwd=tmp_path)
