@@ -312,3 +312,19 @@ def test_file_larger_than_the_memory_limit(tmp_path):
     assert got["whole"] == "MemoryError"
     assert got["nobs"] == n
     assert got["fixef"][1] == pytest.approx(0.5, abs=0.01)
+
+
+def test_reduced_scale_ratings_all_paths_agree():
+    """The MovieLens-shaped scale benchmark, reduced (10⁵ ratings, 1,200 × 700 levels, skewed
+    activity): backend 'auto' (the dense two-block path here), CHOLMOD, chunks and Dask agree."""
+    dd = pytest.importorskip("dask.dataframe")
+    df = fl.datasets.simulate_ratings(100_000, 1200, 700, seed=3)
+    f = "rating ~ 1 + (1|user) + (1|item)"
+    auto = fl.lmer(f, df)
+    assert auto.backend == "blocked"
+    chol = fl.lmer(f, df, backend="compiled")
+    chunked = fl.lmer_chunked(f, split(df, 6))
+    dask = fl.lmer(f, dd.from_pandas(df, npartitions=3))
+    for other in (chol, chunked, dask):
+        assert_same_fit(other, auto)
+    assert auto.criterion <= fl.lmer(f, df, backend="compiled", optimizer="bobyqa").criterion + 1e-6
