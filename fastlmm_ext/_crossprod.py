@@ -47,9 +47,16 @@ class CrossProducts:
         b = np.linalg.lstsq(Xw, yw, rcond=None)[0] if s.p else np.zeros(0)
         yt = y - X @ b if s.p else y
         Ap, Ai, Mx = block_lower_ZtZ(s, w)
-        Xy = np.column_stack([X, yt])
+        # Column-major [X ỹ]: contiguous columns to copy in, and one sparse mat-vec per column
+        # (a row-major copy of a 500k-row X costs more than all the products).
+        Xy = np.empty((s.n, s.p + 1), order="F")
+        Xy[:, :s.p] = X
+        Xy[:, s.p] = yt
         WXy = Xy if w is None else Xy * w[:, None]
-        ZtXy = np.asfortranarray(np.asarray(s.Z.T @ WXy).reshape(s.q, s.p + 1))
+        Zt = s.Z.T.tocsr() if s.q else None
+        ZtXy = np.empty((s.q, s.p + 1), order="F")
+        for j in range(s.p + 1):
+            ZtXy[:, j] = Zt @ WXy[:, j] if s.q else 0.0
         XyXy = np.asfortranarray(Xy.T @ WXy)
         slw = 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
         return cls(Ap=Ap, Ai=Ai, Mx=Mx, ZtXy=ZtXy, XyXy=XyXy, beta_shift=b, n=s.n, sum_log_w=slw)
