@@ -128,10 +128,14 @@ class CompiledBackend:
         H = k.H_REML() if reml else None
         G = []
         for t in self.s.terms:
-            Gt = k.inverse_blocks(t.col_offset, t.k, t.nlevels).sum(axis=0)
+            if len(self.s.terms) == 1:
+                Gt = self._single_term_inverse_sum(t, theta)
+            else:
+                Gt = k.inverse_blocks(t.col_offset, t.k, t.nlevels).sum(axis=0)
             if H is not None and p:
                 Ht = H[t.col_offset:t.col_offset + t.q].reshape(t.nlevels, t.k, p)
-                Gt = Gt + np.einsum("aim,ajm->ij", Ht, Ht)
+                Hk = Ht.transpose(1, 0, 2).reshape(t.k, -1)       # Σ_a H_a H_aᵀ as one BLAS product
+                Gt = Gt + Hk @ Hk.T
             G.append(Gt)
         d = self.s.n - p if reml else self.s.n
         g = theta_gradient(self.s, theta, G, rho, u, st["pwrss"], d)
@@ -141,6 +145,32 @@ class CompiledBackend:
             e[i] = 1e-6
             g[i] = (self.objective(theta + e, reml) - self.objective(theta, reml)) / 1e-6
         return g
+
+    def _single_term_inverse_sum(self, t, theta: np.ndarray) -> np.ndarray:
+        """Σ_l (T M_l T... )⁻¹ for a model with one term: A + I is then block diagonal,
+        (A+I)_l = Tᵀ M_l T + I with M_l the level's k×k block of ZᵀWZ, so its diagonal blocks of
+        the inverse are k×k inverses (closed form for k ≤ 2), no selected inverse needed."""
+        kk, ell = t.k, t.nlevels
+        if getattr(self, "_M_blocks", None) is None:
+            # one term: every column holds exactly its own level block, k rows, in row order
+            self._M_blocks = np.ascontiguousarray(self.cp.Mx.reshape(ell, kk, kk).transpose(0, 2, 1))
+        M = self._M_blocks
+        T = t.T(theta)
+        if kk == 1:
+            return np.array([[np.sum(1.0 / (T[0, 0] ** 2 * M[:, 0, 0] + 1.0))]])
+        if kk == 2:
+            # Tᵀ M_l T + I entrywise (T lower triangular), then the 2×2 inverse's entries summed
+            (t0, t1), t2 = T[:, 0], T[1, 1]
+            m00, m01, m11 = M[:, 0, 0], M[:, 0, 1], M[:, 1, 1]
+            a00 = t0 * t0 * m00 + 2.0 * t0 * t1 * m01 + t1 * t1 * m11 + 1.0
+            a01 = t2 * (t0 * m01 + t1 * m11)
+            a11 = t2 * t2 * m11 + 1.0
+            det = a00 * a11 - a01 * a01
+            s00, s11, s01 = np.sum(a11 / det), np.sum(a00 / det), -np.sum(a01 / det)
+            return np.array([[s00, s01], [s01, s11]])
+        A = T.T @ M @ T
+        A[:, range(kk), range(kk)] += 1.0
+        return np.linalg.inv(A).sum(axis=0)
 
     def _full_M(self):
         """ZᵀWZ as a full symmetric sparse matrix from its block-closed lower storage (entries

@@ -40,7 +40,7 @@ def theta_gradient(s: ModelStructure, theta: np.ndarray, G: list[np.ndarray], rh
         T = t.T(theta)
         diag = np.diag(T)
         if np.all(diag > 0):
-            Tinv = la.solve_triangular(T, np.eye(k), lower=True)
+            Tinv = la.solve_triangular(T, np.eye(k), lower=True, check_finite=False)
             dld = 2.0 * ((nl * np.eye(k) - Gt) @ Tinv).T           # [r, c] = 2[(ℓI − G)T⁻¹]_{cr}
             g[th] = dld[rows, cols] + d * drss[rows, cols] / pwrss
         elif k == 1:
