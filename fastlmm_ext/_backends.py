@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg as la
 
-from ._crossprod import CrossProducts, kernel_layout
+from ._crossprod import CrossProducts, kernel_layout, level_blocks
 from ._design import ModelStructure
 from ._reference import ReferencePLS
 
@@ -68,6 +68,7 @@ class CompiledBackend:
         self.cp = crossprod if crossprod is not None else CrossProducts.from_structure(s)
         self._token = next(_tokens)
         self._at = None          # θ of the kernel's current factor
+        self._M_blocks = None    # level blocks of ZᵀWZ, for the one-term gradient
         if _shared is None:
             from ._kernel import PLSKernel  # compiled: imported here so the reference path works without it
             from ._openmp import openmp_dynamic
@@ -147,13 +148,12 @@ class CompiledBackend:
         return g
 
     def _single_term_inverse_sum(self, t, theta: np.ndarray) -> np.ndarray:
-        """Σ_l (T M_l T... )⁻¹ for a model with one term: A + I is then block diagonal,
-        (A+I)_l = Tᵀ M_l T + I with M_l the level's k×k block of ZᵀWZ, so its diagonal blocks of
-        the inverse are k×k inverses (closed form for k ≤ 2), no selected inverse needed."""
-        kk, ell = t.k, t.nlevels
-        if getattr(self, "_M_blocks", None) is None:
-            # one term: every column holds exactly its own level block, k rows, in row order
-            self._M_blocks = np.ascontiguousarray(self.cp.Mx.reshape(ell, kk, kk).transpose(0, 2, 1))
+        """Σ_l (Tᵀ M_l T + I)⁻¹ for a model with one term: A + I is then block diagonal with
+        blocks Tᵀ M_l T + I (M_l the level's k×k block of ZᵀWZ), so the diagonal blocks of its
+        inverse are k×k inverses (closed form for k ≤ 2), no selected inverse needed."""
+        kk = t.k
+        if self._M_blocks is None:
+            self._M_blocks = level_blocks(self.cp, t)
         M = self._M_blocks
         T = t.T(theta)
         if kk == 1:

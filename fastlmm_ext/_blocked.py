@@ -27,7 +27,7 @@ import scipy.linalg as la
 import scipy.sparse as sp
 
 from ._backends import PLSState
-from ._crossprod import CrossProducts
+from ._crossprod import CrossProducts, level_blocks
 from ._design import ModelStructure, _lower_tri_colwise
 from ._exceptions import NotPositiveDefiniteError
 from ._gradient import theta_gradient
@@ -58,9 +58,7 @@ class BlockedBackend:
         self.p = s.p
         Mlow = sp.csc_matrix((cp.Mx, cp.Ai, cp.Ap), shape=(s.q, s.q))
         k, q1 = self.k, self.q1
-        # M₁₁: each column of the first term holds exactly its own level block (k rows).
-        d11 = Mlow[:q1, :q1].tocsc()
-        self.M11 = d11.data.reshape(self.l1, k, k).transpose(0, 2, 1).copy()  # [a, i, j]
+        self.M11 = level_blocks(cp, t1)                                        # [a, i, j]
         self.M21 = Mlow[q1:, :q1].tocsr()                                     # q₂ × q₁
         self.M21.sort_indices()
         D = Mlow[q1:, q1:].toarray()

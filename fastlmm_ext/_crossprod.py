@@ -21,7 +21,7 @@ import numpy as np
 
 from ._design import ModelStructure
 
-__all__ = ["CrossProducts", "block_lower_ZtZ", "ztz_triplets", "sum_duplicates", "lower_csc"]
+__all__ = ["CrossProducts", "block_lower_ZtZ", "level_blocks", "ztz_triplets", "sum_duplicates", "lower_csc"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,16 @@ class CrossProducts:
         XyXy = np.asfortranarray(Xy.T @ WXy)
         slw = 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
         return cls(Ap=Ap, Ai=Ai, Mx=Mx, ZtXy=ZtXy, XyXy=XyXy, beta_shift=b, n=s.n, sum_log_w=slw)
+
+
+def level_blocks(cp: CrossProducts, t) -> np.ndarray:
+    """The k×k diagonal level blocks of ZᵀWZ for term ``t``, as an (ℓ, k, k) array [l, i, j].
+
+    In the block-closed storage, column (l, j) of a term starts with all k rows (l, 0..k−1) of
+    its own level block (stored in both triangles); rows of other terms come after them."""
+    k, ell = t.k, t.nlevels
+    starts = cp.Ap[t.col_offset:t.col_offset + t.q].reshape(ell, 1, k)      # [l, ·, j]
+    return cp.Mx[starts + np.arange(k).reshape(1, k, 1)]
 
 
 def block_lower_ZtZ(s: ModelStructure, w: np.ndarray | None = None):

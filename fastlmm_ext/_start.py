@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._crossprod import CrossProducts
-from ._design import ModelStructure
+from ._crossprod import CrossProducts, level_blocks
+from ._design import ModelStructure, _lower_tri_colwise
 
 __all__ = ["moment_theta0"]
 
@@ -44,19 +44,16 @@ def moment_theta0(s: ModelStructure, cp: CrossProducts) -> np.ndarray:
     tss = float(cp.XyXy[p, p])
     if n <= p + 1 or tss <= 0:
         return theta
-    diag = cp.Mx[cp.Ap[:-1]]                                      # first stored entry = diagonal
     yz = cp.ZtXy[:, p]
     sig2, scalar = {}, []
     for i, t in enumerate(s.terms):
         if t.k != 1:
             T = _vector_start(t, cp, yz, tss, n)
             if T is not None:
-                rows, cols = np.tril_indices(t.k)
-                order = np.lexsort((rows, cols))          # lme4's θ order: column by column
-                theta[t.theta_offset:t.theta_offset + t.ntheta] = T[rows[order], cols[order]]
+                theta[t.theta_offset:t.theta_offset + t.ntheta] = T[_lower_tri_colwise(t.k)]
             continue
         sl = slice(t.col_offset, t.col_offset + t.q)
-        nl, S = diag[sl], yz[sl]
+        nl, S = level_blocks(cp, t)[:, 0, 0], yz[sl]
         ok = nl > 0
         ell = int(ok.sum())
         if ell < 2 or n <= ell:
@@ -80,12 +77,7 @@ def _vector_start(t, cp: CrossProducts, yz: np.ndarray, tss: float, n: int) -> n
     k, ell = t.k, t.nlevels
     if ell < 2 * k:
         return None
-    M = np.empty((ell, k, k))
-    for j in range(k):
-        c = t.col_offset + np.arange(ell) * k + j
-        for i in range(k):
-            # the block-closed storage starts column (l, j) with all k rows (l, 0..k-1) of its own block
-            M[:, i, j] = cp.Mx[cp.Ap[c] + i]
+    M = level_blocks(cp, t)
     r = yz[t.col_offset:t.col_offset + t.q].reshape(ell, k)
     kk = k * k
     A = np.zeros((kk + 1, kk + 1))
