@@ -719,7 +719,7 @@ def anova(*results, names=None) -> pd.DataFrame:
             from ._model import LinearMixedModel
             m = r.model
             # ML on the same backend: the criterion's inputs do not depend on REML.
-            ml = LinearMixedModel._from_backend(m.structure, False, m.ordering, m.backend_name, m.backend)
+            ml = LinearMixedModel._from_backend(m.structure, False, m.ordering, m.backend)
             r = ml.fit()
         fits.append(r)
     order = sorted(range(len(fits)), key=lambda i: fits[i].npar)   # stable, as R's order()

@@ -266,7 +266,7 @@ class _Worker:
         s = ctx.structure
         opts = {"ordering": "default"} if ctx.backend in ("compiled", "auto") else {}
         be = make_backend(s, ctx.backend, crossprod=cp, **opts)
-        self.base = LinearMixedModel._from_backend(s, ctx.REML, "default", be.name, be)
+        self.base = LinearMixedModel._from_backend(s, ctx.REML, "default", be)
         self._designs: dict[bytes, tuple[LinearMixedModel, list[str]]] = {}
         self.options = {**_FIT_DEFAULTS, **ctx.fit_options}
 

@@ -10,8 +10,7 @@ import warnings
 
 import numpy as np
 
-from ._backends import BACKENDS, choose_backend, make_backend
-from ._crossprod import CrossProducts
+from ._backends import BACKENDS, make_backend
 from ._dask import is_dask_dataframe
 from ._design import ModelStructure, build_structure
 from ._exceptions import ConvergenceWarning, DataError, SingularFitWarning
@@ -62,20 +61,21 @@ class LinearMixedModel:
         if not s.has_rows and backend == "reference":
             raise ValueError(f"backend {backend!r} needs the model's rows; a model built from accumulated "
                              "cross-products (lmer_chunked, Dask) uses backend='auto', 'compiled' or 'blocked'")
-        if backend == "auto":
-            if crossprod is None:
-                crossprod = CrossProducts.from_structure(s)
-            backend = choose_backend(s, crossprod)   # the resolved name is what results report
-        opts = {"ordering": ordering} if backend == "compiled" else {}
+        opts = {"ordering": ordering} if backend in ("compiled", "auto") else {}
         if crossprod is not None and backend != "reference":
             opts["crossprod"] = crossprod
-        self._assemble(s, REML, ordering, backend, make_backend(s, backend, **opts))
+        be = make_backend(s, backend, **opts)
+        self._assemble(s, REML, ordering, be)
 
-    def _assemble(self, s: ModelStructure, REML: bool, ordering: str, backend_name: str, backend) -> None:
+    @property
+    def backend_name(self) -> str:
+        """The backend in use ("auto" resolved to "compiled" or "blocked")."""
+        return self.backend.name
+
+    def _assemble(self, s: ModelStructure, REML: bool, ordering: str, backend) -> None:
         self.structure = s
         self.REML = bool(REML)
         self.ordering = ordering
-        self.backend_name = backend_name
         self.backend = backend
         w = s.weights
         cp = getattr(backend, "cp", None)
@@ -93,11 +93,10 @@ class LinearMixedModel:
         return cls(formula, None, REML=REML, backend=backend, ordering=ordering, structure=s, crossprod=cp)
 
     @classmethod
-    def _from_backend(cls, s: ModelStructure, REML: bool, ordering: str, backend_name: str,
-                      backend) -> LinearMixedModel:
+    def _from_backend(cls, s: ModelStructure, REML: bool, ordering: str, backend) -> LinearMixedModel:
         """A model around an existing backend (no formula parsing, no cross-products)."""
         m = cls.__new__(cls)
-        m._assemble(s, REML, ordering, backend_name, backend)
+        m._assemble(s, REML, ordering, backend)
         return m
 
     # ------------------------------------------------------------------ criterion
@@ -232,7 +231,7 @@ class LinearMixedModel:
             else:
                 check_not_exact(self.structure, y)
         backend = self.backend.with_response(s, crossprod)
-        return LinearMixedModel._from_backend(s, self.REML, self.ordering, self.backend_name, backend)
+        return LinearMixedModel._from_backend(s, self.REML, self.ordering, backend)
 
 
 def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weights=None, offset=None,

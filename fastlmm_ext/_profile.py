@@ -37,7 +37,7 @@ class Profiler:
 
         m = res.model
         if res.REML:
-            m = LinearMixedModel._from_backend(m.structure, False, m.ordering, m.backend_name, m.backend)
+            m = LinearMixedModel._from_backend(m.structure, False, m.ordering, m.backend)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 res = m.fit(check_conv=False)
