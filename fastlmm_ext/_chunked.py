@@ -196,10 +196,13 @@ class ChunkPlan:
         sub, n_bad = self.complete_rows(df)
         stats.n_dropped += n_bad
         if len(sub):
-            block, w = self.rows(sub)
-            stats.add(block.y, block.X, [block.term_codes[i] for i in self.order],
-                      [block.term_Xi[i] for i in self.order], offset=block.offset, weights=w)
+            self.add_block(stats, *self.rows(sub))
         return stats
+
+    def add_block(self, stats: SuffStats, block, w) -> None:
+        """Add an evaluated block of rows (terms in formula order) to ``stats``."""
+        stats.add(block.y, block.X, [block.term_codes[i] for i in self.order],
+                  [block.term_Xi[i] for i in self.order], offset=block.offset, weights=w)
 
     # -- at the end
     def structure(self, stats: SuffStats):
@@ -216,10 +219,10 @@ class ChunkPlan:
         names = [self.fixef_names[j] for j in keep]
         dropped = [nm for j, nm in enumerate(self.fixef_names) if j not in set(keep)]
         warn_rank_deficient(dropped)
-        if keep and stats.residual_ss(keep) <= 1e-20 * max(stats.yy, 1e-300):
+        cp = stats.finish(keep)
+        if keep and cp.XyXy[-1, -1] <= 1e-20 * max(stats.yy, 1e-300):       # weighted residual SS
             raise DataError(f"response {self.parsed.response!r} is an exact linear function of the fixed effects: "
                             "the residual variance is zero and the model cannot be fitted")
-        cp = stats.finish(keep)
         lv = self.levels
         s = ModelStructure(
             formula=self.formula, parsed=self.parsed, response=self.parsed.response, y=None, X=None,
@@ -253,15 +256,18 @@ def structure_from_chunks(formula: str, chunks, *, weights: str | None = None, o
         plan.levels = scanner.finish()
         dropped_before = 0
         for df in _progress(source.second_pass(), progress, "cross-products"):
-            if stats is None:
-                sub, n_bad = plan.complete_rows(df)
-                if not len(sub):
-                    dropped_before += n_bad
-                    continue
-                plan.set_prototype(plan.rows(sub)[0])
+            if stats is not None:
+                plan.accumulate(df, stats)
+                continue
+            sub, n_bad = plan.complete_rows(df)
+            dropped_before += n_bad
+            if len(sub):
+                # the first block with rows fixes the fixed-effects columns, then is added as it is
+                block, w = plan.rows(sub)
+                plan.set_prototype(block)
                 stats = plan.new_stats()
                 stats.n_dropped += dropped_before
-            plan.accumulate(df, stats)
+                plan.add_block(stats, block, w)
     finally:
         source.close()
     if stats is None:
@@ -290,21 +296,10 @@ def _progress(it: Iterable, enabled: bool, what: str):
         print(f"fastlmm_ext: chunks ({what}): {i} done, {time.perf_counter() - start:.1f}s", file=sys.stderr)
 
 
-def _columns_hint(formula, weights, offset):
-    """Columns to spool for a one-shot iterator: the model's (from the formula alone)."""
-    parsed = parse_formula(formula)
-    names: list[str] = []
-    for part in [parsed.response, parsed.fixed, *parsed.offsets, *(rt.expr for rt in parsed.random)]:
-        names += sorted(_formula_names(part))
-    for rt in parsed.random:
-        names += list(rt.group)
-    names += [a for a in (weights, offset) if isinstance(a, str)]
-    return list(dict.fromkeys(names))
-
-
-def _formula_names(rhs: str) -> set[str]:
-    from ._design import _variables
-    return _variables(rhs, "the formula")
+def _columns_hint(formula, weights, offset) -> list[str]:
+    """Columns to spool for a one-shot iterator: the model's, from the formula alone (no data
+    columns yet, which only stateful transforms would need, and those are refused)."""
+    return model_variables(parse_formula(formula), (), weights, offset).all_columns
 
 
 def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None = None,

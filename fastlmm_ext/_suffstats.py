@@ -149,52 +149,29 @@ class SuffStats:
         return rank_deficient_keep(G) if self.p else []
 
     def finish(self, keep: list[int]) -> CrossProducts:
-        """Cross-products over the kept fixed-effects columns, with ỹ the weighted OLS residual."""
+        """Cross-products over the kept fixed-effects columns, with ỹ the weighted OLS residual
+        (its ỹᵀWỹ is then the residual sum of squares the exact-fit check reads)."""
         self._compact()
         p = self.p
-        cols = list(keep) + [p]
-        idx = np.asarray(cols, dtype=np.intp)
-        XyXy = self.XyXy[np.ix_(idx, idx)].copy()
-        ZtXy = self.ZtXy[:, idx].copy()
-        shift = np.zeros(p) if self.shift is None else self.shift.copy()
-        # The dropped columns are (numerically) combinations of the kept ones, so moving the
-        # shift onto the kept columns alone leaves the criterion unchanged.
-        pk = len(keep)
-        b = np.zeros(pk)
-        if pk:
-            b1 = np.linalg.solve(XyXy[:pk, :pk], XyXy[:pk, pk])
-            d = b1
-            yy = XyXy[pk, pk] - 2.0 * d @ XyXy[:pk, pk] + d @ XyXy[:pk, :pk] @ d
-            col = XyXy[:pk, pk] - XyXy[:pk, :pk] @ d
-            XyXy[:pk, pk] = col
-            XyXy[pk, :pk] = col
-            XyXy[pk, pk] = max(yy, 0.0)
-            ZtXy[:, pk] -= ZtXy[:, :pk] @ d
-            b = shift[keep] + b1
-            dropped = [j for j in range(p) if j not in set(keep)]
-            if dropped and np.any(shift[dropped] != 0.0):
-                # Express X_dropped b_dropped through the kept columns (least squares in the Gram).
-                G = self.XyXy[:p, :p]
-                coef = np.linalg.solve(G[np.ix_(keep, keep)], G[np.ix_(keep, dropped)])
-                b = b + coef @ shift[dropped]
-        if self._trip:
-            r, c, x = self._trip[0]
-            Ap, Ai, Mx = lower_csc(r, c, x, self.q)
-        else:
-            Ap, Ai, Mx = lower_csc(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), self.q)
-        return CrossProducts(Ap=Ap, Ai=Ai, Mx=Mx, ZtXy=np.asfortranarray(ZtXy), XyXy=np.asfortranarray(XyXy),
-                             beta_shift=b, n=self.n, sum_log_w=self.sum_log_w)
-
-    def residual_ss(self, keep: list[int]) -> float:
-        """Weighted residual sum of squares of the least-squares fit on the kept columns."""
-        p = self.p
+        if keep:
+            # The dropped columns are (numerically) combinations of the kept ones, so moving the
+            # shift along the kept columns alone leaves the criterion unchanged.
+            d = np.zeros(p)
+            d[keep] = np.linalg.solve(self.XyXy[np.ix_(keep, keep)], self.XyXy[keep, p])
+            self._move_shift(self.shift + d)
+        shift = np.zeros(p) if self.shift is None else self.shift
+        b = shift[keep]
+        dropped = [j for j in range(p) if j not in set(keep)]
+        if keep and dropped and np.any(shift[dropped] != 0.0):
+            # Express X_dropped b_dropped through the kept columns (least squares in the Gram).
+            G = self.XyXy[:p, :p]
+            b = b + np.linalg.solve(G[np.ix_(keep, keep)], G[np.ix_(keep, dropped)]) @ shift[dropped]
         idx = np.asarray(list(keep) + [p], dtype=np.intp)
-        G = self.XyXy[np.ix_(idx, idx)]
-        pk = len(keep)
-        if not pk:
-            return float(G[0, 0])
-        b = np.linalg.solve(G[:pk, :pk], G[:pk, pk])
-        return float(G[pk, pk] - G[:pk, pk] @ b)
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        Ap, Ai, Mx = lower_csc(*(self._trip[0] if self._trip else empty), self.q)
+        return CrossProducts(Ap=Ap, Ai=Ai, Mx=Mx, ZtXy=np.asfortranarray(self.ZtXy[:, idx]),
+                             XyXy=np.asfortranarray(self.XyXy[np.ix_(idx, idx)]), beta_shift=b, n=self.n,
+                             sum_log_w=self.sum_log_w)
 
 
 def _pilot_shift(X: np.ndarray, y: np.ndarray) -> np.ndarray:
