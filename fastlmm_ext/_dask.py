@@ -75,11 +75,12 @@ def structure_from_dask(formula: str, ddf, weights=None, offset=None):
     plan_d = delayed(plan)   # one copy in the graph, not one per task
     scanner, _ = dask.compute(_tree_reduce([delayed(_scan)(p, plan_d) for p in parts], _merge_scans))[0]
     plan.levels = scanner.finish()
-    # The fixed-effects columns and the sorted terms come from one block of complete rows.
+    # The fixed-effects columns and the sorted terms come from the first partition with complete
+    # rows, as the chunked path takes them from its first chunk.
     for p in parts:
         sub, _ = plan.complete_rows(p.compute())
         if len(sub):
-            plan.set_prototype(plan.rows(sub.iloc[:1000])[0])
+            plan.set_prototype(plan.rows(sub)[0])
             break
     else:
         raise DataError("no complete rows: every row has a missing value in the model's columns")
