@@ -16,7 +16,7 @@ from ._design import ModelStructure, build_structure
 from ._exceptions import ConvergenceWarning, DataError, SingularFitWarning
 from ._progress import Progress
 from ._threads import bundled_blas_single_thread
-from ._optimize import OptSummary, check_convergence, is_singular, minimize_theta
+from ._optimize import OptSummary, check_convergence, is_singular, minimize_theta, snap_to_bounds
 from ._response import check_not_exact, response_crossproducts
 from ._results import LmerResult
 from ._start import moment_theta0
@@ -166,12 +166,9 @@ class LinearMixedModel:
                                       xtol_abs=xtol_abs, maxeval=maxeval, grad=grad)
         finally:
             progress.close()
-        theta = np.array(summ.theta_final, dtype=float)
-        # Values within rounding of a bound are put on it, as lme4 does for θ ≈ 0.
-        on_bound = np.isfinite(self.lower) & (np.abs(theta - self.lower) < 1e-12)
-        theta[on_bound] = self.lower[on_bound]
         plain = lambda th: self.backend.objective(th, self.REML)  # noqa: E731 - no progress after the fit
-        fmin = float(plain(theta)) if on_bound.any() else summ.fmin
+        # An optimum on the boundary is reported exactly on it, whatever the backend's rounding.
+        theta, fmin = snap_to_bounds(plain, summ.theta_final, summ.fmin, self.lower)
         summ.theta_final, summ.fmin = theta, fmin
         singular = is_singular(theta, self.lower)
         messages = list(summ.messages)

