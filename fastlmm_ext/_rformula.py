@@ -41,9 +41,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from formulaic import Formula, ModelSpec
+from formulaic import Formula, ModelSpec, SimpleFormula
 from formulaic.materializers import PandasMaterializer
 from formulaic.materializers.types import FactorValues
+from formulaic.parser.types import Term
 from formulaic.transforms import C as _formulaic_C, center as _formulaic_center
 from formulaic.utils.layered_mapping import LayeredMapping
 from formulaic.utils.variables import Variable
@@ -492,6 +493,7 @@ class Translated:
     labels: dict[str, str] = field(default_factory=dict)
     columns: tuple[str, ...] = ()
     variables: tuple[str, ...] = ()      # the columns named as variables of the formula (not inside a call)
+    order: tuple[str, ...] = ()          # formulaic's factor names in order of first appearance (R's variable order)
 
     @property
     def stateful(self) -> list[str]:
@@ -512,14 +514,29 @@ def translate(rhs: str, columns, allow_python: bool = False, where: str = "formu
     labels: dict[str, str] = {}
     used: dict[str, None] = {}
     variables: dict[str, None] = {}
+    order: dict[str, None] = {}
     i = 0
     while toks[i].kind != "end":
         t = toks[i]
         nxt = toks[i + 1]
+        e = None
         if t.kind == "name" and nxt.kind == "op" and nxt.text in ("(", "["):
             j = _chain_end(toks, i + 1)
-            text = rhs[t.pos:toks[j - 1].end]
-            e = parse_expr(text, cols, allow_python)
+            e = parse_expr(rhs[t.pos:toks[j - 1].end], cols, allow_python)
+        elif t.kind == "name":
+            check_name(t.text, " ".join(rhs.split()))
+            variables[t.text] = None
+            j = i + 1
+            if t.text.isidentifier() and not keyword.iskeyword(t.text):
+                used[t.text] = order[t.text] = None
+                out.append(t.text)
+                if r_name(t.text) != t.text:
+                    labels[t.text] = r_name(t.text)
+                i = j
+                continue
+            # any other name (x.1, `my col`) goes to formulaic as a placeholder too
+            e = RExpr(label=r_name(t.text), text=t.text, tree=("col", t.text), columns=(t.text,))
+        if e is not None:
             key = by_label.get(e.label)
             if key is None:
                 key = _placeholder(len(by_label), cols)
@@ -527,16 +544,11 @@ def translate(rhs: str, columns, allow_python: bool = False, where: str = "formu
                 exprs[key] = e
                 labels[key] = e.label
             used.update(dict.fromkeys(e.columns))
+            order[key] = None
             out.append(key)
             i = j
             continue
-        if t.kind == "name":
-            check_name(t.text, " ".join(rhs.split()))
-            used[t.text] = variables[t.text] = None
-            out.append(t.text if t.text.isidentifier() and not keyword.iskeyword(t.text) else f"`{t.text}`")
-            if r_name(t.text) != t.text:
-                labels[t.text] = r_name(t.text)
-        elif t.kind == "num":
+        if t.kind == "num":
             out.append(t.text)
         elif t.kind == "op" and (t.text in _FORMULA_OPS):
             out.append(t.text)
@@ -548,7 +560,7 @@ def translate(rhs: str, columns, allow_python: bool = False, where: str = "formu
             raise FormulaError(f"unexpected {what} in {where} {' '.join(rhs.split())!r}")
         i += 1
     return Translated(text=" ".join(out), exprs=exprs, labels=labels, columns=tuple(used),
-                      variables=tuple(variables))
+                      variables=tuple(variables), order=tuple(order))
 
 
 def _chain_end(toks: list[Tok], i: int) -> int:
@@ -584,6 +596,24 @@ def _placeholder(k: int, columns) -> str:
 
 # ----------------------------------------------------------------------------- materializer
 
+_LEVELS = "(levels)"     # the fit's levels of a factor-valued term, in its state (no call deparses so)
+
+
+def _check_levels(label: str, values, state: dict) -> None:
+    """A factor-valued term (factor(k), I(x > 2)) records its levels when the model is built; on
+    new data a level the fit did not see is an error (R: "factor has new levels")."""
+    if not isinstance(values, pd.Series) or not isinstance(values.dtype, pd.CategoricalDtype):
+        return
+    present = [str(c) for c in values.cat.categories[np.unique(values.cat.codes[values.cat.codes >= 0])]]
+    if _LEVELS not in state:
+        state[_LEVELS] = present
+        return
+    new = sorted(set(present) - set(state[_LEVELS]))
+    if new:
+        raise DataError(f"factor {label!r} has new level(s) {new[:5]} not among the levels the model was built "
+                        f"with ({', '.join(state[_LEVELS][:10])}); in chunks, make the column a categorical first")
+
+
 class RFormulaMaterializer(PandasMaterializer):
     """formulaic's pandas materializer with nothing to evaluate but data columns and this
     module's expressions (``exprs``: placeholder → :class:`RExpr`), and R's ``contrasts``
@@ -611,27 +641,18 @@ class RFormulaMaterializer(PandasMaterializer):
             e = exprs[name]
             state = self._spec.transform_state.setdefault(name, {}) if self._spec is not None else {}
             values = _finish(evaluate(e, self.data, state), len(self.data), self.data.index, e.label)
-            self._check_levels(name, e.label, values)
+            if e.tree is not None and e.tree[0] == "col":           # a column that is not an identifier
+                return self._column(e.tree[1], values), {Variable(e.tree[1], roles=("value",), source="data")}
+            _check_levels(e.label, values, state)
             return values, {Variable(c, roles=("value",), source="data") for c in e.columns}
         if name in self.data.columns:
-            values = self.data[name]
-            rc = (self.params.get("contrasts") or {}).get(name)
-            if rc is not None:
-                values = _formulaic_C(values, contrasts=rc)
-            return values, {Variable(name, roles=("value",), source="data")}
+            return self._column(name, self.data[name]), {Variable(name, roles=("value",), source="data")}
         raise MissingColumnError([name], [str(c) for c in self.data.columns])
 
-    def _check_levels(self, name: str, label: str, values) -> None:
-        """A factor-valued term on new data may only take the fit's levels (R: "factor has new levels")."""
-        if self._spec is None or not isinstance(values, pd.Series) or not isinstance(values.dtype, pd.CategoricalDtype):
-            return
-        st = self._spec.encoder_state.get(name)
-        cats = st[1].get("categories") if st is not None and isinstance(st[1], dict) else None
-        if cats is None:
-            return
-        new = sorted(set(values.cat.categories[np.unique(values.cat.codes[values.cat.codes >= 0])]) - set(cats))
-        if new:
-            raise DataError(f"factor {label!r} has new level(s) {new[:5]} not seen in the fitted data")
+    def _column(self, name: str, values):
+        """A data column, with its R contrasts when it is a factor that has them."""
+        rc = (self.params.get("contrasts") or {}).get(name)
+        return _formulaic_C(values, contrasts=rc) if rc is not None else values
 
     @override
     def _evaluate(self, expr, metadata, spec):
@@ -646,8 +667,15 @@ class RFormulaMaterializer(PandasMaterializer):
 def model_matrix(tr: Translated, frame: pd.DataFrame, where: str, contrasts: Mapping | None = None,
                  allow_python: bool = False):
     """formulaic's model matrix of a translated right-hand side on ``frame`` (complete rows),
-    with the model spec that rebuilds it on new data."""
-    spec = ModelSpec.from_spec(Formula(tr.text), materializer=RFormulaMaterializer, na_action="ignore",
+    with the model spec that rebuilds it on new data.  The factors of each interaction are put in
+    the order the variables first appear in the formula, as R's ``terms`` orders them
+    (``log(z):f`` is R's term ``f:log(z)``)."""
+    formula = Formula(tr.text)
+    if isinstance(formula, SimpleFormula) and tr.order:
+        rank = {name: i for i, name in enumerate(tr.order)}
+        formula = SimpleFormula([Term(sorted(t.factors, key=lambda f: rank.get(f.expr, -1))) for t in formula],
+                                _ordering=formula.ordering)
+    spec = ModelSpec.from_spec(formula, materializer=RFormulaMaterializer, na_action="ignore",
                                output="pandas", materializer_params={"exprs": dict(tr.exprs), "labels": dict(tr.labels),
                                                            "contrasts": dict(contrasts or {}),
                                                            "allow_python": bool(allow_python)})
