@@ -148,7 +148,8 @@ def _fit(args, progress_out: list) -> int:
                            "pip install fastlmm_ext[plot]  (or: pip install matplotlib)") from None
     df = read_data(args.data)
     reml = not args.ml
-    model = LinearMixedModel(args.formula, df, REML=reml, backend=args.backend)
+    # allow_python stays off on the command line: a formula from the shell never runs Python code
+    model = LinearMixedModel(args.formula, df, REML=reml, backend=args.backend, allow_python=False)
     progress = Progress(args.verbose, "REML criterion" if reml else "deviance", prefix=PROG)
     progress_out.append(progress)
     inner = model.backend

@@ -144,7 +144,8 @@ class RExpr:
     tree: tuple | None
     columns: tuple[str, ...]
     stateful: tuple[str, ...] = ()
-    python: bool = False
+    python: bool = False            # Python source (tree is None)
+    allow_python: bool = False      # names left to Python may be evaluated (the interpreter checks again)
 
 
 def _attribute_error(name: str, columns, term: str) -> FormulaError | None:
@@ -256,11 +257,12 @@ def parse_expr(text: str, columns, allow_python: bool = False, term: str | None 
         if not allow_python:
             raise
         return RExpr(label=term, text=text, tree=None, columns=tuple(sorted(_python_names(text) & cols)),
-                     python=True)
+                     python=True, allow_python=True)
     used: dict = {}
     stateful: list = []
     resolved = _resolve(tree, cols, term, allow_python, used, stateful)
-    return RExpr(label=deparse(tree), text=text, tree=resolved, columns=tuple(used), stateful=tuple(stateful))
+    return RExpr(label=deparse(tree), text=text, tree=resolved, columns=tuple(used), stateful=tuple(stateful),
+                 allow_python=bool(allow_python))
 
 
 def _python_names(text: str) -> set[str]:
@@ -297,21 +299,25 @@ class _Interpreter:
     """Evaluates a resolved expression tree on the data; ``state`` holds each stateful call's
     state, keyed by the call's deparse."""
 
-    def __init__(self, data: Mapping, state: dict, term: str):
-        self.data, self.state, self.term = data, state, term
+    def __init__(self, data: Mapping, state: dict, term: str, allow_python: bool):
+        self.data, self.state, self.term, self.allow_python = data, state, term, allow_python
+
+    def python(self, name: str):
+        """allow_python only: a name Python resolves (np.where, x.clip)."""
+        if not self.allow_python:
+            raise FormulaError(f"{name!r} is not allowed in formula term {self.term!r}")
+        return eval(name, _py_globals(), _PythonNames(self.data))  # noqa: S307 - the user opted in
 
     def run(self, node: tuple):
         kind = node[0]
-        if kind in ("num", "const"):
-            return node[1]
-        if kind == "str":
+        if kind in ("num", "const", "str"):
             return node[1]
         if kind == "col":
             if node[1] not in self.data:
                 raise MissingColumnError([node[1]], [str(c) for c in self.data])
             return self.data[node[1]]
         if kind == "py":
-            return eval(node[1], _py_globals(), _PythonNames(self.data))  # noqa: S307 - allow_python only
+            return self.python(node[1])
         if kind == "paren":
             return self.run(node[1])
         if kind == "unary":
@@ -326,15 +332,18 @@ class _Interpreter:
             return _BINARY[node[1]](a, b)
         if kind == "list":
             return np.asarray([self.run(x) for x in node[1]])
-        return self.call(node)
+        if kind == "call":
+            return self.call(node)
+        raise FormulaError(f"cannot evaluate formula term {self.term!r}")   # an unresolved tree
 
     def call(self, node: tuple):
         name, args = node[1], node[2]
         fn = _function(name)
-        values = [(k, self.run(a)) for k, a in args]
         if fn is None:        # allow_python: a Python callable named in the formula
-            f = eval(name, _py_globals(), _PythonNames(self.data))  # noqa: S307
+            f = self.python(name)
+            values = [(k, self.run(a)) for k, a in args]
             return f(*[v for k, v in values if k is None], **{k: v for k, v in values if k is not None})
+        values = [(k, self.run(a)) for k, a in args]
         params = _match_args(name, fn, [k for k, _ in values], self.term)
         if fn.params is None:
             return fn.impl(*[v for _, v in values])
@@ -434,13 +443,15 @@ def evaluate(expr: RExpr, data: Mapping, state: dict | None = None):
     carries the stateful transforms' state to new data."""
     state = {} if state is None else state
     if expr.python:
+        if not expr.allow_python:
+            raise FormulaError(f"formula term {expr.label!r} is Python code, which formulas may not run")
         try:
             return _eval_python(expr, data, state)
         except (FormulaError, DataError, MissingColumnError):
             raise
         except Exception as e:
             raise FormulaError(f"cannot evaluate formula term {expr.label!r}: {type(e).__name__}: {e}") from e
-    return _Interpreter(data, state, expr.label).run(expr.tree)
+    return _Interpreter(data, state, expr.label, expr.allow_python).run(expr.tree)
 
 
 def _finish(values, n: int, index, label: str):
@@ -640,7 +651,12 @@ class RFormulaMaterializer(PandasMaterializer):
         if name in exprs:
             e = exprs[name]
             state = self._spec.transform_state.setdefault(name, {}) if self._spec is not None else {}
-            values = _finish(evaluate(e, self.data, state), len(self.data), self.data.index, e.label)
+            try:
+                values = _finish(evaluate(e, self.data, state), len(self.data), self.data.index, e.label)
+            except (FormulaError, DataError, MissingColumnError):
+                raise
+            except Exception as err:     # numpy's or a transform's complaint, named by the term
+                raise FormulaError(f"cannot evaluate formula term {e.label!r}: {type(err).__name__}: {err}") from err
             if e.tree is not None and e.tree[0] == "col":           # a column that is not an identifier
                 return self._column(e.tree[1], values), {Variable(e.tree[1], roles=("value",), source="data")}
             _check_levels(e.label, values, state)
@@ -659,7 +675,7 @@ class RFormulaMaterializer(PandasMaterializer):
         if not self.params.get("allow_python"):
             raise FormulaError(f"formula term {expr!r} would run Python code, which formulas may not do "
                                "(allow_python=True permits it)")
-        e = RExpr(label=expr, text=expr, tree=None, columns=(), python=True)
+        e = RExpr(label=expr, text=expr, tree=None, columns=(), python=True, allow_python=True)
         values = _eval_python(e, self.data, spec.transform_state.setdefault(expr, {}))
         return _finish(values, len(self.data), self.data.index, expr), set()
 

@@ -220,8 +220,13 @@ def factor(x, levels=None) -> pd.Categorical:
 
 
 def relevel(x, ref) -> pd.Categorical:
-    """R's ``relevel(f, ref)``: the factor with level ``ref`` moved first."""
-    f = factor(x)
+    """R's ``relevel(f, ref)``: the factor with level ``ref`` moved first (a factor keeps all its
+    levels, as in R)."""
+    if _is_categorical(x):
+        f = pd.Categorical(x)
+        f = f.rename_categories([_label(v) for v in f.categories])
+    else:
+        f = factor(x)
     cats = list(f.categories)
     r = _label(ref)
     if r not in cats:

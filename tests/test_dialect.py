@@ -67,11 +67,12 @@ def fitted(name: str):
 
 def check_against_lme4(res, fit: dict) -> None:
     """Names exactly; criterion 1e-6 absolute; fixef 1e-4 and SEs 1e-3 relative (scale-free:
-    relative to the largest coefficient / SE)."""
+    relative to the largest coefficient / SE); σ 1e-4 relative."""
     assert list(res.fixef.index) == fit["X_colnames"]
     assert res.nobs == fit["nobs"]
     assert res.criterion == pytest.approx(fit["criterion"], abs=1e-6)
     assert res.loglik == pytest.approx(fit["logLik"], abs=1e-6)
+    assert res.sigma == pytest.approx(fit["sigma"], rel=1e-4)
     fx = np.array(list(fit["fixef"].values()))
     se = np.array(list(fit["fixef_se"].values()))
     np.testing.assert_allclose(res.fixef.to_numpy(), fx, rtol=1e-4, atol=1e-4 * np.abs(fx).max())

@@ -80,6 +80,10 @@ add_fit("co2_bs", "uptake ~ Type + bs(conc, df = 4) + (1|Plant)", co2, "CO2.csv"
         newdata = nd_co2)
 add_fit("co2_bs_knots", "uptake ~ Type + bs(conc, knots = c(250, 500), degree = 2) + (1|Plant)", co2, "CO2.csv",
         co2_cols, X_rows = 1:7, newdata = nd_co2)
+add_fit("co2_bs_intercept", "uptake ~ 0 + bs(conc, df = 5, intercept = TRUE) + Type + (1|Plant)", co2, "CO2.csv",
+        co2_cols, X_rows = 1:7, newdata = nd_co2)
+add_fit("co2_ns_boundary", "uptake ~ ns(conc, df = 3, Boundary.knots = c(90, 1100)) + (1|Plant)", co2, "CO2.csv",
+        co2_cols, X_rows = 1:7, newdata = nd_co2)
 add_fit("co2_scale", "uptake ~ Treatment + scale(conc) + (1 + scale(conc)|Plant)", co2, "CO2.csv", co2_cols,
         X_rows = 1:7, newdata = nd_co2, full_predict = TRUE)
 
@@ -141,6 +145,8 @@ add_fit("mu_cross", "y.v ~ (x.1 + z + f)^2 + (1|g.id)", mu, "madeup.csv", mu_col
 add_fit("mu_math", "y.v ~ sqrt(z) + log2(z) + log10(z) + log1p(z) + abs(x.1) + exp(x.1/4) + (1|g.id)", mu,
         "madeup.csv", mu_cols, newdata = nd_mu)
 add_fit("mu_factor_offset", "y.v ~ factor(k) + as.numeric(f) + offset(w) + (1|g.id)", mu, "madeup.csv", mu_cols,
+        newdata = nd_mu)
+add_fit("mu_relevel", "y.v ~ relevel(f, \"mid\") + as.factor(k) + (1|g.id)", mu, "madeup.csv", mu_cols,
         newdata = nd_mu)
 add_fit("mu_shadowed", "y.v ~ log(log) + I(C^2) + exp(-np) + (1 + x.1|g.id)", mu, "madeup.csv", mu_cols,
         newdata = nd_mu, full_predict = TRUE)
