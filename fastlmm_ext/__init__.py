@@ -5,10 +5,11 @@
 >>> print(res.summary())                                            # doctest: +SKIP
 """
 from . import datasets
-from ._exceptions import (CholmodError, ConvergenceWarning, DataError, FastLMMError, FastLMMWarning,
-                          FormulaError, GroupingFactorError, IdentifiabilityError, MissingColumnError,
-                          MissingValuesWarning, NotPositiveDefiniteError, RankDeficiencyWarning,
-                          SingularFitWarning)
+from ._contrasts import contr
+from ._exceptions import (CholmodError, ContrastsError, ConvergenceWarning, DataError, FastLMMError,
+                          FastLMMWarning, FormulaError, GroupingFactorError, IdentifiabilityError,
+                          MissingColumnError, MissingValuesWarning, NotPositiveDefiniteError,
+                          RankDeficiencyWarning, SingularFitWarning)
 from ._formula import parse_formula
 from ._inference import anova
 from ._many import fit_many
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "lmer", "lmer_chunked", "anova", "fit_many", "datasets", "LinearMixedModel", "LmerResult", "OptSummary", "parse_formula",
-    "FastLMMError", "FormulaError", "DataError", "MissingColumnError", "GroupingFactorError",
+    "contr", "FastLMMError", "FormulaError", "DataError", "MissingColumnError", "GroupingFactorError", "ContrastsError",
     "IdentifiabilityError", "NotPositiveDefiniteError", "CholmodError",
     "FastLMMWarning", "ConvergenceWarning", "SingularFitWarning", "RankDeficiencyWarning",
     "MissingValuesWarning", "__version__",

@@ -17,7 +17,6 @@ picklable, so the Dask path (``_dask``) runs the same two functions per partitio
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -26,21 +25,19 @@ from typing import Callable, Iterable, Iterator
 
 import pandas as pd
 
+from ._contrasts import check_contrast_names
 from ._data import as_numeric_array, check_columns
 from ._design import (ModelStructure, ModelVariables, ReTerm, check_response_type, check_term_size,
                       evaluate_rows, model_variables, order_terms, warn_rank_deficient)
 from ._exceptions import DataError, FormulaError, MissingValuesWarning
 from ._formula import ParsedFormula, parse_formula
 from ._levels import GlobalLevels, LevelScanner
+from ._rformula import parse_expr, translate
 from ._suffstats import SuffStats
 
 __all__ = ["lmer_chunked", "structure_from_chunks", "ChunkPlan", "iter_file_chunks"]
 
 DEFAULT_CHUNKSIZE = 500_000
-
-# formulaic's stateful transforms learn a state (mean, sd, knots, ...) from the data they see;
-# chunk by chunk they would each see a different chunk.
-_STATEFUL = re.compile(r"(?<![\w.])(center|scale|standardize|poly|bs|cs|cr|cc|te|hashed|lag)\s*\(")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -132,22 +129,30 @@ class ChunkPlan:
     terms: list[ReTerm] | None = None      # sorted terms without rows
     order: list[int] | None = None         # formula position of each sorted term
     fixef_names: list[str] | None = None   # all fixed-effects columns, before the rank check
+    allow_python: bool = False
+    contrasts: dict | None = None          # {column: RContrasts} of the fixed part, as given
 
     @classmethod
-    def create(cls, formula: str, columns, weights=None, offset=None) -> "ChunkPlan":
+    def create(cls, formula: str, columns, weights=None, offset=None, allow_python: bool = False,
+               contrasts=None) -> "ChunkPlan":
         if not isinstance(formula, str):
             raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
         for name, arg in (("weights", weights), ("offset", offset)):
             if arg is not None and not isinstance(arg, str):
                 raise DataError(f"{name}= must name a column when the data come in chunks")
         parsed = parse_formula(formula)
-        for part in [parsed.response, parsed.fixed, *parsed.offsets, *(rt.expr for rt in parsed.random)]:
-            m = _STATEFUL.search(part)
-            if m:
-                raise FormulaError(f"{m.group(1)}() learns its state from the data it sees, so chunk by chunk it "
-                                   "would differ between chunks; transform the column before chunking")
-        mv = model_variables(parsed, columns, weights, offset)
-        return cls(formula=formula, parsed=parsed, mv=mv, weights=weights, offset=offset)
+        mv = model_variables(parsed, columns, weights, offset, allow_python)
+        # Stateful transforms (poly, scale, ns, bs, center) learn a state (mean, sd, knots, ...) from
+        # the data they see; chunk by chunk they would each see a different chunk.
+        cols = list(columns)
+        parts = [parse_expr(e, cols, allow_python).stateful for e in (parsed.response, *parsed.offsets)]
+        parts += [translate(t, cols, allow_python).stateful for t in (parsed.fixed, *(rt.expr for rt in parsed.random))]
+        stateful = [f for p in parts for f in p]
+        if stateful:
+            raise FormulaError(f"{stateful[0]}() learns its state from the data it sees, so chunk by chunk it "
+                               "would differ between chunks; transform the column before chunking")
+        return cls(formula=formula, parsed=parsed, mv=mv, weights=weights, offset=offset,
+                   allow_python=bool(allow_python), contrasts=check_contrast_names(contrasts, columns))
 
     # -- per chunk
     def complete_rows(self, df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -177,7 +182,8 @@ class ChunkPlan:
             raise DataError("weights must be non-negative")
         o = as_numeric_array(sub[self.offset], self.offset, what="offset column") if self.offset else None
         block = evaluate_rows(self.parsed, frame, lambda g: self.levels.group_codes(sub, tuple(g)),
-                              offset_arg=o, fixed_spec=self.fixed_spec)
+                              offset_arg=o, fixed_spec=self.fixed_spec, allow_python=self.allow_python,
+                              contrasts=self.contrasts)
         return block, w
 
     def set_prototype(self, block) -> None:
@@ -185,7 +191,8 @@ class ChunkPlan:
         self.fixed_spec = block.fixed_spec
         self.fixef_names = list(block.fixef_names)
         term_levels = [self.levels.group_labels(tuple(rt.group)) for rt in self.parsed.random]
-        self.terms = order_terms(self.parsed, block.term_cnms, term_levels)
+        self.terms = order_terms(self.parsed, block.term_cnms, term_levels, term_specs=block.term_specs)
+        self.contrasts = block.contrasts
         m = len(self.parsed.random)
         self.order = sorted(range(m), key=lambda i: -len(term_levels[i]))
 
@@ -232,23 +239,26 @@ class ChunkPlan:
             factor_levels={t.factor: list(t.levels) for t in self.terms},
             variable_levels={c: (list(lv.columns[c].labels), lv.columns[c].ordered)
                              for c in self.mv.frame_columns if c in lv.non_numeric},
-            nobs=n, prior_weights=self.weights is not None)
+            nobs=n, prior_weights=self.weights is not None, allow_python=self.allow_python,
+            contrasts=dict(self.contrasts or {}))
         return s, cp
 
 
 # ----------------------------------------------------------------------------- drivers
 
 def structure_from_chunks(formula: str, chunks, *, weights: str | None = None, offset: str | None = None,
-                          chunksize: int = DEFAULT_CHUNKSIZE, progress: bool = False):
+                          chunksize: int = DEFAULT_CHUNKSIZE, progress: bool = False, allow_python: bool = False,
+                          contrasts=None):
     """The row-less model structure and cross-products of chunks of rows (see :func:`lmer_chunked`)."""
     source = _Source(chunks, chunksize, None)
     plan: ChunkPlan | None = None
     scanner = None
     stats = None
     try:
-        for df in _progress(source.first_pass(_columns_hint(formula, weights, offset)), progress, "levels"):
+        hint = _columns_hint(formula, weights, offset, allow_python)
+        for df in _progress(source.first_pass(hint), progress, "levels"):
             if plan is None:
-                plan = ChunkPlan.create(formula, df.columns, weights, offset)
+                plan = ChunkPlan.create(formula, df.columns, weights, offset, allow_python, contrasts)
                 scanner = plan.scanner()
             plan.scan(df, scanner)
         if plan is None:
@@ -296,15 +306,15 @@ def _progress(it: Iterable, enabled: bool, what: str):
         print(f"fastlmm_ext: chunks ({what}): {i} done, {time.perf_counter() - start:.1f}s", file=sys.stderr)
 
 
-def _columns_hint(formula, weights, offset) -> list[str]:
+def _columns_hint(formula, weights, offset, allow_python: bool) -> list[str]:
     """Columns to spool for a one-shot iterator: the model's, from the formula alone (no data
-    columns yet, which only stateful transforms would need, and those are refused)."""
-    return model_variables(parse_formula(formula), (), weights, offset).all_columns
+    columns yet: every name the formula reads as a variable is taken for a column)."""
+    return model_variables(parse_formula(formula), (), weights, offset, allow_python).all_columns
 
 
 def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None = None,
                  offset: str | None = None, chunksize: int = DEFAULT_CHUNKSIZE, ordering: str = "default",
-                 progress: bool = False, **fit_options):
+                 progress: bool = False, contrasts=None, allow_python: bool = False, **fit_options):
     """Fit an LMM from data that does not fit in memory, one chunk of rows at a time.
 
     ``chunks``: a CSV/Parquet file path (read ``chunksize`` rows at a time, model columns only),
@@ -315,8 +325,9 @@ def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None
     Peak memory is one chunk plus the cross-products (ZᵀZ's non-zeros, q × (p+1), (p+1)²), never
     the whole data.  Levels are numbered as the in-memory fit numbers them, so estimates, names
     and the criterion equal :func:`lmer`'s on the concatenated data (to rounding).  ``weights`` and
-    ``offset`` must be column names.  Stateful transforms (``scale(x)``, ``poly(x, 2)``, ...)
-    are refused: transform the column before chunking.
+    ``offset`` must be column names.  Stateful transforms (``scale(x)``, ``poly(x, 2)``, ``ns``,
+    ``bs``, ``center``) are refused: transform the column before chunking.  ``contrasts`` and
+    ``allow_python`` as for :func:`~fastlmm_ext.lmer`.
 
     The result has everything computed from the cross-products (fixef, SEs, θ, σ, VarCorr, ranef
     and condVar, logLik, AIC/BIC, summary, Satterthwaite tests, profile CIs, predict on new
@@ -324,5 +335,6 @@ def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None
     ``DataError`` because the rows are gone."""
     from ._model import LinearMixedModel
     model = LinearMixedModel.from_chunks(formula, chunks, REML, weights=weights, offset=offset, chunksize=chunksize,
-                                         ordering=ordering, progress=progress)
+                                         ordering=ordering, progress=progress, contrasts=contrasts,
+                                         allow_python=allow_python)
     return model.fit(**fit_options)

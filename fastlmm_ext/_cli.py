@@ -33,9 +33,17 @@ formula syntax (lme4's; quote the formula for the shell):
   y ~ x + (1|a) + (1|b)      crossed random effects
   y ~ 0 + x + (1|g)          no fixed intercept; same as x - 1
   y ~ a * b + (1|g)          interactions in the fixed part (a:b for the interaction only)
-  y ~ np.log(x) + I(x**2) + C(k) + (1|g)
-                             transformations; C(k) treats a numeric column k as a factor
+  y ~ (a + b + c)^2 + (1|g)  main effects and all two-way interactions
   y ~ x + offset(z) + (1|g)  a known offset
+
+R's functions, with R's values and R's column names:
+  I(x^2)  log(x)  log2 log10 log1p exp sqrt abs  poly(x, 2)  poly(x, 2, raw = TRUE)
+  scale(x)  ns(x, df = 3)  bs(x, df = 4)  factor(k)  as.numeric(f)  relevel(f, "b")
+  (^ is a power inside I() and function calls; np.log(x), I(x**2) and C(k) work too)
+Names: a column is a variable wherever it is not called (a column named log or C is fine);
+dotted names (Informed.liking) need no quotes; `any name` in backticks.
+A formula cannot run code: only data columns, these functions and numpy ufuncs
+(np.<name>) are evaluated; attribute access, subscripts and other Python are refused.
 
 Text and boolean columns are factors (first level in sorted order is the reference).
 Rows with a missing value in a used column are dropped, with a warning.
@@ -140,7 +148,8 @@ def _fit(args, progress_out: list) -> int:
                            "pip install fastlmm_ext[plot]  (or: pip install matplotlib)") from None
     df = read_data(args.data)
     reml = not args.ml
-    model = LinearMixedModel(args.formula, df, REML=reml, backend=args.backend)
+    # allow_python stays off on the command line: a formula from the shell never runs Python code
+    model = LinearMixedModel(args.formula, df, REML=reml, backend=args.backend, allow_python=False)
     progress = Progress(args.verbose, "REML criterion" if reml else "deviance", prefix=PROG)
     progress_out.append(progress)
     inner = model.backend

@@ -59,14 +59,14 @@ def _tree_reduce(items: list, merge, split_every: int = 8):
     return level[0]
 
 
-def structure_from_dask(formula: str, ddf, weights=None, offset=None):
+def structure_from_dask(formula: str, ddf, weights=None, offset=None, allow_python: bool = False, contrasts=None):
     """The row-less model structure and cross-products of a Dask DataFrame (module docstring)."""
     try:
         import dask
         from dask import delayed
     except ImportError as e:  # pragma: no cover - only reached with a dask object in hand
         raise ImportError("fitting a Dask DataFrame needs dask: pip install 'fastlmm_ext[dask]'") from e
-    plan = ChunkPlan.create(formula, list(ddf.columns), weights, offset)
+    plan = ChunkPlan.create(formula, list(ddf.columns), weights, offset, allow_python, contrasts)
     check_columns(pd.DataFrame(columns=list(ddf.columns)), plan.mv.all_columns)
     parts = ddf[plan.mv.all_columns].to_delayed()
     if not parts:

@@ -2,8 +2,10 @@
 
 Model (lme4's notation):  y = Xβ + Zb + offset + ε,  b = Λ_θ u,  u ~ N(0, σ² I),  ε ~ N(0, σ² W⁻¹).
 
-* X comes from formulaic (treatment contrasts, first level as reference), with columns
-  renamed the way R names them ("(Intercept)", "metali", "recipeB:temperature.L").
+* X comes from formulaic, the formula read in R's dialect by ``_rformula`` (nothing in it is
+  run as Python code), with R's contrasts (``_contrasts``: treatment by default, contr.poly for
+  ordered factors, the user's ``contrasts=``) and columns named as R names them
+  ("(Intercept)", "metali", "recipeB:temperature.L", "poly(conc, 2)1").
 * Z is assembled directly from integer level codes and each term's small dense model
   matrix: for term i with k_i columns and ℓ_i levels, Z_i has k_i·ℓ_i columns ordered level
   by level, so Λ_i = I_{ℓ_i} ⊗ T_i with T_i lower triangular (k_i × k_i).
@@ -12,7 +14,6 @@ Model (lme4's notation):  y = Xβ + Zb + offset + ε,  b = Λ_θ u,  u ~ N(0, σ
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,15 +21,15 @@ import numpy as np
 import pandas as pd
 import scipy.linalg as la
 import scipy.sparse as sp
-from formulaic import Formula, model_matrix
-
+from ._contrasts import check_contrast_names, default_contrasts, resolve_contrasts
 from ._data import (as_frame, as_numeric_array, check_columns, drop_missing, factor_codes,
                     is_factor_dtype, prepare_factors)
 from ._exceptions import (DataError, FormulaError, GroupingFactorError, IdentifiabilityError,
                           RankDeficiencyWarning)
 from ._formula import ParsedFormula, parse_formula
+from ._rformula import RExpr, evaluate_vector, model_matrix, parse_expr, r_column_names, translate
 
-__all__ = ["ReTerm", "ModelStructure", "build_structure", "r_column_name"]
+__all__ = ["ReTerm", "ModelStructure", "build_structure"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ReTerm:
     col_offset: int           # first column of this term in Z
     theta_offset: int         # first element of this term's θ
     ncols: int = -1           # k, when Xi is not kept
+    spec: object = field(default=None, repr=False, compare=False)   # formulaic ModelSpec of Xi, for new data
 
     @property
     def k(self) -> int:
@@ -106,6 +108,8 @@ class ModelStructure:
     variable_levels: dict = field(default_factory=dict)     # factor column -> (categories, ordered)
     nobs: int | None = None        # n for a structure without rows
     prior_weights: bool = False    # weights were given (for a structure without rows)
+    allow_python: bool = False     # the formula's terms were evaluated as Python (see _rformula)
+    contrasts: dict = field(default_factory=dict)   # factor column -> RContrasts of the fixed part (non-treatment)
 
     @property
     def has_rows(self) -> bool:
@@ -171,32 +175,6 @@ class ModelStructure:
 
 # ----------------------------------------------------------------------------- names
 
-_BRACKET = re.compile(r"\[(?:T\.)?(.*?)\]")
-
-
-def r_column_name(name: str) -> str:
-    """formulaic's column name → R's: 'Intercept' → '(Intercept)', 'f[T.b]' → 'fb'."""
-    if name == "Intercept":
-        return "(Intercept)"
-    return ":".join(_BRACKET.sub(lambda m: m.group(1), part) for part in _split_colon(name))
-
-
-def _split_colon(name: str) -> list[str]:
-    parts, depth, cur = [], 0, ""
-    for ch in name:
-        if ch in "([":
-            depth += 1
-        elif ch in ")]":
-            depth -= 1
-        if ch == ":" and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    return parts
-
-
 def _unique_names(labels: list[str]) -> list[str]:
     """R's make.unique: the second 'Subject' becomes 'Subject.1', and so on."""
     seen: dict[str, int] = {}
@@ -213,75 +191,17 @@ def _unique_names(labels: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- building
 
-def _variables(rhs: str, where: str, columns=()) -> set[str]:
-    """Data columns a right-hand side uses.  formulaic's ``required_variables`` omits the
-    arguments of stateful transforms (``center(x)``, ``scale(x)``, ``poly(x, 2)``), so names read
-    inside Python-evaluated factors are added when they are columns of the data."""
+def _variables(rhs: str, where: str, columns=(), allow_python: bool = False) -> set[str]:
+    """Data columns a right-hand side reads (its terms are checked by ``_rformula.translate``)."""
+    return set(translate(rhs, columns, allow_python, where).columns)
+
+
+def _expr(text: str, columns, allow_python: bool, what: str) -> RExpr:
+    """The response or an offset, parsed and checked."""
     try:
-        F = Formula(rhs)
-        out = {str(v) for v in F.required_variables}
-        cols = set(map(str, columns))
-        for term in F:
-            for factor in term.factors:
-                if getattr(factor.eval_method, "name", "") == "PYTHON":
-                    out |= _names_in(str(factor.expr)) & cols
-        return out
-    except FormulaError:
-        raise
-    except Exception as e:
-        raise FormulaError(f"cannot parse {where} {rhs!r}: {e}") from e
-
-
-def _names_in(expr: str) -> set[str]:
-    """Bare names read in a Python expression (not called functions, not module prefixes)."""
-    import ast
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except SyntaxError:
-        return set()
-    skip = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            skip.add(id(node.func))
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            skip.add(id(node.value))
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in skip}
-
-
-def _model_matrix(rhs: str, frame: pd.DataFrame, where: str):
-    try:
-        return model_matrix(rhs, frame, na_action="ignore", output="pandas")
-    except Exception as e:
-        raise FormulaError(f"cannot build the model matrix of {where} {rhs!r}: {e}") from e
-
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-def _poly_for_ordered(rhs: str, frame: pd.DataFrame) -> tuple[str, dict[str, str]]:
-    """R gives ordered factors polynomial contrasts (contr.poly): wrap each ordered column of
-    ``rhs`` in ``C(col, contr.poly)`` and return the column-name renames back to R's
-    ('C(t, contr.poly).L' → 't.L')."""
-    renames = {}
-    for col in frame.columns:
-        dt = frame[col].dtype
-        if isinstance(dt, pd.CategoricalDtype) and dt.ordered and _IDENT.match(str(col)):
-            pat = re.compile(rf"(?<![\w.`])(?<!C\(){re.escape(col)}(?![\w(`])")
-            if pat.search(rhs):
-                wrapped = f"C({col}, contr.poly)"
-                rhs = pat.sub(wrapped, rhs)
-                renames[wrapped] = col
-    return rhs, renames
-
-
-def _r_names(columns, renames: dict[str, str]) -> list[str]:
-    out = []
-    for c in columns:
-        name = r_column_name(c)
-        for old, new in renames.items():
-            name = name.replace(old, new)
-        out.append(name)
-    return out
+        return parse_expr(text, columns, allow_python)
+    except FormulaError as e:
+        raise FormulaError(f"{what} {text!r}: {e}") from None
 
 
 def _vector_arg(arg, df: pd.DataFrame, name: str) -> np.ndarray | None:
@@ -355,17 +275,21 @@ class ModelVariables:
         return [c for c in self.used if c not in self.groups or c in read]
 
 
-def model_variables(parsed: ParsedFormula, columns, weights=None, offset=None) -> ModelVariables:
+def model_variables(parsed: ParsedFormula, columns, weights=None, offset=None,
+                    allow_python: bool = False) -> ModelVariables:
+    """The columns each part of the formula reads; every evaluated term is parsed and checked
+    here, before any of them is evaluated (``_rformula``)."""
     cols = list(columns)
     groups: list[str] = []
     re_vars: set[str] = set()
+    response = set(_expr(parsed.response, cols, allow_python, "response").columns)
+    fixed = _variables(parsed.fixed, "the fixed effects", cols, allow_python)
     for rt in parsed.random:
-        re_vars |= _variables(rt.expr, f"the random-effects term ({rt.expr} | {rt.group_name()})", cols)
+        re_vars |= _variables(rt.expr, f"the random-effects term ({rt.expr} | {rt.group_name()})", cols,
+                              allow_python)
         groups.extend(g for g in rt.group if g not in groups)
-    off_vars = set().union(*[_variables(o, "the offset", cols) for o in parsed.offsets]) if parsed.offsets else set()
-    return ModelVariables(response=_variables(parsed.response, "the response", cols),
-                          fixed=_variables(parsed.fixed, "the fixed effects", cols), offsets=off_vars,
-                          random=re_vars, groups=groups,
+    off_vars = set().union(*[_expr(o, cols, allow_python, "offset").columns for o in parsed.offsets])
+    return ModelVariables(response=response, fixed=fixed, offsets=off_vars, random=re_vars, groups=groups,
                           extra=[a for a in (weights, offset) if isinstance(a, str)])
 
 
@@ -388,63 +312,71 @@ class RowBlock:
     term_cnms: list[list[str]]
     term_Xi: list[np.ndarray]
     term_codes: list[np.ndarray]
+    term_specs: list = field(default_factory=list)
+    contrasts: dict = field(default_factory=dict)    # the fixed part's factor contrasts
 
 
 def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offset_arg=None,
-                  fixed_spec=None) -> RowBlock:
+                  fixed_spec=None, allow_python: bool = False, contrasts=None) -> RowBlock:
     """Evaluate the response, fixed effects, offsets and random-effects model matrices on
     ``frame`` (complete rows, factors already Categorical).  ``group_codes(group)`` gives the
     integer level codes of a grouping factor; ``fixed_spec`` (formulaic's ModelSpec of an earlier
-    block) fixes the fixed-effects columns, so every chunk of a chunked fit gets the same ones."""
+    block) fixes the fixed-effects columns, so every chunk of a chunked fit gets the same ones.
+    ``contrasts``: {column: RContrasts} of the fixed part's factors (checked names, see
+    ``_contrasts``); the random-effects terms get R's defaults, as lme4 builds them."""
     n = len(frame)
-    # y: a bare column or an expression of columns (np.log(y)), evaluated by formulaic.
-    if parsed.response in frame.columns:
-        y = as_numeric_array(frame[parsed.response], parsed.response, what="response")
+    cols = list(frame.columns)
+    # y: a bare column or an expression of columns (log(y)).
+    ye = _expr(parsed.response, cols, allow_python, "response")
+    if ye.tree is not None and ye.tree[0] == "col":
+        y = as_numeric_array(frame[ye.tree[1]], parsed.response, what="response")
     else:
-        ymm = _model_matrix("0 + " + parsed.response, frame, "the response")
-        if ymm.shape[1] != 1:
-            raise DataError(f"response {parsed.response!r} must be a single numeric column")
-        y = as_numeric_array(ymm.iloc[:, 0], parsed.response, what="response")
+        y = evaluate_vector(ye, frame, "response")
     if not np.isfinite(y).all():
         raise DataError(f"response {parsed.response!r} has {int((~np.isfinite(y)).sum())} non-finite value(s) "
                         "after evaluation (e.g. log of a non-positive number)")
 
-    fixed_rhs, renames = _poly_for_ordered(parsed.fixed, frame)
     if fixed_spec is None:
-        Xmm = _model_matrix(fixed_rhs, frame, "the fixed effects")
-        fixed_spec = getattr(Xmm, "model_spec", None)
+        tr = translate(parsed.fixed, cols, allow_python, "the fixed effects")
+        fixed_contrasts = resolve_contrasts(contrasts or {}, frame, tr.variables)
+        Xmm = model_matrix(tr, frame, f"the fixed effects {parsed.fixed!r}", fixed_contrasts, allow_python)
+        fixed_spec = Xmm.model_spec
     else:
+        fixed_contrasts = dict((fixed_spec.materializer_params or {}).get("contrasts", {}))
         try:
             Xmm = fixed_spec.get_model_matrix(frame, output="pandas", na_action="ignore")
+        except FormulaError:
+            raise
         except Exception as e:
-            raise FormulaError(f"cannot build the model matrix of the fixed effects {fixed_rhs!r}: {e}") from e
+            raise FormulaError(f"cannot build the model matrix of the fixed effects {parsed.fixed!r}: {e}") from e
     X = np.asarray(Xmm.to_numpy(dtype=np.float64), dtype=np.float64).reshape(n, -1)
-    names = _r_names(Xmm.columns, renames)
+    names = r_column_names(fixed_spec)
     if not np.isfinite(X).all():
         bad = [c for c, ok in zip(names, np.isfinite(X).all(axis=0)) if not ok]
         raise DataError(f"fixed-effects columns {bad} have non-finite values")
 
     off_total = offset_arg
     for o in parsed.offsets:
-        omm = _model_matrix("0 + " + o, frame, "the offset")
-        ov = as_numeric_array(omm.iloc[:, 0], o, what="offset")
+        ov = evaluate_vector(_expr(o, cols, allow_python, "offset"), frame, "offset")
         off_total = ov if off_total is None else off_total + ov
 
-    cnms, Xis, codes = [], [], []
+    cnms, Xis, codes, specs = [], [], [], []
     for rt in parsed.random:
         label = ":".join(rt.group)
-        re_rhs, re_renames = _poly_for_ordered(rt.expr, frame)
-        Zmm = _model_matrix(re_rhs, frame, f"the random-effects term ({rt.expr} | {label})")
+        where = f"the random-effects term ({rt.expr} | {label})"
+        tr = translate(rt.expr, cols, allow_python, where)
+        Zmm = model_matrix(tr, frame, where, default_contrasts(frame, tr.variables), allow_python)
         Xi = np.ascontiguousarray(Zmm.to_numpy(dtype=np.float64)).reshape(n, -1)
         if Xi.shape[1] == 0:
             raise FormulaError(f"random-effects term ({rt.expr} | {label}) has no columns")
         if not np.isfinite(Xi).all():
             raise DataError(f"random-effects term ({rt.expr} | {label}) has non-finite values")
-        cnms.append(_r_names(Zmm.columns, re_renames))
+        cnms.append(r_column_names(Zmm.model_spec))
         Xis.append(Xi)
+        specs.append(Zmm.model_spec)
         codes.append(group_codes(rt.group))
     return RowBlock(y=y, X=X, fixef_names=names, fixed_spec=fixed_spec, offset=off_total,
-                    term_cnms=cnms, term_Xi=Xis, term_codes=codes)
+                    term_cnms=cnms, term_Xi=Xis, term_codes=codes, term_specs=specs, contrasts=fixed_contrasts)
 
 
 def check_term_size(label: str, expr: str, nlevels: int, k: int, n: int) -> None:
@@ -464,9 +396,11 @@ def check_term_size(label: str, expr: str, nlevels: int, k: int, n: int) -> None
             "variance are probably unidentifiable")
 
 
-def order_terms(parsed: ParsedFormula, term_cnms, term_levels, term_codes=None, term_Xi=None) -> list[ReTerm]:
+def order_terms(parsed: ParsedFormula, term_cnms, term_levels, term_codes=None, term_Xi=None,
+                term_specs=None) -> list[ReTerm]:
     """ReTerms in lme4's order (decreasing number of levels, stable) with column and θ offsets.
-    ``term_codes``/``term_Xi`` are None for a structure built from cross-products alone."""
+    ``term_codes``/``term_Xi`` are None for a structure built from cross-products alone;
+    ``term_specs`` are the terms' model specs (for predicting on new data)."""
     m = len(parsed.random)
     order = sorted(range(m), key=lambda i: -len(term_levels[i]))
     names = _unique_names([":".join(parsed.random[i].group) for i in order])
@@ -477,15 +411,19 @@ def order_terms(parsed: ParsedFormula, term_cnms, term_levels, term_codes=None, 
                    cnms=tuple(term_cnms[i]), levels=tuple(term_levels[i]),
                    codes=None if term_codes is None else term_codes[i],
                    Xi=None if term_Xi is None else term_Xi[i], col_offset=col, theta_offset=th,
-                   ncols=len(term_cnms[i]))
+                   ncols=len(term_cnms[i]), spec=None if term_specs is None else term_specs[i])
         terms.append(t)
         col += t.q
         th += t.ntheta
     return terms
 
 
-def build_structure(formula: str, data, weights=None, offset=None) -> ModelStructure:
-    """Parse ``formula``, check ``data`` and assemble y, X, Z and the sorted random terms."""
+def build_structure(formula: str, data, weights=None, offset=None, allow_python: bool = False,
+                    contrasts=None) -> ModelStructure:
+    """Parse ``formula``, check ``data`` and assemble y, X, Z and the sorted random terms.
+
+    ``allow_python``: evaluate terms that are not R's dialect as Python (they can run any code);
+    ``contrasts``: {factor column: contrast} for the fixed part (``_contrasts``)."""
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
     parsed = parse_formula(formula)
@@ -493,7 +431,8 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
     if len(df) == 0:
         raise DataError("data has no rows")
 
-    mv = model_variables(parsed, df.columns, weights, offset)
+    mv = model_variables(parsed, df.columns, weights, offset, allow_python)
+    user_contrasts = check_contrast_names(contrasts, df.columns)
     check_columns(df, mv.all_columns)
 
     w_all = _vector_arg(weights, df, "weights")
@@ -529,7 +468,8 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
         term_levels.append(levels)
         return codes
 
-    rows = evaluate_rows(parsed, frame, group_codes, offset_arg=o_all)
+    rows = evaluate_rows(parsed, frame, group_codes, offset_arg=o_all, allow_python=allow_python,
+                         contrasts=user_contrasts)
     keep = rank_deficient_keep(rows.X.T @ rows.X) if rows.X.shape[1] else []
     dropped = [nm for j, nm in enumerate(rows.fixef_names) if j not in keep]
     X, fixef_names = rows.X[:, keep], [rows.fixef_names[j] for j in keep]
@@ -541,14 +481,14 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
         label = ":".join(rt.group)
         check_term_size(label, rt.expr, len(levels), Xi.shape[1], n)
         factor_levels[label] = levels
-    terms = order_terms(parsed, rows.term_cnms, term_levels, rows.term_codes, rows.term_Xi)
+    terms = order_terms(parsed, rows.term_cnms, term_levels, rows.term_codes, rows.term_Xi, rows.term_specs)
 
     return ModelStructure(
         formula=formula, parsed=parsed, response=parsed.response, y=rows.y, X=np.asfortranarray(X),
         fixef_names=tuple(fixef_names), dropped_fixef=tuple(dropped), terms=tuple(terms),
         Z=assemble_Z(terms, n), offset=rows.offset, weights=w_all, n_dropped=n_dropped,
         row_index=df2.index, fixed_spec=rows.fixed_spec, factor_levels=factor_levels,
-        variable_levels=variable_levels_of(frame))
+        variable_levels=variable_levels_of(frame), allow_python=bool(allow_python), contrasts=rows.contrasts)
 
 
 def variable_levels_of(frame: pd.DataFrame) -> dict:

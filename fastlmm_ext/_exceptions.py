@@ -11,7 +11,7 @@ __all__ = [
     "FastLMMError", "FormulaError", "DataError", "MissingColumnError",
     "GroupingFactorError", "IdentifiabilityError", "NotPositiveDefiniteError",
     "CholmodError", "FastLMMWarning", "ConvergenceWarning", "SingularFitWarning",
-    "RankDeficiencyWarning", "MissingValuesWarning",
+    "RankDeficiencyWarning", "MissingValuesWarning", "ContrastsError",
 ]
 
 
@@ -80,3 +80,7 @@ class RankDeficiencyWarning(FastLMMWarning):
 
 class MissingValuesWarning(FastLMMWarning):
     """Rows with missing values were dropped before fitting."""
+
+
+class ContrastsError(FastLMMError, ValueError):
+    """The ``contrasts=`` argument names an unknown column or contrast, or a matrix of the wrong shape."""

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
-import sys
 import warnings
 from dataclasses import dataclass
 
@@ -51,6 +49,8 @@ import numpy as np
 import pandas as pd
 import scipy.linalg as la
 from scipy import stats
+
+from ._rformula import factor_label, r_column_names
 
 __all__ = ["InferenceMixin", "SatterthwaiteInfo", "anova"]
 
@@ -309,28 +309,13 @@ class _FixedTerm:
     full_columns: list[int]    # columns of formulaic's full model matrix
 
 
-def _rename_expr(expr: str) -> str:
-    """formulaic factor expression → R label: the ordered-factor wrapper C(x, contr.poly) → x."""
-    m = re.fullmatch(r"C\((\w+), contr\.poly\)", expr)
-    return m.group(1) if m else expr
-
-
 def _fixed_terms(structure) -> tuple[list[_FixedTerm], bool, list[int]]:
     """Terms of the fixed part (without the intercept), whether there is an intercept, and the
     columns of formulaic's full model matrix that the fit kept (rank-deficient ones dropped)."""
-    from ._design import r_column_name
     spec = structure.fixed_spec
     if spec is None:
         raise NotImplementedError("the fixed-effects model spec is not available; cannot map columns to terms")
-    full_names = []
-    for c in spec.column_names:
-        nm = r_column_name(c)
-        for es in spec.structure:
-            for f in es.term.factors:
-                new = _rename_expr(str(f))
-                if new != str(f):
-                    nm = nm.replace(str(f), new)
-        full_names.append(nm)
+    full_names = r_column_names(spec)
     kept_names = list(structure.fixef_names)
     if len(full_names) == len(kept_names):
         kept = list(range(len(full_names)))
@@ -347,7 +332,7 @@ def _fixed_terms(structure) -> tuple[list[_FixedTerm], bool, list[int]]:
         if not factors:
             has_intercept = has_intercept or any(i in where for i in idx)
             continue
-        label = ":".join(_rename_expr(f) for f in factors)
+        label = ":".join(factor_label(spec, f) for f in factors)
         terms.append(_FixedTerm(label, factors, [where[i] for i in idx if i in where], idx))
     return terms, has_intercept, kept
 
@@ -424,16 +409,14 @@ def _synthetic_design(structure, terms: list[_FixedTerm]):
     for v in num_vars:
         frame[v] = rng.uniform(0.5, 1.5, size=n)
     syn = pd.DataFrame(frame)
-    design_mod = sys.modules[structure.__class__.__module__]
-    context = dict(vars(design_mod))
-    Xfull = np.asarray(spec.get_model_matrix(syn, context=context).to_numpy(dtype=float), dtype=float)
+    Xfull = np.asarray(spec.get_model_matrix(syn).to_numpy(dtype=float), dtype=float)
     values: dict[str, np.ndarray] = {}
     for f in all_factors:
         if f in cat_var:
             values[f] = idx[:, cat_vars.index(cat_var[f])]
         else:
-            sub = spec.update(formula="0 + " + f, structure=None)
-            values[f] = np.asarray(sub.get_model_matrix(syn, context=context).to_numpy(dtype=float)).reshape(n, -1)
+            sub = spec.update(formula="0 + " + (f if f.isidentifier() else f"`{f}`"), structure=None)
+            values[f] = np.asarray(sub.get_model_matrix(syn).to_numpy(dtype=float)).reshape(n, -1)
     return Xfull, values, {f: len(levels_of[v]) for f, v in cat_var.items()}
 
 
@@ -465,7 +448,7 @@ def _type3_contrasts(structure, terms: list[_FixedTerm], has_intercept: bool, ke
         rd_term.append("(Intercept)")
     for es in spec.structure:
         factors = tuple(str(f) for f in es.term.factors if str(f) != "1")
-        label = ":".join(_rename_expr(f) for f in factors) if factors else "(Intercept)"
+        label = ":".join(factor_label(spec, f) for f in factors) if factors else "(Intercept)"
         for st in es.scoped_terms:
             parts = [indicators(str(sf.factor), sf.reduced) if str(sf.factor) in nlev else values[str(sf.factor)]
                      for sf in st.factors]

@@ -41,7 +41,8 @@ _BATCH_BYTES = 32 * 2**20   # response cross-products held at once per batch (qÂ
 
 
 def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, client=None,
-             backend: str = "auto", weights=None, offset=None, **fit_options) -> pd.DataFrame:
+             backend: str = "auto", weights=None, offset=None, contrasts=None, allow_python: bool = False,
+             **fit_options) -> pd.DataFrame:
     """Fit the same linear mixed model to many responses, building the design once.
 
     Parameters
@@ -52,7 +53,7 @@ def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, 
     responses : list of column names of ``data``; or a 2-D array / DataFrame with one column
         per response and one row per row of ``data`` (positional; a DataFrame must have the
         index of ``data``).  Names: the column names, else ``"y1"``, ``"y2"``, ...
-    REML, backend, weights, offset : as for :func:`lmer`.
+    REML, backend, weights, offset, contrasts, allow_python : as for :func:`lmer`.
     n_jobs : worker processes (``-1``: all cores).  Each worker builds the kernel once.
     client : a ``dask.distributed.Client``, or ``"auto"`` for the active one
         (``distributed.get_client()``): batches run on the cluster instead (Dask is optional:
@@ -98,7 +99,7 @@ def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, 
     ph = _placeholder(frame.columns)
     frame[ph] = np.random.default_rng(0).standard_normal(len(frame))   # any non-degenerate response
     formula_ph = f"{ph} ~ {_rhs(formula)}"
-    s = build_structure(formula_ph, frame, weights, offset)
+    s = build_structure(formula_ph, frame, weights, offset, allow_python, contrasts)
     rows = s.row_index.to_numpy()
     Y = Y_all[rows]
     complete = ~np.isnan(Y).any(axis=0)
@@ -106,7 +107,8 @@ def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, 
     ctx = _Context(structure=dataclasses.replace(s, fixed_spec=None),
                    crossprod=CrossProducts.from_structure(s),
                    REML=bool(REML), backend=backend, fit_options=dict(fit_options), formula=formula_ph,
-                   placeholder=ph, weights=weights, offset=offset,
+                   placeholder=ph, weights=weights, offset=offset, allow_python=bool(allow_python),
+                   contrasts=contrasts,
                    frame=None if complete.all() else _design_frame(frame, names, formula, weights, offset),
                    token=uuid.uuid4().hex)
     batches = _batches(Y, Y_all, complete, workers, s)
@@ -253,6 +255,8 @@ class _Context:
     placeholder: str
     weights: object
     offset: object
+    allow_python: bool
+    contrasts: object
     frame: pd.DataFrame | None  # design columns of data, when some response has missing values
     token: str
 
@@ -321,7 +325,7 @@ class _Worker:
             frame[ctx.placeholder] = y_all
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                s = build_structure(ctx.formula, frame, ctx.weights, ctx.offset)
+                s = build_structure(ctx.formula, frame, ctx.weights, ctx.offset, ctx.allow_python, ctx.contrasts)
             notes = [str(w.message) for w in caught if not issubclass(w.category, MissingValuesWarning)]
             if len(self._designs) >= 4:
                 self._designs.pop(next(iter(self._designs)))

@@ -47,17 +47,30 @@ class LinearMixedModel:
         Cython) or ``"reference"`` (dense NumPy path, for checking).
     weights, offset : prior weights and an offset, as column names or arrays.
     ordering : fill-reducing ordering for CHOLMOD: ``"default"``, ``"amd"`` or ``"natural"``.
+    contrasts : R's contrasts of factors of the fixed part, ``{column: contrast}`` as lme4's
+        ``contrasts = list(...)``: ``"contr.treatment"`` (R's and the default), ``"contr.SAS"``
+        (last level as reference), ``"contr.sum"``, ``"contr.helmert"``, ``"contr.poly"`` (the
+        default of ordered factors), ``fl.contr.treatment(base="b")`` (reference level by its
+        label), or a matrix / DataFrame with one row per level (columns: the coefficients; names
+        from a DataFrame's columns, else 1, 2, ...).  Coefficients are named as R names them
+        (``Product1``, ``Incomehigh``, ``temp.L``).  Random-effects terms keep R's defaults, as in lme4.
+    allow_python : by default a formula is read in R's dialect and can evaluate only data columns,
+        R's functions (log, poly, ns, ...) and numpy ufuncs (``_rformula``); anything else is refused.
+        ``allow_python=True`` evaluates other terms as Python: **the formula can then run any
+        code**, so never set it for formulas you did not write.
     """
 
     def __init__(self, formula: str, data, REML: bool = True, backend: str = "auto",
                  weights=None, offset=None, ordering: str = "default",
-                 structure: ModelStructure | None = None, crossprod=None):
+                 structure: ModelStructure | None = None, crossprod=None, *, contrasts=None,
+                 allow_python: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if structure is None and is_dask_dataframe(data):
             from ._dask import structure_from_dask
-            structure, crossprod = structure_from_dask(formula, data, weights, offset)
-        s = structure if structure is not None else build_structure(formula, data, weights, offset)
+            structure, crossprod = structure_from_dask(formula, data, weights, offset, allow_python, contrasts)
+        s = structure if structure is not None else build_structure(formula, data, weights, offset,
+                                                                    allow_python, contrasts)
         if not s.has_rows and backend == "reference":
             raise ValueError(f"backend {backend!r} needs the model's rows; a model built from accumulated "
                              "cross-products (lmer_chunked, Dask) uses backend='auto', 'compiled' or 'blocked'")
@@ -84,12 +97,13 @@ class LinearMixedModel:
     @classmethod
     def from_chunks(cls, formula: str, chunks, REML: bool = True, *, weights: str | None = None,
                     offset: str | None = None, chunksize: int = 500_000, backend: str = "auto",
-                    ordering: str = "default", progress: bool = False) -> "LinearMixedModel":
+                    ordering: str = "default", progress: bool = False, contrasts=None,
+                    allow_python: bool = False) -> "LinearMixedModel":
         """A model built from chunks of rows without holding them all (see :func:`lmer_chunked`
         for what ``chunks`` may be and what the model then keeps)."""
         from ._chunked import structure_from_chunks
         s, cp = structure_from_chunks(formula, chunks, weights=weights, offset=offset, chunksize=chunksize,
-                                      progress=progress)
+                                      progress=progress, allow_python=allow_python, contrasts=contrasts)
         return cls(formula, None, REML=REML, backend=backend, ordering=ordering, structure=s, crossprod=cp)
 
     @classmethod
@@ -232,10 +246,12 @@ class LinearMixedModel:
 
 
 def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weights=None, offset=None,
-         ordering: str = "default", **fit_options) -> LmerResult:
-    """Fit a linear mixed model with lme4's formula syntax; see :class:`LinearMixedModel`.
+         ordering: str = "default", contrasts=None, allow_python: bool = False, **fit_options) -> LmerResult:
+    """Fit a linear mixed model with lme4's formula syntax; see :class:`LinearMixedModel`
+    (``contrasts``: R's contrasts of fixed-effect factors; ``allow_python=True`` lets the formula
+    run arbitrary Python code).
 
     ``fit_options`` go to :meth:`LinearMixedModel.fit` (optimizer, theta0, check_conv, ...)."""
     model = LinearMixedModel(formula, data, REML=REML, backend=backend, weights=weights, offset=offset,
-                             ordering=ordering)
+                             ordering=ordering, contrasts=contrasts, allow_python=allow_python)
     return model.fit(**fit_options)

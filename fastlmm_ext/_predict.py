@@ -40,8 +40,6 @@ from ._inference import _format_pct, confint_row_names, select_parm
 __all__ = ["BootstrapResult", "PredictMixin"]
 
 _NA_FORMS = {"~0", "~-1", "~1-1", "na", "~na", "nan"}
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_C_CALL = re.compile(r"\s*C\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*[,)]")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -117,40 +115,31 @@ def _fmt_levels(levels, limit: int = 5) -> str:
 
 def _spec_variables(spec) -> tuple[dict, set]:
     """From the fixed part's formulaic ModelSpec: factor column → (training categories, contr.poly?)
-    and the set of columns it treats as numeric."""
+    and the set of columns it treats as numeric (the spec's evaluated terms are not columns)."""
     factors, numeric = {}, set()
-    state = getattr(spec, "encoder_state", None) or {}
-    for key, val in state.items():
+    params = getattr(spec, "materializer_params", None) or {}
+    exprs, contrasts = params.get("exprs", {}), params.get("contrasts", {})
+    for key, val in (getattr(spec, "encoder_state", None) or {}).items():
         try:
             kind, st = val
         except (TypeError, ValueError):
             continue
-        kind = str(getattr(kind, "value", kind)).lower()
         key = str(key)
-        if _IDENT.match(key):
-            col = key
-        else:
-            m = _C_CALL.match(key)
-            col = m.group(1) if m else None
-        if col is None:
+        if key in exprs:
             continue
+        kind = str(getattr(kind, "value", kind)).lower()
         if kind == "categorical" and isinstance(st, dict) and "categories" in st:
-            contr = st.get("contrasts")
-            poly = "contr.poly" in key or type(getattr(contr, "contrasts", None)).__name__ == "PolyContrasts"
-            prev = factors.get(col)
-            factors[col] = (list(st["categories"]), poly or (prev[1] if prev else False))
-        elif kind == "numerical" and col == key:
-            numeric.add(col)
+            rc = contrasts.get(key)
+            factors[key] = (list(st["categories"]), getattr(rc, "kind", None) == "contr.poly")
+        elif kind == "numerical":
+            numeric.add(key)
     return factors, numeric
 
 
-def _required(rhs: str, columns) -> set[str]:
+def _required(rhs: str, columns, allow_python: bool) -> set[str]:
     """Data columns read by a right-hand side (the design module's rule)."""
-    from . import _design
-    try:
-        return set(_design._variables(rhs, "the formula", list(columns)))
-    except TypeError:  # older signature without the column list
-        return set(_design._variables(rhs, "the formula"))
+    from ._design import _variables
+    return _variables(rhs, "the formula", list(columns), allow_python)
 
 
 def _numeric_column(s: pd.Series, name: str) -> np.ndarray:
@@ -496,10 +485,8 @@ class PredictMixin:
         return self._predict_new(newdata, keep, allow_new_levels, offset)
 
     def _predict_new(self, newdata, keep: list[int], allow_new_levels: bool, offset) -> pd.Series:
-        from formulaic import model_matrix
-
         from ._data import as_frame
-        from ._design import _poly_for_ordered, _r_names
+        from ._rformula import evaluate_vector, parse_expr, r_column_names
 
         s = self.structure
         nd = as_frame(newdata)
@@ -507,13 +494,15 @@ class PredictMixin:
         n_all = len(nd)
         cols = list(nd.columns)
         parsed = s.parsed
-        fixed_vars = _required(parsed.fixed, cols) if s.p else set()
-        off_vars = set().union(*[_required(o, cols) for o in parsed.offsets]) if parsed.offsets else set()
+        py = bool(getattr(s, "allow_python", False))
+        fixed_vars = _required(parsed.fixed, cols, py) if s.p else set()
+        offsets = [parse_expr(o, cols, py) for o in parsed.offsets]
+        off_vars = {c for e in offsets for c in e.columns}
         re_vars: set[str] = set()
         group_vars: list[str] = []
         for i in keep:
             t = s.terms[i]
-            re_vars |= _required(t.expr, cols)
+            re_vars |= _required(t.expr, cols, py)
             group_vars.extend(g for g in t.group_columns if g not in group_vars)
         used = list(dict.fromkeys([*sorted(fixed_vars), *sorted(off_vars), *sorted(re_vars), *group_vars]))
         check_columns(nd, used)
@@ -577,12 +566,11 @@ class PredictMixin:
         if s.p:
             if s.fixed_spec is None:
                 raise DataError("this fit keeps no model spec of its fixed part, so it cannot predict on new data")
-            renames = {f"C({c}, contr.poly)": c for c, (_, poly) in factors.items() if poly}
             try:
                 Xmm = s.fixed_spec.get_model_matrix(frame)
             except Exception as e:
                 raise DataError(f"cannot build the fixed-effects model matrix for newdata: {e}") from e
-            names = _r_names(list(Xmm.columns), renames)
+            names = r_column_names(Xmm.model_spec)
             pos = {nm: j for j, nm in enumerate(names)}
             missing = [nm for nm in s.fixef_names if nm not in pos]
             if missing:
@@ -591,9 +579,8 @@ class PredictMixin:
             Xn = np.asarray(Xmm.to_numpy(dtype=np.float64)).reshape(m, -1)[:, [pos[nm] for nm in s.fixef_names]]
             mu += Xn @ self._state.beta
 
-        for o in parsed.offsets:
-            omm = model_matrix("0 + " + o, frame, na_action="ignore", output="pandas")
-            mu += np.asarray(omm.iloc[:, 0].to_numpy(dtype=np.float64))
+        for e in offsets:
+            mu += evaluate_vector(e, frame, "offset")
         if off_arg is not None:
             mu += off_arg[ok]
 
@@ -601,7 +588,7 @@ class PredictMixin:
         parts, unseen_by_factor = [], {}
         for i in keep:
             t = s.terms[i]
-            Xi = self._term_matrix(t, frame, model_matrix, _poly_for_ordered, _r_names)
+            Xi = self._term_matrix(t, frame, py)
             # level labels of the (possibly interaction) grouping factor, as _group_codes builds them
             lab = None
             for g in t.group_columns:
@@ -625,18 +612,25 @@ class PredictMixin:
         return pd.Series(out, index=index, name="predicted", dtype=float)
 
     @staticmethod
-    def _term_matrix(t, frame: pd.DataFrame, model_matrix, poly_for_ordered, r_names) -> np.ndarray:
-        """The term's model matrix X_i on new rows, checked against the fit's column names."""
+    def _term_matrix(t, frame: pd.DataFrame, allow_python: bool) -> np.ndarray:
+        """The term's model matrix X_i on new rows (the fit's model spec of the term: its
+        contrasts and transform state), checked against the fit's column names."""
+        from ._rformula import model_matrix, r_column_names, translate
+
         def build(fr):
-            rhs, renames = poly_for_ordered(t.expr, fr)
-            mm = model_matrix(rhs, fr, na_action="ignore", output="pandas")
-            return np.asarray(mm.to_numpy(dtype=np.float64)).reshape(len(fr), -1), r_names(list(mm.columns), renames)
+            if t.spec is not None:
+                mm = t.spec.get_model_matrix(fr)
+            else:
+                mm = model_matrix(translate(t.expr, list(fr.columns), allow_python), fr, f"({t.expr} | {t.factor})",
+                                  allow_python=allow_python)
+            return np.asarray(mm.to_numpy(dtype=np.float64)).reshape(len(fr), -1), r_column_names(mm.model_spec)
 
         try:
             Xi, names = build(frame)
-        except Exception as e:
-            raise DataError(f"cannot build the random-effects term ({t.expr} | {t.factor}) for newdata: {e}") from e
-        if tuple(names) != tuple(t.cnms):
+            error = None
+        except Exception as e:   # noqa: BLE001 - retried below, then reported as DataError
+            Xi, names, error = None, None, e
+        if error is not None or tuple(names) != tuple(t.cnms):
             # string-typed numbers for a numeric variable of the term: try them as numbers
             fr2 = frame.copy()
             changed = False
@@ -653,12 +647,15 @@ class PredictMixin:
             if changed:
                 try:
                     Xi, names = build(fr2)
-                except Exception:
+                    error = None
+                except Exception:   # noqa: BLE001 - the first error is the one to report
                     pass
+        if error is not None:
+            raise DataError(f"cannot build the random-effects term ({t.expr} | {t.factor}) for newdata: {error}") \
+                from error
         if tuple(names) != tuple(t.cnms):
             raise DataError(f"random-effects term ({t.expr} | {t.factor}) gives columns {list(names)} on newdata, "
-                            f"the fit has {list(t.cnms)} (a factor used only in a random-effects term needs "
-                            "all its training levels, in the training order, as a pandas Categorical)")
+                            f"the fit has {list(t.cnms)}")
         return Xi
 
     # ------------------------------------------------------------------ residuals

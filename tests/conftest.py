@@ -18,9 +18,10 @@ def reference_dir() -> pathlib.Path:
     return REFERENCE
 
 
-def load_reference_data(fit: dict) -> pd.DataFrame:
-    """Read a reference CSV and restore R's factor types and level orders from `data_columns`."""
-    path = reference_dir() / fit["data_file"]
+def load_reference_data(fit: dict, directory: pathlib.Path | None = None) -> pd.DataFrame:
+    """Read a reference CSV (from the lme4 reference folder, or ``directory``) and restore R's
+    factor types and level orders from `data_columns`."""
+    path = (reference_dir() if directory is None else directory) / fit["data_file"]
     df = pd.read_csv(path, compression="gzip" if path.suffix == ".gz" else None)
     for col, info in fit["data_columns"].items():
         if info.get("type") in ("factor", "ordered factor"):
