@@ -33,6 +33,7 @@ from ._exceptions import DataError, FormulaError, MissingValuesWarning
 from ._formula import ParsedFormula, parse_formula
 from ._levels import GlobalLevels, LevelScanner
 from ._suffstats import SuffStats
+from ._ols import raise_if_exact
 
 __all__ = ["lmer_chunked", "structure_from_chunks", "ChunkPlan", "iter_file_chunks"]
 
@@ -220,9 +221,9 @@ class ChunkPlan:
         dropped = [nm for j, nm in enumerate(self.fixef_names) if j not in set(keep)]
         warn_rank_deficient(dropped)
         cp = stats.finish(keep)
-        if keep and cp.XyXy[-1, -1] <= 1e-20 * max(stats.yy, 1e-300):       # weighted residual SS
-            raise DataError(f"response {self.parsed.response!r} is an exact linear function of the fixed effects: "
-                            "the residual variance is zero and the model cannot be fitted")
+        # cp's ỹ is the weighted OLS residual, so its ỹᵀWỹ is the residual sum of squares
+        raise_if_exact(float(cp.XyXy[-1, -1]), *stats.response_spread(), f"response {self.parsed.response!r}",
+                       len(keep))
         lv = self.levels
         s = ModelStructure(
             formula=self.formula, parsed=self.parsed, response=self.parsed.response, y=None, X=None,

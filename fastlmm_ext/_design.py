@@ -27,6 +27,7 @@ from ._data import (as_frame, as_numeric_array, check_columns, drop_missing, fac
 from ._exceptions import (DataError, FormulaError, GroupingFactorError, IdentifiabilityError,
                           RankDeficiencyWarning)
 from ._formula import ParsedFormula, parse_formula
+from ._ols import ols_shift, raise_if_exact_rows
 
 __all__ = ["ReTerm", "ModelStructure", "build_structure", "r_column_name"]
 
@@ -534,7 +535,8 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
     dropped = [nm for j, nm in enumerate(rows.fixef_names) if j not in keep]
     X, fixef_names = rows.X[:, keep], [rows.fixef_names[j] for j in keep]
     warn_rank_deficient(dropped)
-    _check_not_exact(rows.y - (rows.offset if rows.offset is not None else 0.0), X, parsed.response)
+    r = rows.y - (rows.offset if rows.offset is not None else 0.0)
+    raise_if_exact_rows(ols_shift(X, r, w_all)[0], r, w_all, f"response {parsed.response!r}", X.shape[1])
 
     factor_levels: dict[str, list[str]] = {}
     for rt, levels, Xi in zip(parsed.random, term_levels, rows.term_Xi):
@@ -555,16 +557,6 @@ def variable_levels_of(frame: pd.DataFrame) -> dict:
     """Categories (and orderedness) of every factor column the model matrices read, for predict."""
     return {str(c): (list(frame[c].cat.categories), bool(frame[c].cat.ordered))
             for c in frame.columns if isinstance(frame[c].dtype, pd.CategoricalDtype)}
-
-
-def _check_not_exact(y: np.ndarray, X: np.ndarray, response: str) -> None:
-    """A response that X reproduces exactly leaves no residual variance to estimate."""
-    if X.shape[1] == 0:
-        return
-    b = np.linalg.lstsq(X, y, rcond=None)[0]
-    if np.linalg.norm(y - X @ b) <= 1e-12 * max(np.linalg.norm(y), 1e-300):
-        raise DataError(f"response {response!r} is an exact linear function of the fixed effects: "
-                        "the residual variance is zero and the model cannot be fitted")
 
 
 def _group_codes(df: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
