@@ -26,14 +26,14 @@ from typing import Callable, Iterable, Iterator
 
 import pandas as pd
 
-from ._data import as_numeric_array, check_columns
+from ._data import as_frame, as_numeric_array, check_columns, check_weights, is_polars_frame, no_positive_weight
 from ._design import (ModelStructure, ModelVariables, ReTerm, check_response_type, check_term_size,
                       evaluate_rows, model_variables, order_terms, warn_rank_deficient)
 from ._exceptions import DataError, FormulaError, MissingValuesWarning
 from ._formula import ParsedFormula, parse_formula
 from ._levels import GlobalLevels, LevelScanner
-from ._suffstats import SuffStats
 from ._ols import raise_if_exact
+from ._suffstats import SuffStats
 
 __all__ = ["lmer_chunked", "structure_from_chunks", "ChunkPlan", "iter_file_chunks"]
 
@@ -73,8 +73,9 @@ class _Source:
         self._consumed = False
         if isinstance(chunks, (str, os.PathLike)):
             self._factory: Callable[[], Iterable] | None = lambda: iter_file_chunks(chunks, chunksize, columns)
-        elif isinstance(chunks, pd.DataFrame):
-            self._factory = lambda: [chunks]
+        elif isinstance(chunks, pd.DataFrame) or is_polars_frame(chunks):
+            one = _as_chunk(chunks)     # one frame (a polars one is iterable, by columns)
+            self._factory = lambda: [one]
         elif isinstance(chunks, (list, tuple)):
             self._factory = lambda: chunks
         elif callable(chunks):
@@ -113,8 +114,9 @@ class _Source:
 
 
 def _as_chunk(c) -> pd.DataFrame:
-    if isinstance(c, pd.DataFrame):
-        return c
+    """A chunk as a pandas DataFrame (a polars one, or one with ``.to_pandas()``, is converted)."""
+    if isinstance(c, pd.DataFrame) or is_polars_frame(c) or hasattr(c, "to_pandas"):
+        return as_frame(c, what="a chunk")
     raise DataError(f"every chunk must be a pandas DataFrame, got {type(c).__name__}")
 
 
@@ -174,8 +176,8 @@ class ChunkPlan:
         the fixed-effects columns of the first)."""
         frame = self.levels.categorize(sub[self.mv.frame_columns])
         w = as_numeric_array(sub[self.weights], self.weights, what="weights column") if self.weights else None
-        if w is not None and (w < 0).any():
-            raise DataError("weights must be non-negative")
+        if w is not None:
+            check_weights(w, f"weights column {self.weights!r}", all_rows=False)
         o = as_numeric_array(sub[self.offset], self.offset, what="offset column") if self.offset else None
         block = evaluate_rows(self.parsed, frame, lambda g: self.levels.group_codes(sub, tuple(g)),
                               offset_arg=o, fixed_spec=self.fixed_spec)
@@ -214,6 +216,8 @@ class ChunkPlan:
         if stats.n_dropped:
             warnings.warn(f"dropped {stats.n_dropped} of {n + stats.n_dropped} rows with missing values in the "
                           "model's columns", MissingValuesWarning, stacklevel=4)
+        if self.weights is not None and not stats.sum_w > 0:
+            raise no_positive_weight(f"weights column {self.weights!r}")
         for t in self.terms:
             check_term_size(t.factor, t.expr, t.nlevels, t.k, n)
         keep = stats.kept_columns()

@@ -22,7 +22,7 @@ import scipy.linalg as la
 import scipy.sparse as sp
 from formulaic import Formula, model_matrix
 
-from ._data import (as_frame, as_numeric_array, check_columns, drop_missing, factor_codes,
+from ._data import (as_frame, as_numeric_array, check_columns, check_weights, drop_missing, factor_codes,
                     is_factor_dtype, prepare_factors)
 from ._exceptions import (DataError, FormulaError, GroupingFactorError, IdentifiabilityError,
                           RankDeficiencyWarning)
@@ -292,7 +292,7 @@ def _vector_arg(arg, df: pd.DataFrame, name: str) -> np.ndarray | None:
     if isinstance(arg, str):
         check_columns(df, [arg])
         return as_numeric_array(df[arg], arg, what=f"{name} column")
-    arr = np.asarray(arg, dtype=float).ravel()
+    arr = as_numeric_array(arg if isinstance(arg, pd.Series) else np.asarray(arg), name, what="argument").ravel()
     if arr.shape[0] != len(df):
         raise DataError(f"{name} has length {arr.shape[0]} but data has {len(df)} rows")
     return arr
@@ -504,17 +504,20 @@ def build_structure(formula: str, data, weights=None, offset=None) -> ModelStruc
     if w_all is not None and not isinstance(weights, str):
         w_all = w_all[keep_mask]
         if np.isnan(w_all).any():
-            raise DataError("weights contain missing values")
+            raise DataError(f"weights (an array) has {int(np.isnan(w_all).sum())} missing value(s) in rows the model "
+                            "uses; give every used row a weight, or pass the weights as a column of data (rows "
+                            "missing a weight are then dropped)")
     elif w_all is not None:
         w_all = as_numeric_array(df2[weights], weights, what="weights column")
     if o_all is not None and not isinstance(offset, str):
         o_all = o_all[keep_mask]
         if np.isnan(o_all).any():
-            raise DataError("offset contains missing values")
+            raise DataError(f"offset (an array) has {int(np.isnan(o_all).sum())} missing value(s) in rows the model "
+                            "uses; give every used row an offset, or pass it as a column of data")
     elif o_all is not None:
         o_all = as_numeric_array(df2[offset], offset, what="offset column")
-    if w_all is not None and (w_all < 0).any():
-        raise DataError("weights must be non-negative")
+    if w_all is not None:
+        check_weights(w_all, f"weights column {weights!r}" if isinstance(weights, str) else "weights")
 
     check_response_type(parsed, mv, df2)
     frame = prepare_factors(df2, mv.frame_columns)

@@ -27,7 +27,7 @@ import pandas as pd
 
 from ._backends import BACKENDS, make_backend
 from ._crossprod import CrossProducts
-from ._data import as_frame, as_numeric_array, check_columns
+from ._data import as_frame, as_numeric_array, check_columns, reject_complex
 from ._design import ModelStructure, build_structure
 from ._exceptions import ConvergenceWarning, DataError, FormulaError, MissingValuesWarning, SingularFitWarning
 from ._formula import _top
@@ -201,6 +201,7 @@ def _numeric_array(a: np.ndarray, n: int) -> np.ndarray:
     if a.shape[0] != n:
         raise DataError(f"responses array has {a.shape[0]} rows but data has {n} rows "
                         f"(expected shape ({n}, number of responses))")
+    reject_complex(a, "responses", what="array")
     try:
         Y = np.asarray(a, dtype=np.float64)
     except (TypeError, ValueError) as e:

@@ -12,6 +12,7 @@ import numpy as np
 
 from ._backends import BACKENDS, make_backend
 from ._dask import is_dask_dataframe
+from ._data import reject_complex
 from ._design import ModelStructure, build_structure
 from ._exceptions import ConvergenceWarning, DataError, SingularFitWarning
 from ._progress import Progress
@@ -36,7 +37,8 @@ class LinearMixedModel:
     Parameters
     ----------
     formula : lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
-    data : pandas DataFrame (or anything ``pd.DataFrame`` accepts), or a ``dask.dataframe.DataFrame``:
+    data : pandas DataFrame (or a polars DataFrame, an object with ``.to_pandas()``, a dict of
+        columns: see ``_data.as_frame``), or a ``dask.dataframe.DataFrame``:
         its cross-products are then computed per partition on the active Dask scheduler and
         reduced (``_dask``); the model keeps no rows (see :func:`lmer_chunked` for what that means).
     REML : fit by REML (default) or maximum likelihood.
@@ -210,6 +212,7 @@ class LinearMixedModel:
     def _check_response(self, y) -> np.ndarray:
         if getattr(self.structure, "y", None) is None:   # a model fitted from accumulated cross-products
             raise DataError("refit needs the model's rows (X and Z); this model has only cross-products")
+        reject_complex(y, "y", what="new response")
         y = np.asarray(y, dtype=float).ravel()
         if y.shape[0] != self.structure.n:
             raise DataError(f"new response has length {y.shape[0]}, the model has {self.structure.n} observations")
