@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -49,18 +50,25 @@ _STATEFUL = re.compile(r"(?<![\w.])(center|scale|standardize|poly|bs|cs|cr|cc|te
 def iter_file_chunks(path, chunksize: int = DEFAULT_CHUNKSIZE, columns: list[str] | None = None
                      ) -> Iterator[pd.DataFrame]:
     """DataFrames of at most ``chunksize`` rows from a CSV (.csv, .csv.gz, .tsv) or Parquet file,
-    reading only ``columns``."""
+    reading only ``columns``.  A file that cannot be read (missing, a directory, truncated,
+    corrupt) raises DataError naming it, whenever in the pass the reader finds out."""
     path = Path(path)
     name = path.name.lower()
-    if name.endswith((".parquet", ".pq")):
-        import pyarrow.parquet as pq
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=chunksize, columns=columns):
-            yield batch.to_pandas()
-    else:
-        sep = "\t" if name.endswith((".tsv", ".tsv.gz", ".tab")) else ","
-        usecols = (lambda c: c in set(columns)) if columns is not None else None
-        yield from pd.read_csv(path, sep=sep, chunksize=chunksize, usecols=usecols)
+    read_errors: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, zlib.error)
+    try:
+        if name.endswith((".parquet", ".pq")):
+            import pyarrow
+            import pyarrow.parquet as pq
+            read_errors += (pyarrow.ArrowException,)
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=chunksize, columns=columns):
+                yield batch.to_pandas()
+        else:
+            sep = "\t" if name.endswith((".tsv", ".tsv.gz", ".tab")) else ","
+            usecols = (lambda c: c in set(columns)) if columns is not None else None
+            yield from pd.read_csv(path, sep=sep, chunksize=chunksize, usecols=usecols)
+    except read_errors as e:
+        raise DataError(f"cannot read chunk file {str(path)!r}: {type(e).__name__}: {e}") from e
 
 
 class _Source:
