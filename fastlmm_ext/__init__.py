@@ -5,7 +5,7 @@
 >>> print(res.summary())                                            # doctest: +SKIP
 """
 from . import datasets
-from ._exceptions import (CholmodError, ConvergenceWarning, DataError, FastLMMError, FastLMMWarning,
+from ._exceptions import (ArgumentError, CholmodError, ConvergenceWarning, DataError, FastLMMError, FastLMMWarning,
                           FormulaError, GroupingFactorError, IdentifiabilityError, MissingColumnError,
                           MissingValuesWarning, NotPositiveDefiniteError, RankDeficiencyWarning,
                           SingularFitWarning)
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "lmer", "lmer_chunked", "anova", "fit_many", "datasets", "LinearMixedModel", "LmerResult", "OptSummary", "parse_formula",
-    "FastLMMError", "FormulaError", "DataError", "MissingColumnError", "GroupingFactorError",
+    "FastLMMError", "FormulaError", "DataError", "MissingColumnError", "ArgumentError", "GroupingFactorError",
     "IdentifiabilityError", "NotPositiveDefiniteError", "CholmodError",
     "FastLMMWarning", "ConvergenceWarning", "SingularFitWarning", "RankDeficiencyWarning",
     "MissingValuesWarning", "__version__",

@@ -31,7 +31,7 @@ from ._data import as_frame, as_numeric_array, check_columns, reject_complex
 from ._design import ModelStructure, build_structure
 from ._exceptions import ConvergenceWarning, DataError, FormulaError, MissingValuesWarning, SingularFitWarning
 from ._formula import _top
-from ._model import LinearMixedModel
+from ._model import LinearMixedModel, check_reml
 from ._response import response_crossproducts
 from ._threads import bundled_blas_single_thread
 
@@ -87,6 +87,7 @@ def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, 
     Singular and convergence warnings are not raised per response: the columns record them
     and one summary warning per kind is issued (e.g. "12 of 1000 fits were singular").
     """
+    REML = check_reml(REML)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     _check_fit_options(fit_options)

@@ -287,3 +287,45 @@ def test_exact_responses_are_still_refused(path, case):
             fl.LinearMixedModel(f"yx ~ {rhs}", dd.from_pandas(df, npartitions=4), weights=weights)
         else:
             fl.LinearMixedModel(f"yx ~ {rhs}", df, weights=weights, backend=path)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+MODEL_CALLS = {
+    "lmer": lambda df, REML: fl.lmer("Reaction ~ Days + (1|Subject)", df, REML=REML),
+    "LinearMixedModel": lambda df, REML: fl.LinearMixedModel("Reaction ~ Days + (1|Subject)", df, REML=REML),
+    "lmer_chunked": lambda df, REML: fl.lmer_chunked("Reaction ~ Days + (1|Subject)", [df], REML),
+    "from_chunks": lambda df, REML: fl.LinearMixedModel.from_chunks("Reaction ~ Days + (1|Subject)", [df], REML=REML),
+    "fit_many": lambda df, REML: fl.fit_many("~ Days + (1|Subject)", df, ["Reaction"], REML=REML),
+}
+
+
+@pytest.mark.parametrize("call", list(MODEL_CALLS))
+@pytest.mark.parametrize("bad", ["no", "False", None, 2, 0.5, np.array([True])], ids=repr)
+def test_REML_must_be_a_bool(sleep, call, bad):
+    """REML="no" silently fitted REML; like R's if (REML), only logical values and 0/1 are accepted."""
+    with raises_named(fl.ArgumentError, "REML", repr(bad)) as e:
+        MODEL_CALLS[call](sleep, bad)
+    assert isinstance(e.value, TypeError) and isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("call", ["lmer", "fit_many"])
+@pytest.mark.parametrize("flag", [True, False])
+def test_REML_accepts_numpy_bools_and_0_1(sleep, call, flag):
+    crit = [MODEL_CALLS[call](sleep, v).criterion for v in (flag, np.bool_(flag), int(flag), np.int64(flag))]
+    crit = [float(np.asarray(c).ravel()[0]) for c in crit]
+    assert crit == [crit[0]] * 4
+    other = MODEL_CALLS[call](sleep, not flag).criterion
+    assert float(np.asarray(other).ravel()[0]) != crit[0]
+
+
+def test_deeply_nested_brackets_are_a_formula_error(sleep):
+    """5,000 nested parentheses overflowed Python's recursion; the parser refuses them up front."""
+    with raises_named(fl.FormulaError, "nests brackets more than 100 deep"):
+        fl.lmer("Reaction ~ " + "(" * 5000 + "Days" + ")" * 5000 + " + (1|Subject)", sleep)
+    with raises_named(fl.FormulaError, "nests brackets"):
+        fl.lmer("Reaction ~ Days + (" + "(" * 200 + "1" + ")" * 200 + "|Subject)", sleep)
+    with raises_named(fl.FormulaError, "nests brackets"):
+        fl.fit_many("~ " + "[" * 300 + "]" * 300 + " + (1|Subject)", sleep, ["Reaction"])
+    nested = fl.lmer("Reaction ~ " + "(" * 50 + "Days" + ")" * 50 + " + (1|Subject)", sleep)   # R's own limit
+    assert nested.criterion == pytest.approx(fl.lmer("Reaction ~ Days + (1|Subject)", sleep).criterion, abs=1e-9)
