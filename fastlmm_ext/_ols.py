@@ -22,14 +22,15 @@ mean) and ss = Σ w r²,
 
     exact  ⇔  rss ≤ (10⁻¹²)² css     (residual negligible beside the variation of r)
            or  rss ≤ (10⁻¹⁵)² ss      (residual at the level of rounding of r itself, ~4.5 ulp;
-                                       R's summary.lm calls such a fit "essentially perfect").
+                                       R's summary.lm warns of an "essentially perfect fit"
+                                       at about the same level).
 
 A common level of y alone is no reason to refuse (10¹² + noise of sd 0.5 is fitted, and
 equals the fit of y − 10¹²); only noise within a few units of rounding of the level, which
-float64 cannot keep apart from it, counts as none.  Without an intercept the test is the same
-(css ≤ ss: it only gets stricter about what counts as exact), and a constant response is refused
-(css is summed about a value of r, so it and rss are exactly zero).
-With prior weights every sum is weighted; rows of weight 0 do not count.
+float64 cannot keep apart from it, counts as none.  Without an intercept the same two tests
+apply (X must then reproduce r's mean too).  A constant response is refused: with an
+intercept, r − c and so ỹ and css are exactly zero.  With prior weights every sum is weighted;
+rows of weight 0 do not count.
 """
 from __future__ import annotations
 
