@@ -6,7 +6,7 @@
 """
 from . import datasets
 from ._contrasts import contr
-from ._exceptions import (CholmodError, ContrastsError, ConvergenceWarning, DataError, FastLMMError,
+from ._exceptions import (ArgumentError, CholmodError, ContrastsError, ConvergenceWarning, DataError, FastLMMError,
                           FastLMMWarning, FormulaError, GroupingFactorError, IdentifiabilityError,
                           MissingColumnError, MissingValuesWarning, NotPositiveDefiniteError,
                           RankDeficiencyWarning, SingularFitWarning)
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "lmer", "lmer_chunked", "anova", "fit_many", "datasets", "LinearMixedModel", "LmerResult", "OptSummary", "parse_formula",
-    "contr", "FastLMMError", "FormulaError", "DataError", "MissingColumnError", "GroupingFactorError", "ContrastsError",
+    "contr", "FastLMMError", "FormulaError", "DataError", "MissingColumnError", "ArgumentError", "GroupingFactorError", "ContrastsError",
     "IdentifiabilityError", "NotPositiveDefiniteError", "CholmodError",
     "FastLMMWarning", "ConvergenceWarning", "SingularFitWarning", "RankDeficiencyWarning",
     "MissingValuesWarning", "__version__",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -26,12 +27,13 @@ from typing import Callable, Iterable, Iterator
 import pandas as pd
 
 from ._contrasts import check_contrast_names
-from ._data import as_numeric_array, check_columns
+from ._data import as_frame, as_numeric_array, check_columns, check_weights, is_polars_frame, no_positive_weight
 from ._design import (ModelStructure, ModelVariables, ReTerm, check_response_type, check_term_size,
                       evaluate_rows, model_variables, order_terms, warn_rank_deficient)
 from ._exceptions import DataError, FormulaError, MissingValuesWarning
 from ._formula import ParsedFormula, parse_formula
 from ._levels import GlobalLevels, LevelScanner
+from ._ols import raise_if_exact
 from ._rformula import parse_expr, translate
 from ._suffstats import SuffStats
 
@@ -45,18 +47,25 @@ DEFAULT_CHUNKSIZE = 500_000
 def iter_file_chunks(path, chunksize: int = DEFAULT_CHUNKSIZE, columns: list[str] | None = None
                      ) -> Iterator[pd.DataFrame]:
     """DataFrames of at most ``chunksize`` rows from a CSV (.csv, .csv.gz, .tsv) or Parquet file,
-    reading only ``columns``."""
+    reading only ``columns``.  A file that cannot be read (missing, a directory, truncated,
+    corrupt) raises DataError naming it, whenever in the pass the reader finds out."""
     path = Path(path)
     name = path.name.lower()
-    if name.endswith((".parquet", ".pq")):
-        import pyarrow.parquet as pq
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=chunksize, columns=columns):
-            yield batch.to_pandas()
-    else:
-        sep = "\t" if name.endswith((".tsv", ".tsv.gz", ".tab")) else ","
-        usecols = (lambda c: c in set(columns)) if columns is not None else None
-        yield from pd.read_csv(path, sep=sep, chunksize=chunksize, usecols=usecols)
+    read_errors: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, zlib.error)
+    try:
+        if name.endswith((".parquet", ".pq")):
+            import pyarrow
+            import pyarrow.parquet as pq
+            read_errors += (pyarrow.ArrowException,)
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=chunksize, columns=columns):
+                yield batch.to_pandas()
+        else:
+            sep = "\t" if name.endswith((".tsv", ".tsv.gz", ".tab")) else ","
+            usecols = (lambda c: c in set(columns)) if columns is not None else None
+            yield from pd.read_csv(path, sep=sep, chunksize=chunksize, usecols=usecols)
+    except read_errors as e:
+        raise DataError(f"cannot read chunk file {str(path)!r}: {type(e).__name__}: {e}") from e
 
 
 class _Source:
@@ -69,8 +78,9 @@ class _Source:
         self._consumed = False
         if isinstance(chunks, (str, os.PathLike)):
             self._factory: Callable[[], Iterable] | None = lambda: iter_file_chunks(chunks, chunksize, columns)
-        elif isinstance(chunks, pd.DataFrame):
-            self._factory = lambda: [chunks]
+        elif isinstance(chunks, pd.DataFrame) or is_polars_frame(chunks):
+            one = _as_chunk(chunks)     # one frame (a polars one is iterable, by columns)
+            self._factory = lambda: [one]
         elif isinstance(chunks, (list, tuple)):
             self._factory = lambda: chunks
         elif callable(chunks):
@@ -109,8 +119,9 @@ class _Source:
 
 
 def _as_chunk(c) -> pd.DataFrame:
-    if isinstance(c, pd.DataFrame):
-        return c
+    """A chunk as a pandas DataFrame (a polars one, or one with ``.to_pandas()``, is converted)."""
+    if isinstance(c, pd.DataFrame) or is_polars_frame(c) or hasattr(c, "to_pandas"):
+        return as_frame(c, what="a chunk")
     raise DataError(f"every chunk must be a pandas DataFrame, got {type(c).__name__}")
 
 
@@ -178,8 +189,8 @@ class ChunkPlan:
         the fixed-effects columns of the first)."""
         frame = self.levels.categorize(sub[self.mv.frame_columns])
         w = as_numeric_array(sub[self.weights], self.weights, what="weights column") if self.weights else None
-        if w is not None and (w < 0).any():
-            raise DataError("weights must be non-negative")
+        if w is not None:
+            check_weights(w, f"weights column {self.weights!r}", all_rows=False)
         o = as_numeric_array(sub[self.offset], self.offset, what="offset column") if self.offset else None
         block = evaluate_rows(self.parsed, frame, lambda g: self.levels.group_codes(sub, tuple(g)),
                               offset_arg=o, fixed_spec=self.fixed_spec, allow_python=self.allow_python,
@@ -220,6 +231,8 @@ class ChunkPlan:
         if stats.n_dropped:
             warnings.warn(f"dropped {stats.n_dropped} of {n + stats.n_dropped} rows with missing values in the "
                           "model's columns", MissingValuesWarning, stacklevel=4)
+        if self.weights is not None and not stats.sum_w > 0:
+            raise no_positive_weight(f"weights column {self.weights!r}")
         for t in self.terms:
             check_term_size(t.factor, t.expr, t.nlevels, t.k, n)
         keep = stats.kept_columns()
@@ -227,9 +240,9 @@ class ChunkPlan:
         dropped = [nm for j, nm in enumerate(self.fixef_names) if j not in set(keep)]
         warn_rank_deficient(dropped)
         cp = stats.finish(keep)
-        if keep and cp.XyXy[-1, -1] <= 1e-20 * max(stats.yy, 1e-300):       # weighted residual SS
-            raise DataError(f"response {self.parsed.response!r} is an exact linear function of the fixed effects: "
-                            "the residual variance is zero and the model cannot be fitted")
+        # cp's ỹ is the weighted OLS residual, so its ỹᵀWỹ is the residual sum of squares
+        raise_if_exact(float(cp.XyXy[-1, -1]), *stats.response_spread(), f"response {self.parsed.response!r}",
+                       len(keep))
         lv = self.levels
         s = ModelStructure(
             formula=self.formula, parsed=self.parsed, response=self.parsed.response, y=None, X=None,

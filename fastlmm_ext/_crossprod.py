@@ -10,8 +10,9 @@ term j, i ≥ j) that share an observation, the whole k_i × k_j block is kept, 
 Λᵀ(ZᵀWZ)Λ has exactly the same pattern for every θ and the kernel can overwrite values in place.
 
 Numerical note: the criterion is invariant to y → y − X b for any b (β̂ absorbs b), so the
-cross-products use the OLS residual of y.  This removes the large mean of y from yᵀy and
-avoids cancellation in r² = yᵀy − ‖c_u‖² − ‖c_β‖²; β̂ is shifted back by b afterwards.
+cross-products use the OLS residual of y (``_ols.ols_shift``, which also keeps the digits of a
+response with a large common level).  This removes the large mean of y from yᵀy and avoids
+cancellation in r² = yᵀy − ‖c_u‖² − ‖c_β‖²; β̂ is shifted back by b afterwards.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._design import ModelStructure
+from ._ols import ols_shift
 
 __all__ = ["CrossProducts", "block_lower_ZtZ", "level_blocks", "ztz_triplets", "sum_duplicates", "lower_csc"]
 
@@ -38,14 +40,9 @@ class CrossProducts:
 
     @classmethod
     def from_structure(cls, s: ModelStructure) -> "CrossProducts":
-        y = s.y - (s.offset if s.offset is not None else 0.0)
         X = s.X
         w = s.weights
-        sw = None if w is None else np.sqrt(w)
-        Xw = X if sw is None else X * sw[:, None]
-        yw = y if sw is None else y * sw
-        b = np.linalg.lstsq(Xw, yw, rcond=None)[0] if s.p else np.zeros(0)
-        yt = y - X @ b if s.p else y
+        yt, b = ols_shift(X, s.y - (s.offset if s.offset is not None else 0.0), w)
         Ap, Ai, Mx = block_lower_ZtZ(s, w)
         # Column-major [X ỹ]: contiguous columns to copy in, and one sparse mat-vec per column
         # (a row-major copy of a 500k-row X costs more than all the products).

@@ -17,26 +17,102 @@ import pandas as pd
 from ._exceptions import DataError, MissingColumnError, MissingValuesWarning
 
 __all__ = ["as_frame", "check_columns", "drop_missing", "prepare_factors", "factor_codes",
-           "is_factor_dtype", "as_numeric_array"]
+           "is_factor_dtype", "as_numeric_array", "reject_complex", "check_weights", "no_positive_weight",
+           "unique_labels", "is_polars_frame"]
 
 
-def as_frame(data) -> pd.DataFrame:
-    """Accept a DataFrame, or anything ``pd.DataFrame`` understands (dict of columns, records)."""
-    if isinstance(data, pd.DataFrame):
-        return data
+def as_frame(data, what: str = "data") -> pd.DataFrame:
+    """A pandas DataFrame of ``data``: a DataFrame as it is; a polars DataFrame, or any object with
+    ``.to_pandas()`` or the dataframe interchange protocol, converted once; a dict of equally long
+    columns or records as ``pd.DataFrame`` reads them.  A NumPy array (no column names), a dict of
+    unequal columns and MultiIndex columns are refused naming what is wrong."""
     if data is None:
-        raise DataError("no data given: pass a pandas DataFrame as `data`")
+        raise DataError(f"no data given: pass a pandas DataFrame as `{what}`")
+    if isinstance(data, pd.DataFrame):
+        return _check_frame(data, what)
+    if isinstance(data, np.ndarray):
+        raise DataError(f"{what} is a NumPy array of shape {data.shape}; the formula names columns, so `{what}` "
+                        "must be a DataFrame with named columns, e.g. pd.DataFrame(array, columns=[...])")
+    if is_polars_frame(data):
+        return _check_frame(_from_polars(data), what)
+    if hasattr(data, "to_pandas") or hasattr(data, "__dataframe__"):
+        return _check_frame(_via_pandas_protocols(data, what), what)
+    if isinstance(data, dict):
+        _check_dict_lengths(data, what)
     try:
-        return pd.DataFrame(data)
-    except Exception as e:  # pragma: no cover - pandas' own message is specific enough
-        raise DataError(f"cannot use data of type {type(data).__name__} as a data frame: {e}") from e
+        return _check_frame(pd.DataFrame(data), what)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"cannot use {what} of type {type(data).__name__} as a data frame: {e}") from e
+
+
+def _check_frame(df: pd.DataFrame, what: str) -> pd.DataFrame:
+    if isinstance(df.columns, pd.MultiIndex):
+        raise DataError(f"{what} has MultiIndex (hierarchical) columns such as {df.columns[0]!r}; formulas name "
+                        "flat columns: flatten them first, e.g. df.columns = ['_'.join(map(str, c)) for c in df.columns]")
+    return df
+
+
+def _check_dict_lengths(data: dict, what: str) -> None:
+    """A dict of columns must give every column the same length (scalars are broadcast)."""
+    lengths = {str(k): len(v) for k, v in data.items() if np.ndim(v) > 0}
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{k!r}: {n}" for k, n in list(lengths.items())[:10])
+        raise DataError(f"the columns of {what} (a dict) have different lengths ({shown}); "
+                        "every column needs one value per row")
+
+
+def _from_polars(df) -> pd.DataFrame:
+    """A polars DataFrame column by column through NumPy (no pyarrow needed).  Text stays text and so
+    becomes a factor; an Enum keeps its category order (its first category is the reference
+    level); a polars Categorical, which in polars 2 has no category order of its own, is text
+    (levels sorted, as for a string column); nulls become NaN / None / pd.NA."""
+    import polars as pl
+    cols = {}
+    for name in df.columns:
+        s = df.get_column(name)
+        dt = s.dtype
+        if isinstance(dt, pl.Enum):
+            cols[name] = pd.Categorical(s.to_numpy(), categories=list(dt.categories))
+        elif dt == pl.Boolean and s.null_count():
+            cols[name] = pd.array(s.to_list(), dtype="boolean")
+        elif isinstance(dt, pl.Decimal):
+            cols[name] = s.cast(pl.Float64).to_numpy()
+        else:
+            cols[name] = s.to_numpy()
+    return pd.DataFrame(cols)
+
+
+def _via_pandas_protocols(data, what: str) -> pd.DataFrame:
+    """``data.to_pandas()`` (pyarrow Tables, ...) or pandas' reader of the interchange protocol."""
+    try:
+        if hasattr(data, "to_pandas"):
+            out = data.to_pandas()
+        else:
+            with warnings.catch_warnings():   # pandas' notice that the protocol is deprecated
+                warnings.simplefilter("ignore")
+                out = pd.api.interchange.from_dataframe(data)
+    except Exception as e:  # noqa: BLE001 - the library's own error, named and chained
+        raise DataError(f"cannot convert {what} of type {type(data).__name__} to a pandas DataFrame: "
+                        f"{type(e).__name__}: {e}") from e
+    if not isinstance(out, pd.DataFrame):
+        raise DataError(f"{what} of type {type(data).__name__} converted to {type(out).__name__}, "
+                        "not to a pandas DataFrame")
+    return out
 
 
 def check_columns(df: pd.DataFrame, names: Iterable[str]) -> None:
-    """Raise MissingColumnError naming every variable of the formula that ``df`` lacks."""
+    """Raise MissingColumnError naming every variable of the formula that ``df`` lacks, and
+    DataError for a variable whose name ``df`` holds more than once (which one would be
+    ambiguous; duplicates among columns the model does not read are ignored, as those columns are)."""
+    names = list(names)
     missing = sorted({n for n in names if n not in df.columns})
     if missing:
         raise MissingColumnError(missing, [str(c) for c in df.columns])
+    if not df.columns.is_unique:
+        dup = sorted({str(c) for c in df.columns[df.columns.duplicated()]} & set(names))
+        if dup:
+            raise DataError(f"column(s) {', '.join(map(repr, dup))} appear more than once in the data and the "
+                            "model uses them; rename or drop the duplicates")
 
 
 def is_factor_dtype(dtype) -> bool:
@@ -83,17 +159,42 @@ def factor_codes(values: pd.Series, name: str) -> tuple[np.ndarray, list[str]]:
         present = np.flatnonzero(np.bincount(raw, minlength=len(cats)))   # O(n), no sort
         remap = np.full(len(cats), -1, dtype=np.int64)
         remap[present] = np.arange(present.size)
-        return remap[raw], _labels(cats, present)
+        return remap[raw], unique_labels(_labels(cats, present), [cats[i] for i in present], name)
     if pd.api.types.is_bool_dtype(dtype):
         arr = np.asarray(values, dtype=bool)
         present = np.unique(arr)
         return np.searchsorted(present, arr).astype(np.int64), ["TRUE" if v else "FALSE" for v in present]
     try:
         codes, uniques = pd.factorize(values, sort=True)
-    except TypeError:  # mixed types cannot be ordered: order their text instead
-        codes, uniques = pd.factorize(values.astype(str), sort=True)
-    return np.asarray(codes, dtype=np.int64), _labels(list(uniques) if not hasattr(uniques, "dtype") else uniques,
-                                                      np.arange(len(uniques)))
+    except TypeError:  # mixed types cannot be ordered: order their labels instead
+        codes, uniques = pd.factorize(values)
+        labels = unique_labels(_labels(np.asarray(list(uniques), dtype=object), np.arange(len(uniques))),
+                               list(uniques), name)
+        order = np.argsort(np.asarray(labels, dtype=object), kind="stable")
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        return np.where(codes >= 0, rank[np.maximum(codes, 0)], -1), [labels[i] for i in order]
+    labels = _labels(list(uniques) if not hasattr(uniques, "dtype") else uniques, np.arange(len(uniques)))
+    return np.asarray(codes, dtype=np.int64), unique_labels(labels, list(uniques), name)
+
+
+def unique_labels(labels: list[str], values: list, name: str) -> list[str]:
+    """``labels`` if they are distinct; else DataError naming the column and two values that print
+    alike.  An object column can hold values that differ only in type, such as 1 and '1':
+    pandas keeps them apart, R's factor() would merge them into one level "1", and two levels
+    with one label would make ranef, VarCorr and predict ambiguous, so such data are refused
+    rather than guessed at (the chunked level scan refuses them the same way)."""
+    if len(set(labels)) == len(labels):
+        return labels
+    first: dict[str, object] = {}
+    for lab, v in zip(labels, values):
+        if lab in first:
+            raise DataError(f"column {name!r} holds values that differ only in type but print alike "
+                            f"({first[lab]!r} and {v!r}, both level {lab!r}), for example text in some rows or "
+                            f"chunks and numbers in others; convert the column to one type first "
+                            f"(e.g. df[{name!r}].astype(str))")
+        first[lab] = v
+    return labels  # pragma: no cover - a repeated label was found above
 
 
 def _labels(values, idx) -> list[str]:
@@ -127,6 +228,8 @@ def prepare_factors(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
         dtype = s.dtype
         if isinstance(dtype, pd.CategoricalDtype):
             out[col] = s.cat.remove_unused_categories()
+            cats = list(out[col].cat.categories)
+            unique_labels(_labels(cats, np.arange(len(cats))), cats, col)
         elif pd.api.types.is_bool_dtype(dtype):
             out[col] = pd.Categorical(np.where(np.asarray(s, dtype=bool), "TRUE", "FALSE"),
                                       categories=[c for c in ("FALSE", "TRUE")
@@ -143,9 +246,10 @@ def prepare_factors(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 
 def as_numeric_array(s, name: str, what: str = "column") -> np.ndarray:
-    """float64 array of a numeric column; infinite values are an error naming the column."""
+    """float64 array of a numeric column or array; infinite and complex values are an error naming it."""
     if isinstance(s, pd.Series) and is_factor_dtype(s.dtype):
         raise DataError(f"{what} {name!r} must be numeric, but has type {s.dtype}")
+    reject_complex(s, name, what)
     try:
         arr = np.asarray(s.to_numpy(dtype=np.float64, na_value=np.nan) if isinstance(s, pd.Series)
                          else s, dtype=np.float64)
@@ -155,3 +259,34 @@ def as_numeric_array(s, name: str, what: str = "column") -> np.ndarray:
         n = int(np.isinf(arr).sum())
         raise DataError(f"{what} {name!r} contains {n} infinite value(s)")
     return arr
+
+
+def reject_complex(values, name: str, what: str = "column") -> None:
+    """DataError for complex values, which a float64 model matrix would silently cut to their real part."""
+    dtype = getattr(values, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(values).dtype
+    if not isinstance(dtype, pd.api.extensions.ExtensionDtype) and np.dtype(dtype).kind == "c":
+        raise DataError(f"{what} {name!r} is complex ({dtype}); linear mixed models need real numbers "
+                        "(pass its real part or its modulus explicitly)")
+
+
+def check_weights(w: np.ndarray, what: str, all_rows: bool = True) -> None:
+    """Prior weights must be non-negative and, over all rows (``all_rows``; one chunk's may all
+    be zero), not all zero.  ``w`` comes from as_numeric_array (finite or NaN)."""
+    neg = int(np.sum(w < 0))
+    if neg:
+        raise DataError(f"{what} must be non-negative, but {neg} value(s) are negative")
+    if all_rows and not np.any(w > 0):
+        raise no_positive_weight(what)
+
+
+def no_positive_weight(what: str) -> DataError:
+    """The error for weights that are zero in every row (in memory, or summed over all chunks)."""
+    return DataError(f"{what} is zero in every row the model uses; at least one observation needs a "
+                     "positive weight")
+
+
+def is_polars_frame(obj) -> bool:
+    """True for a polars DataFrame, without importing polars."""
+    return type(obj).__module__.split(".")[0] == "polars" and hasattr(obj, "get_column")

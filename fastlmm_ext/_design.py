@@ -22,11 +22,12 @@ import pandas as pd
 import scipy.linalg as la
 import scipy.sparse as sp
 from ._contrasts import check_contrast_names, default_contrasts, resolve_contrasts
-from ._data import (as_frame, as_numeric_array, check_columns, drop_missing, factor_codes,
+from ._data import (as_frame, as_numeric_array, check_columns, check_weights, drop_missing, factor_codes,
                     is_factor_dtype, prepare_factors)
 from ._exceptions import (DataError, FormulaError, GroupingFactorError, IdentifiabilityError,
                           RankDeficiencyWarning)
 from ._formula import ParsedFormula, parse_formula
+from ._ols import ols_shift, raise_if_exact_rows
 from ._rformula import RExpr, evaluate_vector, model_matrix, parse_expr, r_column_names, translate
 
 __all__ = ["ReTerm", "ModelStructure", "build_structure"]
@@ -211,7 +212,7 @@ def _vector_arg(arg, df: pd.DataFrame, name: str) -> np.ndarray | None:
     if isinstance(arg, str):
         check_columns(df, [arg])
         return as_numeric_array(df[arg], arg, what=f"{name} column")
-    arr = np.asarray(arg, dtype=float).ravel()
+    arr = as_numeric_array(arg if isinstance(arg, pd.Series) else np.asarray(arg), name, what="argument").ravel()
     if arr.shape[0] != len(df):
         raise DataError(f"{name} has length {arr.shape[0]} but data has {len(df)} rows")
     return arr
@@ -442,17 +443,20 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
     if w_all is not None and not isinstance(weights, str):
         w_all = w_all[keep_mask]
         if np.isnan(w_all).any():
-            raise DataError("weights contain missing values")
+            raise DataError(f"weights (an array) has {int(np.isnan(w_all).sum())} missing value(s) in rows the model "
+                            "uses; give every used row a weight, or pass the weights as a column of data (rows "
+                            "missing a weight are then dropped)")
     elif w_all is not None:
         w_all = as_numeric_array(df2[weights], weights, what="weights column")
     if o_all is not None and not isinstance(offset, str):
         o_all = o_all[keep_mask]
         if np.isnan(o_all).any():
-            raise DataError("offset contains missing values")
+            raise DataError(f"offset (an array) has {int(np.isnan(o_all).sum())} missing value(s) in rows the model "
+                            "uses; give every used row an offset, or pass it as a column of data")
     elif o_all is not None:
         o_all = as_numeric_array(df2[offset], offset, what="offset column")
-    if w_all is not None and (w_all < 0).any():
-        raise DataError("weights must be non-negative")
+    if w_all is not None:
+        check_weights(w_all, f"weights column {weights!r}" if isinstance(weights, str) else "weights")
 
     check_response_type(parsed, mv, df2)
     frame = prepare_factors(df2, mv.frame_columns)
@@ -474,7 +478,8 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
     dropped = [nm for j, nm in enumerate(rows.fixef_names) if j not in keep]
     X, fixef_names = rows.X[:, keep], [rows.fixef_names[j] for j in keep]
     warn_rank_deficient(dropped)
-    _check_not_exact(rows.y - (rows.offset if rows.offset is not None else 0.0), X, parsed.response)
+    r = rows.y - (rows.offset if rows.offset is not None else 0.0)
+    raise_if_exact_rows(ols_shift(X, r, w_all)[0], r, w_all, f"response {parsed.response!r}", X.shape[1])
 
     factor_levels: dict[str, list[str]] = {}
     for rt, levels, Xi in zip(parsed.random, term_levels, rows.term_Xi):
@@ -495,16 +500,6 @@ def variable_levels_of(frame: pd.DataFrame) -> dict:
     """Categories (and orderedness) of every factor column the model matrices read, for predict."""
     return {str(c): (list(frame[c].cat.categories), bool(frame[c].cat.ordered))
             for c in frame.columns if isinstance(frame[c].dtype, pd.CategoricalDtype)}
-
-
-def _check_not_exact(y: np.ndarray, X: np.ndarray, response: str) -> None:
-    """A response that X reproduces exactly leaves no residual variance to estimate."""
-    if X.shape[1] == 0:
-        return
-    b = np.linalg.lstsq(X, y, rcond=None)[0]
-    if np.linalg.norm(y - X @ b) <= 1e-12 * max(np.linalg.norm(y), 1e-300):
-        raise DataError(f"response {response!r} is an exact linear function of the fixed effects: "
-                        "the residual variance is zero and the model cannot be fitted")
 
 
 def _group_codes(df: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:

@@ -2,13 +2,14 @@
 
 Every problem a user can cause raises a subclass of :class:`FastLMMError`; the
 subclasses also derive from the built-in exception a Python user would expect
-(``ValueError`` for bad values, ``KeyError`` for missing columns) so generic
+(``ValueError`` for bad values, ``KeyError`` for missing columns, ``TypeError`` for an argument
+of the wrong type) so generic
 ``except ValueError`` handlers keep working.
 """
 from __future__ import annotations
 
 __all__ = [
-    "FastLMMError", "FormulaError", "DataError", "MissingColumnError",
+    "FastLMMError", "FormulaError", "DataError", "MissingColumnError", "ArgumentError",
     "GroupingFactorError", "IdentifiabilityError", "NotPositiveDefiniteError",
     "CholmodError", "FastLMMWarning", "ConvergenceWarning", "SingularFitWarning",
     "RankDeficiencyWarning", "MissingValuesWarning", "ContrastsError",
@@ -25,6 +26,10 @@ class FormulaError(FastLMMError, ValueError):
 
 class DataError(FastLMMError, ValueError):
     """The data cannot be used as given (wrong type, infinite values, empty, ...)."""
+
+
+class ArgumentError(FastLMMError, TypeError, ValueError):
+    """An argument other than the data has an unusable type or value (e.g. ``REML="no"``)."""
 
 
 class MissingColumnError(FastLMMError, KeyError):

@@ -29,6 +29,9 @@ _QUOTES = "'\"`"
 _NAME = re.compile(r"(?!\.\d)[A-Za-z_.][A-Za-z0-9_.]*|`[^`]+`")
 # Operators that make a following '+'/'-' a unary sign inside a term ("x^-1"), not a separator.
 _BINARY_OPS = "*^/:%"
+# Deeper nesting is refused before any recursive step sees it (R's parser stops at 50 levels;
+# formulaic and Python's parser overflow their recursion a few hundred levels down).
+MAX_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ def _depths(s: str) -> list[int]:
         elif ch in _OPEN:
             out.append(len(stack))
             stack.append((ch, i))
+            if len(stack) > MAX_DEPTH:
+                raise FormulaError(f"formula nests brackets more than {MAX_DEPTH} deep (at character {i + 1} of "
+                                   f"{_quote(s[:40] + '...')}); simplify the expression")
         elif ch in _CLOSE:
             if not stack or stack[-1][0] != _CLOSE[ch]:
                 raise FormulaError(f"unmatched {ch!r} in formula {_quote(s[:i + 1])}")

@@ -8,7 +8,9 @@ complete rows count.  :class:`LevelScanner` gathers the values a first pass over
 sees; :class:`GlobalLevels` then turns any chunk's columns into codes against those levels.
 
 Categoricals whose chunks carry different category lists (e.g. Parquet row groups with their
-own dictionaries) are ordered by first appearance of each category, chunk by chunk.
+own dictionaries) are ordered by first appearance of each category, chunk by chunk.  Values
+that differ only in type but print alike (1 and '1': text in early files, numbers in a later
+one) are refused naming the column, as the in-memory path refuses them (``_data.unique_labels``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ._data import _labels, factor_codes, is_factor_dtype
+from ._data import _labels, factor_codes, is_factor_dtype, reject_complex, unique_labels
 from ._exceptions import DataError
 
 __all__ = ["LevelScanner", "GlobalLevels", "ColumnLevels"]
@@ -86,6 +88,7 @@ class LevelScanner:
         factor is only typed (its values are not kept: it is a covariate, not a factor)."""
         for c in self.columns:
             s = df[c]
+            reject_complex(s, c)
             kind = _kind(s.dtype)
             self._set_kind(c, kind)
             if kind == "number" and c not in self.group_columns:
@@ -153,8 +156,8 @@ class LevelScanner:
                             seen.add(v)
                             order.append(v)
                 present = set(pd.unique(vals).tolist())
-                labels = _labels(np.asarray([v for v in order if v in present], dtype=object),
-                                 np.arange(len(present)))
+                kept = [v for v in order if v in present]
+                labels = unique_labels(_labels(np.asarray(kept, dtype=object), np.arange(len(present))), kept, c)
             elif kind == "bool":
                 present = set(np.asarray(vals, dtype=bool).tolist())
                 labels = [lab for v, lab in ((False, "FALSE"), (True, "TRUE")) if v in present]

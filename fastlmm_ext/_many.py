@@ -27,11 +27,11 @@ import pandas as pd
 
 from ._backends import BACKENDS, make_backend
 from ._crossprod import CrossProducts
-from ._data import as_frame, as_numeric_array, check_columns
+from ._data import as_frame, as_numeric_array, check_columns, reject_complex
 from ._design import ModelStructure, build_structure
 from ._exceptions import ConvergenceWarning, DataError, FormulaError, MissingValuesWarning, SingularFitWarning
 from ._formula import _top
-from ._model import LinearMixedModel
+from ._model import LinearMixedModel, check_reml
 from ._response import response_crossproducts
 from ._threads import bundled_blas_single_thread
 
@@ -88,6 +88,7 @@ def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, 
     Singular and convergence warnings are not raised per response: the columns record them
     and one summary warning per kind is issued (e.g. "12 of 1000 fits were singular").
     """
+    REML = check_reml(REML)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     _check_fit_options(fit_options)
@@ -203,6 +204,7 @@ def _numeric_array(a: np.ndarray, n: int) -> np.ndarray:
     if a.shape[0] != n:
         raise DataError(f"responses array has {a.shape[0]} rows but data has {n} rows "
                         f"(expected shape ({n}, number of responses))")
+    reject_complex(a, "responses", what="array")
     try:
         Y = np.asarray(a, dtype=np.float64)
     except (TypeError, ValueError) as e:

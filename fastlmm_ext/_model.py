@@ -12,8 +12,9 @@ import numpy as np
 
 from ._backends import BACKENDS, make_backend
 from ._dask import is_dask_dataframe
+from ._data import reject_complex
 from ._design import ModelStructure, build_structure
-from ._exceptions import ConvergenceWarning, DataError, SingularFitWarning
+from ._exceptions import ArgumentError, ConvergenceWarning, DataError, SingularFitWarning
 from ._progress import Progress
 from ._threads import bundled_blas_single_thread
 from ._optimize import OptSummary, check_convergence, is_singular, minimize_theta, snap_to_bounds
@@ -21,9 +22,20 @@ from ._response import check_not_exact, response_crossproducts
 from ._results import LmerResult
 from ._start import moment_theta0
 
-__all__ = ["LinearMixedModel", "lmer"]
+__all__ = ["LinearMixedModel", "lmer", "check_reml"]
 
 AUTO_LBFGSB_MIN_Q = 200   # optimizer="auto": L-BFGS-B with the analytic gradient from this many random effects
+
+
+def check_reml(REML) -> bool:
+    """``REML`` as a bool: True/False (NumPy's too) or the integers 1/0, as R's ``if (REML)``
+    coerces numbers; anything else (a string such as "no", None, an array) is refused rather than
+    read by Python's truthiness, under which "no" would mean REML."""
+    if isinstance(REML, (bool, np.bool_)):
+        return bool(REML)
+    if isinstance(REML, (int, np.integer)) and REML in (0, 1):
+        return bool(REML)
+    raise ArgumentError(f"REML must be True or False, got {REML!r} ({type(REML).__name__})")
 
 
 class LinearMixedModel:
@@ -36,7 +48,8 @@ class LinearMixedModel:
     Parameters
     ----------
     formula : lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
-    data : pandas DataFrame (or anything ``pd.DataFrame`` accepts), or a ``dask.dataframe.DataFrame``:
+    data : pandas DataFrame (or a polars DataFrame, an object with ``.to_pandas()``, a dict of
+        columns: see ``_data.as_frame``), or a ``dask.dataframe.DataFrame``:
         its cross-products are then computed per partition on the active Dask scheduler and
         reduced (``_dask``); the model keeps no rows (see :func:`lmer_chunked` for what that means).
     REML : fit by REML (default) or maximum likelihood.
@@ -64,6 +77,7 @@ class LinearMixedModel:
                  weights=None, offset=None, ordering: str = "default",
                  structure: ModelStructure | None = None, crossprod=None, *, contrasts=None,
                  allow_python: bool = False):
+        REML = check_reml(REML)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if structure is None and is_dask_dataframe(data):
@@ -102,6 +116,7 @@ class LinearMixedModel:
         """A model built from chunks of rows without holding them all (see :func:`lmer_chunked`
         for what ``chunks`` may be and what the model then keeps)."""
         from ._chunked import structure_from_chunks
+        REML = check_reml(REML)
         s, cp = structure_from_chunks(formula, chunks, weights=weights, offset=offset, chunksize=chunksize,
                                       progress=progress, allow_python=allow_python, contrasts=contrasts)
         return cls(formula, None, REML=REML, backend=backend, ordering=ordering, structure=s, crossprod=cp)
@@ -224,6 +239,7 @@ class LinearMixedModel:
     def _check_response(self, y) -> np.ndarray:
         if getattr(self.structure, "y", None) is None:   # a model fitted from accumulated cross-products
             raise DataError("refit needs the model's rows (X and Z); this model has only cross-products")
+        reject_complex(y, "y", what="new response")
         y = np.asarray(y, dtype=float).ravel()
         if y.shape[0] != self.structure.n:
             raise DataError(f"new response has length {y.shape[0]}, the model has {self.structure.n} observations")

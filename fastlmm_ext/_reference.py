@@ -30,6 +30,7 @@ import scipy.sparse as sp
 
 from ._design import ModelStructure
 from ._exceptions import NotPositiveDefiniteError
+from ._ols import ones_column, response_level
 
 __all__ = ["ReferencePLS"]
 
@@ -41,7 +42,12 @@ class ReferencePLS:
         s = structure
         self.s = s
         self.w = np.ones(s.n) if s.weights is None else s.weights
-        self.y = s.y - (0.0 if s.offset is None else s.offset)
+        r = s.y - (0.0 if s.offset is None else s.offset)
+        # With an intercept column, a value c of y − o is moved into β̂'s intercept: y − o − c is
+        # exact for a large common level (10¹² + ...), which X β̂ would otherwise round (_ols).
+        self.icpt = ones_column(s.X)
+        self.level = response_level(r, s.weights) if self.icpt is not None else 0.0
+        self.y = r - self.level
         self.sum_log_w = float(np.sum(np.log(self.w[self.w > 0])))
 
     def solve(self, theta: np.ndarray) -> dict:
@@ -69,6 +75,9 @@ class ReferencePLS:
         pwrss = float(np.sum(w * resid ** 2) + u @ u)                  # r²(θ)
         ldL2 = 2.0 * float(np.sum(np.log(np.diag(L))))                 # log|L_θ|²
         ldRX2 = 2.0 * float(np.sum(np.log(np.diag(RX)))) if s.p else 0.0
+        if self.icpt is not None:
+            beta = beta.copy()
+            beta[self.icpt] += self.level
         return {"beta": beta, "u": u, "b": Lam @ u, "pwrss": pwrss, "ldL2": ldL2, "ldRX2": ldRX2,
                 "RX": RX, "L": L}
 

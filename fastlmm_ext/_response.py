@@ -20,6 +20,7 @@ import numpy as np
 from ._crossprod import CrossProducts
 from ._design import ModelStructure
 from ._exceptions import DataError
+from ._ols import ols_shift, raise_if_exact_rows
 
 __all__ = ["check_not_exact", "response_crossproducts"]
 
@@ -46,7 +47,7 @@ def response_crossproducts(s: ModelStructure, cp: CrossProducts, Y) -> list[Cros
     B = np.zeros((s.p, m))
     for j in range(m):
         Yt[:, j], B[:, j], r = _ols_residual(s, Y[:, j])
-        _raise_if_exact(Yt[:, j], r, s.p, j, m)
+        raise_if_exact_rows(Yt[:, j], r, w, "response" if m == 1 else f"response {j + 1} of {m}", s.p)
     WYt = Yt if w is None else Yt * w[:, None]
     ZtWY = np.asarray(s.Z.T @ WYt).reshape(s.q, m)       # the one sparse-dense product
     out = []
@@ -60,28 +61,15 @@ def response_crossproducts(s: ModelStructure, cp: CrossProducts, Y) -> list[Cros
 def check_not_exact(s: ModelStructure, y) -> None:
     """DataError if ``y`` minus the offset is a linear function of X."""
     yt, _, r = _ols_residual(s, np.asarray(y, dtype=np.float64).ravel())
-    _raise_if_exact(yt, r, s.p, 0, 1)
+    raise_if_exact_rows(yt, r, s.weights, "response", s.p)
 
 
 def _ols_residual(s: ModelStructure, y: np.ndarray):
     """(ỹ, b, r): r = y − offset, b its weighted least-squares coefficients on X, ỹ = r − X b
-    (the operations of ``CrossProducts.from_structure``)."""
+    (``_ols.ols_shift``, as ``CrossProducts.from_structure`` forms them)."""
     r = y - (s.offset if s.offset is not None else 0.0)
-    if not s.p:
-        return r, np.zeros(0), r
-    if s.weights is None:
-        b = np.linalg.lstsq(s.X, r, rcond=None)[0]
-    else:
-        sw = np.sqrt(s.weights)
-        b = np.linalg.lstsq(s.X * sw[:, None], r * sw, rcond=None)[0]
-    return r - s.X @ b, b, r
-
-
-def _raise_if_exact(yt: np.ndarray, r: np.ndarray, p: int, j: int, m: int) -> None:
-    if p and np.linalg.norm(yt) <= 1e-12 * max(np.linalg.norm(r), 1e-300):
-        which = "response" if m == 1 else f"response {j + 1} of {m}"
-        raise DataError(f"{which} is an exact linear function of the fixed effects: the residual "
-                        "variance is zero and the model cannot be fitted")
+    yt, b = ols_shift(s.X, r, s.weights)
+    return yt, b, r
 
 
 def _one(cp: CrossProducts, p: int, zty: np.ndarray, G: np.ndarray, b: np.ndarray) -> CrossProducts:

@@ -16,6 +16,11 @@ b_A exactly:  with d = b_A − b_B,
     ZᵀWỹ_A = ZᵀWỹ_B − ZᵀWX d,   XᵀWỹ_A = XᵀWỹ_B − XᵀWX d,
     ỹ_AᵀWỹ_A = ỹ_BᵀWỹ_B − 2 dᵀXᵀWỹ_B + dᵀXᵀWX d.
 At the end the same move puts b at the weighted least-squares solution of all the data.
+Each block's ỹ subtracts the intercept's share of X b first (``_ols.shift_residual``), so a
+response with a large common level (10¹² + …) loses no digits.  For the exact-fit check the
+accumulator also keeps Σ w and the sums of w (r − c), w (r − c)² about a value c of r = y − offset
+from its first block (moved to the other's c on merge), from which ``response_spread`` gives the
+variation of r about its weighted mean without cancellation.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import numpy as np
 
 from ._crossprod import CrossProducts, lower_csc, sum_duplicates, ztz_triplets
 from ._design import ReTerm, assemble_Z, rank_deficient_keep
+from ._ols import centred_ss, ols_shift, response_level, shift_residual
 
 __all__ = ["SuffStats"]
 
@@ -62,7 +68,11 @@ class SuffStats:
         self.XyXy = np.zeros((p + 1, p + 1))      # [X ỹ]ᵀ W [X ỹ]
         self.XtX = np.zeros((p, p))               # unweighted XᵀX, for the rank check
         self.ZtXy = np.zeros((self.q, p + 1))
-        self.yy = 0.0                             # Σ w (y − offset)², for the exact-fit check
+        # For the exact-fit check: Σ w, and Σ w (r − c), Σ w (r − c)² about a value c of r = y − offset
+        self.level: float | None = None
+        self.sum_w = 0.0
+        self.s1 = 0.0
+        self.s2 = 0.0
         self._trip: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._merged = 0                          # triplets in _trip[0] after the last compaction
         self._pending = 0
@@ -75,16 +85,21 @@ class SuffStats:
         if n == 0:
             return
         y0 = y - offset if offset is not None else y
-        if self.shift is None:
-            self.shift = _pilot_shift(X, y0)
-        yt = y0 - X @ self.shift if self.p else y0
         w = weights
+        if self.shift is None:
+            self.shift = _pilot_shift(X, y0, w)
+            self.level = response_level(y0, w)
+        yt = shift_residual(y0, X, self.shift)
         Xy = np.column_stack([X, yt])
         WXy = Xy if w is None else Xy * w[:, None]
         self.XyXy += Xy.T @ WXy
         if self.weighted:
             self.XtX += X.T @ X
-        self.yy += float(y0 @ (y0 if w is None else y0 * w))
+        d = y0 - self.level
+        wd = d if w is None else w * d
+        self.sum_w += float(n if w is None else np.sum(w))
+        self.s1 += float(np.sum(wd))
+        self.s2 += float(d @ wd)
         if w is not None:
             self.sum_log_w += float(np.sum(np.log(w[w > 0])))
         bt = [_BlockTerm(t, c, Xi) for t, c, Xi in zip(self.terms, term_codes, term_Xi)]
@@ -111,16 +126,19 @@ class SuffStats:
             self.n_dropped += other.n_dropped
             return self
         if self.shift is None:
-            self.shift = other.shift
+            self.shift, self.level = other.shift, other.level
         else:
             other._move_shift(self.shift)
+            other._move_level(self.level)
         self.n += other.n
         self.n_dropped += other.n_dropped
         self.sum_log_w += other.sum_log_w
         self.XyXy += other.XyXy
         self.XtX += other.XtX
         self.ZtXy += other.ZtXy
-        self.yy += other.yy
+        self.sum_w += other.sum_w
+        self.s1 += other.s1
+        self.s2 += other.s2
         self._trip += other._trip
         self._pending += sum(t[0].size for t in other._trip)
         if self._pending > max(self._merged, COMPACT_MIN):
@@ -141,6 +159,19 @@ class SuffStats:
         self.XyXy[p, p] = max(yy, 0.0)
         self.ZtXy[:, p] -= self.ZtXy[:, :p] @ d
         self.shift = b_new.copy()
+
+    def _move_level(self, c_new: float) -> None:
+        """Re-express s1, s2 about c_new:  with δ = c − c_new,  Σ w (r − c_new) = s1 + δ Σw  and
+        Σ w (r − c_new)² = s2 + 2 δ s1 + δ² Σw."""
+        delta = self.level - c_new
+        self.s2 += 2.0 * delta * self.s1 + delta * delta * self.sum_w
+        self.s1 += delta * self.sum_w
+        self.level = c_new
+
+    def response_spread(self) -> tuple[float, float]:
+        """(Σ w (r − r̄_w)², Σ w r²) of r = y − offset, for ``_ols.raise_if_exact``."""
+        c = self.level or 0.0
+        return centred_ss(self.sum_w, self.s1, self.s2), max(self.s2 + 2.0 * c * self.s1 + c * c * self.sum_w, 0.0)
 
     # ------------------------------------------------------------------ result
     def kept_columns(self) -> list[int]:
@@ -174,9 +205,9 @@ class SuffStats:
                              sum_log_w=self.sum_log_w)
 
 
-def _pilot_shift(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least-squares coefficients of the first block, on the columns independent there (a
-    column dependent on the whole data is dependent on every block, so no shift lands on a
+def _pilot_shift(X: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+    """Weighted least-squares coefficients of the first block, on the columns independent there
+    (a column dependent on the whole data is dependent on every block, so no shift lands on a
     column the final rank check drops)."""
     p = X.shape[1]
     b = np.zeros(p)
@@ -184,5 +215,5 @@ def _pilot_shift(X: np.ndarray, y: np.ndarray) -> np.ndarray:
         return b
     keep = rank_deficient_keep(X.T @ X)
     if keep:
-        b[keep] = np.linalg.lstsq(X[:, keep], y, rcond=None)[0]
+        b[keep] = ols_shift(X[:, keep], y, w)[1]
     return b

@@ -1,6 +1,7 @@
 """Shared fixtures: lme4 reference fits from ../shared/reference (next to the checkout)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -61,3 +62,15 @@ def fitted_reference():
                 _cache[key] = (df, fl.lmer(fit["formula"], df, REML=fit["REML"]))
         return _cache[key]
     return get
+
+
+@contextlib.contextmanager
+def raises_named(cls, *names):
+    """pytest.raises(cls), and the error is a FastLMMError whose message contains every one of
+    ``names`` (the column, argument or file at fault)."""
+    import fastlmm_ext as fl
+    with pytest.raises(cls) as info:
+        yield info
+    assert isinstance(info.value, fl.FastLMMError), type(info.value)
+    for name in names:
+        assert name in str(info.value), (name, str(info.value))

@@ -14,7 +14,7 @@ import pytest
 import fastlmm_ext as fl
 from fastlmm_ext._exceptions import DataError, FormulaError, GroupingFactorError, MissingColumnError
 
-from conftest import all_reference_fits
+from conftest import all_reference_fits, raises_named
 
 REF_FITS = all_reference_fits()
 
@@ -235,6 +235,108 @@ def test_chunked_errors(mixed_frame):
     with pytest.raises(ValueError, match="backend"):
         fl.LinearMixedModel("y ~ x + (1|site)", None, backend="reference",
                             structure=fl.lmer_chunked("y ~ x + (1|site)", chunks).structure)
+
+
+# ----------------------------------------------------------------------------- chunk files that cannot be read
+
+def test_unreadable_chunk_files_are_named(tmp_path):
+    sleep = fl.datasets.load("sleepstudy")
+    f = "Reaction ~ Days + (1|Subject)"
+    good = tmp_path / "s.csv.gz"
+    sleep.to_csv(good, index=False)
+    raw = good.read_bytes()
+    truncated = tmp_path / "t.csv.gz"
+    truncated.write_bytes(raw[:len(raw) // 2])
+    corrupt = tmp_path / "c.parquet"
+    corrupt.write_bytes(b"not a parquet file at all")
+    folder = tmp_path / "folder.parquet"
+    folder.mkdir()
+    for path in [truncated, tmp_path / "missing.csv", tmp_path, corrupt, folder]:
+        with raises_named(DataError, "cannot read chunk file", str(path)):
+            fl.lmer_chunked(f, str(path))
+    with raises_named(DataError, str(truncated)):
+        fl.LinearMixedModel.from_chunks(f, truncated, chunksize=50)    # fails in a later chunk, named too
+
+
+# ----------------------------------------------------------------------------- chunks that disagree
+
+def _str_then_int(sleep: pd.DataFrame) -> list[pd.DataFrame]:
+    """Subject as text in the first half of the rows and as integers in the second (every subject in both)."""
+    early = sleep.Days < 5
+    subj = sleep.Subject.astype(str)
+    return [sleep[early].assign(Subject=subj[early]), sleep[~early].assign(Subject=subj[~early].astype(int))]
+
+
+def test_grouping_column_text_then_numbers(tmp_path):
+    """'308' in early files and 308 in a later one: the same label for two values, refused naming the
+    column on every path, as the in-memory fit of the concatenated rows refuses it."""
+    sleep = fl.datasets.load("sleepstudy")
+    f = "Reaction ~ Days + (1|Subject)"
+    parts = _str_then_int(sleep)
+    paths = []
+    for i, part in enumerate(parts):
+        paths.append(tmp_path / f"part{i}.parquet")
+        part.to_parquet(paths[-1])
+    with raises_named(DataError, "'Subject'", "'308'", "print alike"):
+        fl.lmer(f, pd.concat(parts))
+    with raises_named(DataError, "'Subject'", "'308'", "print alike"):
+        fl.lmer_chunked(f, parts)
+    with raises_named(DataError, "'Subject'", "'308'", "print alike"):
+        fl.lmer_chunked(f, lambda: (pd.read_parquet(p) for p in paths))
+    dd = pytest.importorskip("dask.dataframe")
+    import dask
+    with dask.config.set({"dataframe.convert-string": False}):    # else Dask turns the column into text itself
+        ddf = dd.from_pandas(pd.concat(parts), npartitions=2, sort=False)
+        with raises_named(DataError, "'Subject'", "'308'", "print alike"):
+            fl.lmer(f, ddf)
+
+
+def test_mixed_types_without_clash_agree_with_in_memory():
+    """Text in early chunks, numbers in later ones, no label shared: distinct levels, numbered as the
+    in-memory fit of the concatenated rows numbers them."""
+    sleep = fl.datasets.load("sleepstudy")
+    f = "Reaction ~ Days + (1|Subject)"
+    subj = sleep.Subject.astype(str)
+    first = sleep.index < 90                  # subjects of the first 90 rows are not in the rest
+    parts = [sleep[first].assign(Subject=subj[first]), sleep[~first].assign(Subject=subj[~first].astype(int) + 1000)]
+    full = fl.lmer(f, pd.concat(parts))
+    res = fl.lmer_chunked(f, parts)
+    assert list(res.ranef["Subject"].index) == list(full.ranef["Subject"].index)
+    assert_same_fit(res, full)
+
+
+def test_chunk_columns_checked_like_data(mixed_frame):
+    f = "y ~ x + (1|site)"
+    chunks = [c.dropna() for c in split(mixed_frame, 3)]
+    with raises_named(DataError, "'x'", "more than once"):
+        fl.lmer_chunked(f, [chunks[0], pd.concat([chunks[1], chunks[1][["x"]]], axis=1)])
+    multi = chunks[1].copy()
+    multi.columns = pd.MultiIndex.from_tuples([("m", c) for c in multi.columns])
+    with raises_named(DataError, "MultiIndex"):
+        fl.lmer_chunked(f, [chunks[0], multi])
+    with raises_named(DataError, "must be a pandas DataFrame", "ndarray"):
+        fl.lmer_chunked(f, [chunks[0], chunks[1].to_numpy()])
+    for col in ["y", "x"]:
+        bad = [c.assign(**{col: c[col].astype(complex)}) for c in chunks]
+        with raises_named(DataError, f"'{col}'", "complex"):
+            fl.lmer_chunked(f, bad)
+    with raises_named(DataError, "'w'", "complex"):
+        fl.lmer_chunked(f, [c.assign(w=np.ones(len(c), complex)) for c in chunks], weights="w")
+    with raises_named(DataError, "'w'", "zero in every row"):
+        fl.lmer_chunked(f, [c.assign(w=0.0) for c in chunks], weights="w")
+    with raises_named(DataError, "'w'", "negative"):
+        fl.lmer_chunked(f, [chunks[0].assign(w=1.0), chunks[1].assign(w=-1.0)], weights="w")
+    with raises_named(DataError, "'w'", "infinite"):
+        fl.lmer_chunked(f, [c.assign(w=np.inf) for c in chunks], weights="w")
+    with raises_named(DataError, "'o'", "numeric"):
+        fl.lmer_chunked(f, [c.assign(o="a") for c in chunks], offset="o")
+    # a chunk of zero weights among others is fine: only all-zero weights are refused
+    zero_first = [chunks[0].assign(w=0.0), *[c.assign(w=1.0) for c in chunks[1:]]]
+    res = fl.lmer_chunked(f, zero_first, weights="w")
+    assert res.criterion == pytest.approx(fl.lmer(f, pd.concat(zero_first), weights="w").criterion, abs=1e-8)
+    dd = pytest.importorskip("dask.dataframe")
+    with raises_named(DataError, "'x'", "complex"):
+        fl.lmer(f, dd.from_pandas(pd.concat(chunks).assign(x=lambda d: d["x"].astype(complex)), npartitions=2))
 
 
 # ----------------------------------------------------------------------------- Dask
