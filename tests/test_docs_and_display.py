@@ -197,3 +197,25 @@ def test_version_from_metadata_with_a_source_tree_fallback(monkeypatch):
         raise metadata.PackageNotFoundError(name)
     monkeypatch.setattr(metadata, "version", not_installed)
     assert fl._version() == declared
+
+
+# ----------------------------------------------------------------------------- the sdist
+
+def test_sdist_carries_what_building_and_testing_need(tmp_path):
+    """The sdist has the Cython sources, scripts, CI and the tests with their data (CI builds it
+    with isolation and installs it in a fresh virtualenv; here it is built in this environment)."""
+    pytest.importorskip("build")
+    pytest.importorskip("Cython")
+    proc = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path),
+                           str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    import tarfile
+    (sdist,) = tmp_path.glob("fastlmm_ext-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for need in ["src_c/_kernel.pyx", "src_c/_gram.pyx", "src_c/cholmod.pxd", "setup.py", "pyproject.toml",
+                 "MANIFEST.in", "README.md", "scripts/setup.sh", "scripts/example.sh", ".ci/run",
+                 "tests/conftest.py", "tests/reference_extra/extra.json", "tests/reference_extra/make_extra.R",
+                 "fastlmm_ext/data/ingot.csv", "fastlmm_ext/__main__.py"]:
+        assert need in names, need
+    assert not [n for n in names if n.endswith((".so", ".pyc")) or n.startswith("build/")]
