@@ -26,7 +26,9 @@ def abbreviate(name: str, minlength: int = 6) -> str:
 
 
 def _table(rows: list[list[str]], header: list[str], n_left: int = 1) -> list[str]:
-    """Columns padded to a common width; the first ``n_left`` left-aligned, the rest right-aligned."""
+    """Columns padded to a common width; the first ``n_left`` left-aligned, the rest right-aligned.
+    A row shorter than the header is blank in its missing cells (not cut off by zip)."""
+    rows = [list(r) + [""] * (len(header) - len(r)) for r in rows]
     cols = list(zip(header, *rows)) if rows else [[h] for h in header]
     widths = [max(len(c) for c in col) for col in cols]
     out = []
@@ -54,8 +56,7 @@ def correlation_rows(V: np.ndarray, names: list[str]) -> list[str]:
     cell = lambda c: f"{np.round(c, 3) + 0.0:.3f}" if np.isfinite(c) else "NaN"  # noqa: E731
     lower = [[cell(C[i, j]) for j in range(i)] for i in range(1, p)]
     width = max([len(cell(1.0))] + [len(c) for r in lower for c in r])
-    rows = [[abbreviate(names[i], 11)] + [c.rjust(width) for c in r] + [""] * (p - 1 - len(r))
-            for i, r in zip(range(1, p), lower)]
+    rows = [[abbreviate(names[i], 11)] + [c.rjust(width) for c in r] for i, r in zip(range(1, p), lower)]
     return _table(rows, [""] + [abbreviate(n) for n in names[:-1]], n_left=p)
 
 
