@@ -18,7 +18,26 @@ from ._model import LinearMixedModel, lmer
 from ._optimize import OptSummary
 from ._results import LmerResult
 
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version (importlib.metadata); in a source tree that is not
+    installed, the version in the pyproject.toml beside the package."""
+    from importlib import metadata
+    try:
+        return metadata.version("fastlmm_ext")
+    except metadata.PackageNotFoundError:
+        import pathlib
+        import re
+        pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            m = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), flags=re.M)
+        except OSError:
+            m = None
+        return m.group(1) if m else "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "lmer", "lmer_chunked", "anova", "fit_many", "datasets", "LinearMixedModel", "LmerResult", "OptSummary", "parse_formula",

@@ -13,7 +13,7 @@ statsmodels names (as ``MixedLMResults``)::
 lme4 names: ``logLik``, ``AIC``, ``BIC`` (properties) and ``getME(name)``.
 
 ``to_dict()`` / ``to_json()`` give a JSON-able record of the fit (schema in :meth:`to_dict`);
-``_repr_html_()`` renders the summary tables in notebooks.
+in IPython and Jupyter the result displays as its summary text (``_repr_pretty_``, ``_repr_html_``).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _text(x) -> str | None:
 
 
 class StatsmodelsMixin:
-    """statsmodels names (params, bse, ...), lme4 aliases, to_dict/to_json and the notebook repr.
+    """statsmodels names (params, bse, ...), lme4 aliases, to_dict/to_json and the notebook display.
 
     Mixed into :class:`~fastlmm_ext.LmerResult`; it relies on that class's attributes."""
 
@@ -247,64 +247,17 @@ class StatsmodelsMixin:
         return text
 
     # ------------------------------------------------------------------ notebook display
+    # Notebooks show the summary text itself (lme4's layout, as print(res.summary()) and R show
+    # it), not a second rendering of it: one text to keep right, with the residuals, the
+    # correlations and the messages that HTML tables left out, and no p-values of a kind the
+    # summary does not print (coef_table has lmerTest's Satterthwaite tests).
     def _repr_html_(self) -> str:
-        """HTML rendering of the summary: header, random-effects and fixed-effects tables."""
-        e = html.escape
-        s = self.structure
-        method = "REML" if self.REML else "maximum likelihood"
-        crit_name = "REML criterion" if self.REML else "deviance"
-        parts = [
-            '<div class="fastlmm-ext-result">',
-            f"<p><strong>Linear mixed model fit by {e(method)}</strong><br>",
-            f"Formula: <code>{e(str(self.formula))}</code><br>",
-            f"{e(crit_name)} at convergence: {self.criterion:.4f}; logLik {self.loglik:.4f}, "
-            f"AIC {self.aic:.2f}, BIC {self.bic:.2f}<br>",
-            f"Number of obs: {self.nobs}"
-            + (f" ({self.n_dropped} dropped for missing values)" if self.n_dropped else "")
-            + ", groups: " + e(", ".join(f"{k}, {v}" for k, v in self.ngrps.items())) + "</p>",
-        ]
+        """Jupyter's rich display: the :meth:`summary` text, escaped, in a ``<pre>`` block."""
+        return f'<pre class="fastlmm-ext-result">{html.escape(self.summary())}</pre>'
 
-        # random effects: one row per (term, column), correlations with earlier columns
-        from ._summary import random_effects_rows
-        rows = random_effects_rows(self, lambda v: f"{v:.4g}")
-        has_corr = any(t.k > 1 for t in s.terms)
-        header = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] if has_corr else [])
-        parts.append(_html_table("Random effects", header, [r[:len(header)] for r in rows], n_left=2))
-
-        if s.p:
-            fe_rows = [[str(n), f"{b:.4f}", f"{se:.4f}", f"{t:.3f}", _fmt_p(p)]
-                       for n, b, se, t, p in zip(self.fixef.index, self.fixef.to_numpy(), self.se.to_numpy(),
-                                                 self.tvalues.to_numpy(), self.pvalues.to_numpy())]
-            parts.append(_html_table("Fixed effects", ["", "Estimate", "Std. Error", "t value", "P>|z|"],
-                                     fe_rows, n_left=1))
-        notes = list(self.messages)
-        if notes:
-            parts.append("<p>" + "<br>".join(e(m) for m in notes) + "</p>")
-        parts.append("</div>")
-        return "\n".join(parts)
-
-
-def _fmt_p(p: float) -> str:
-    if not np.isfinite(p):
-        return "NaN"
-    return "<2e-16" if p < 2e-16 else f"{p:.3g}"
-
-
-def _html_table(caption: str, header: list[str], rows: list[list[str]], n_left: int) -> str:
-    """An escaped HTML table; the first ``n_left`` columns left-aligned, the others right-aligned."""
-    e = html.escape
-
-    def cell(tag: str, text: str, j: int) -> str:
-        align = "left" if j < n_left else "right"
-        return f'<{tag} style="text-align: {align};">{e(text)}</{tag}>'
-
-    out = ["<table>", f"<caption style=\"text-align: left;\"><strong>{e(caption)}</strong></caption>",
-           "<thead><tr>" + "".join(cell("th", h, j) for j, h in enumerate(header)) + "</tr></thead>",
-           "<tbody>"]
-    for r in rows:
-        out.append("<tr>" + "".join(cell("td", c, j) for j, c in enumerate(r)) + "</tr>")
-    out += ["</tbody>", "</table>"]
-    return "\n".join(out)
+    def _repr_pretty_(self, p, cycle: bool) -> None:
+        """IPython's display: the :meth:`summary` text (``repr`` stays one line)."""
+        p.text(repr(self) if cycle else self.summary().rstrip("\n"))
 
 
 def _rows(s, what: str):

@@ -44,11 +44,38 @@ def _profiled(ldL2, ldRX2, pwrss, n, p, reml, sum_log_w):
 class _SharedKernel:
     """A PLSKernel shared by the backends of one design (one per response, see
     :meth:`CompiledBackend.with_response`); ``owner`` is the token of the backend whose response
-    the kernel currently holds, ``M`` the full ZᵀWZ once a gradient has needed it."""
-    __slots__ = ("M", "kernel", "owner")
+    the kernel currently holds, ``M`` the full ZᵀWZ once a gradient has needed it.
 
-    def __init__(self, kernel, owner: int):
-        self.kernel, self.owner, self.M = kernel, owner, None
+    It keeps what the kernel is built from (ZᵀWZ's arrays, the block layout, the ordering), so
+    it pickles without CHOLMOD's factor: a copy builds its kernel, and so redoes the symbolic
+    analysis, on first use."""
+    __slots__ = ("M", "owner", "_design", "_kernel")
+
+    def __init__(self, s: ModelStructure, cp: CrossProducts, ordering: str):
+        self._design = (cp.Ap, cp.Ai, cp.Mx, kernel_layout(s), ordering)
+        self._kernel, self.owner, self.M = None, None, None
+
+    def kernel_for(self, cp: CrossProducts, token: int):
+        """The kernel holding ``cp``'s response (built from the design on first use)."""
+        if self._kernel is None:
+            from ._kernel import PLSKernel  # compiled: imported here so the reference path works without it
+            from ._openmp import openmp_dynamic
+            openmp_dynamic()
+            Ap, Ai, Mx, (bstart, bsize, toff, Tflat, theta_pos), ordering = self._design
+            self._kernel = PLSKernel(Ap, Ai, Mx, bstart, bsize, toff, Tflat, theta_pos, cp.ZtXy, cp.XyXy, ordering)
+        elif self.owner == token:
+            return self._kernel
+        else:
+            self._kernel.set_response(cp.ZtXy, cp.XyXy)
+        self.owner = token
+        return self._kernel
+
+    def __getstate__(self):
+        return self._design
+
+    def __setstate__(self, design) -> None:
+        self._design = design
+        self._kernel, self.owner, self.M = None, None, None
 
 
 _tokens = itertools.count()
@@ -70,14 +97,20 @@ class CompiledBackend:
         self._at = None          # θ of the kernel's current factor
         self._M_blocks = None    # level blocks of ZᵀWZ, for the one-term gradient
         if _shared is None:
-            from ._kernel import PLSKernel  # compiled: imported here so the reference path works without it
-            from ._openmp import openmp_dynamic
-            openmp_dynamic()
-            bstart, bsize, toff, Tflat, theta_pos = kernel_layout(s)
-            kernel = PLSKernel(self.cp.Ap, self.cp.Ai, self.cp.Mx, bstart, bsize, toff, Tflat, theta_pos,
-                               self.cp.ZtXy, self.cp.XyXy, ordering)
-            _shared = _SharedKernel(kernel, self._token)
+            _shared = _SharedKernel(s, self.cp, ordering)
+            _shared.kernel_for(self.cp, self._token)   # the symbolic analysis, now
         self._shared = _shared
+
+    def __getstate__(self) -> dict:
+        # The design and this response's cross-products; the kernel is rebuilt from them on first
+        # use after loading (see _SharedKernel); a loaded backend gets a token of its process.
+        return {"s": self.s, "cp": self.cp, "_shared": self._shared}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._token = next(_tokens)
+        self._at = None
+        self._M_blocks = None
 
     def with_response(self, s: ModelStructure, crossprod: CrossProducts) -> CompiledBackend:
         """A backend for another response on the same design (``s`` with the new y, ``crossprod``
@@ -89,10 +122,8 @@ class CompiledBackend:
         """The kernel, switched to this backend's response if another backend used it last."""
         sh = self._shared
         if sh.owner != self._token:
-            sh.kernel.set_response(self.cp.ZtXy, self.cp.XyXy)
-            sh.owner = self._token
             self._at = None
-        return sh.kernel
+        return sh.kernel_for(self.cp, self._token)
 
     def _update(self, theta: np.ndarray) -> np.ndarray:
         theta = np.ascontiguousarray(theta, dtype=np.float64)
@@ -210,6 +241,12 @@ class ReferenceBackend:
     def __init__(self, s: ModelStructure, **_ignored):
         self.s = s
         self.ref = ReferencePLS(s)
+
+    def __getstate__(self) -> dict:
+        return {"s": self.s}     # ReferencePLS holds copies of y and w: rebuilt on load
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["s"])
 
     def with_response(self, s: ModelStructure, crossprod: CrossProducts | None = None) -> ReferenceBackend:
         """A backend for another response (``s`` with the new y); the dense path is rebuilt."""

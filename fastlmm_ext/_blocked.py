@@ -81,6 +81,13 @@ class BlockedBackend:
             if self.q2 else np.zeros(0, dtype=np.intp)
         self._cache_theta = None
 
+    def __getstate__(self) -> dict:
+        # The blocks above (M₂₂ is dense q₂ × q₂) and the factor cache are rebuilt on load.
+        return {"s": self.s, "cp": self.cp}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["s"], crossprod=state["cp"])
+
     def with_response(self, s: ModelStructure, crossprod: CrossProducts) -> BlockedBackend:
         """A backend for another response on the same design, rebuilt from its cross-products
         (ZᵀWZ is not recomputed; the blocks above are O(nnz) rearrangements)."""

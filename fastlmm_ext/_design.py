@@ -167,6 +167,16 @@ class ModelStructure:
                 names.append(f"{t.factor}.{t.cnms[i]}" if i == j else f"{t.factor}.{t.cnms[i]}.{t.cnms[j]}")
         return names
 
+    def __getstate__(self) -> dict:
+        # Z is assembled from the terms' level codes and model matrices: pickle those, not the
+        # same rows a second time.
+        return {**self.__dict__, "Z": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.y is not None and self.Z is None:
+            object.__setattr__(self, "Z", assemble_Z(list(self.terms), self.n))
+
     def Lambda(self, theta: np.ndarray) -> sp.csc_matrix:
         """Λ_θ = blockdiag over terms of (I_ℓ ⊗ T_i), a sparse q × q lower-triangular matrix."""
         blocks = [sp.kron(sp.identity(t.nlevels, format="csc"), sp.csc_matrix(t.T(theta)), format="csc")

@@ -76,7 +76,15 @@ class ConvergenceWarning(FastLMMWarning):
 
 
 class SingularFitWarning(FastLMMWarning):
-    """The fit is singular: some element of theta lies on its lower bound."""
+    """The fit is singular: some element of θ lies on (within 1e-4 of) its lower bound.
+
+    lme4's ``isSingular``; the result says so in ``res.singular`` and ``res.messages``.  Such a
+    θ means some variance is estimated as zero, or some correlation as ±1: the random-effects
+    covariance is degenerate.  ``res.theta`` (lme4's θ) and ``res.varcorr`` show which term.
+    The estimates are still the maximum of the (restricted) likelihood, but the model is
+    probably more complex than the data support: simplify the random effects (drop the
+    correlation with ``(x || g)``, drop the slope or the whole term) and compare the fits with
+    ``fastlmm_ext.anova``.  The README's "Singular fits" section says more."""
 
 
 class RankDeficiencyWarning(FastLMMWarning):

@@ -337,7 +337,8 @@ class _Worker:
 
 
 def _summary(res) -> dict:
-    """The numbers of a fit that go into its row (small and picklable, unlike the result)."""
+    """The numbers of a fit that go into its row (what a worker sends back: not the result, which
+    would carry the design with it)."""
     return {"criterion": res.criterion, "sigma": res.sigma, "converged": bool(res.converged),
             "singular": bool(res.singular), "theta": np.asarray(res.theta, dtype=float),
             "fixef": dict(zip(res.fixef.index, res.fixef.to_numpy())),

@@ -17,7 +17,8 @@ from ._design import ModelStructure, build_structure
 from ._exceptions import ArgumentError, ConvergenceWarning, DataError, SingularFitWarning
 from ._progress import Progress
 from ._threads import bundled_blas_single_thread
-from ._optimize import OptSummary, check_convergence, is_singular, minimize_theta, snap_to_bounds
+from ._optimize import (SINGULAR_MESSAGE, OptSummary, check_convergence, is_singular, minimize_theta,
+                        snap_to_bounds)
 from ._response import check_not_exact, response_crossproducts
 from ._results import LmerResult
 from ._start import moment_theta0
@@ -39,38 +40,78 @@ def check_reml(REML) -> bool:
 
 
 class LinearMixedModel:
-    """A linear mixed model  y = Xβ + Zb + ε  in lme4's formula syntax.
+    """A linear mixed model  y = Xβ + Zb + ε  in lme4's formula syntax, built once.
 
-    Build once (formula parsing, design matrices, cross-products, CHOLMOD's symbolic
-    analysis), then evaluate :meth:`objective` at any θ, :meth:`fit`, or :meth:`refit` a new
+    Model (lme4's parameterisation)::
+
+        y | b ~ N(Xβ + Zb + offset, σ² W⁻¹),   b = Λ_θ u,   u ~ N(0, σ² I_q)
+
+    with W the prior weights and Λ_θ block diagonal, one lower-triangular k×k factor T_i per
+    random-effects term (Var(b_i) = σ² T_i T_iᵀ); θ stacks each T_i's lower triangle column by
+    column, diagonal elements bounded below by 0.  Building the model parses the formula,
+    checks the data, forms the design matrices and the cross-products of [Z X y], and (backend
+    ``"compiled"``) runs CHOLMOD's symbolic analysis, once.  Then :meth:`objective` evaluates the
+    profiled criterion at any θ, :meth:`fit` minimises it, and :meth:`refit` fits a new
     response on the same design.
 
     Parameters
     ----------
-    formula : lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
-    data : pandas DataFrame (or a polars DataFrame, an object with ``.to_pandas()``, a dict of
-        columns: see ``_data.as_frame``), or a ``dask.dataframe.DataFrame``:
-        its cross-products are then computed per partition on the active Dask scheduler and
-        reduced (``_dask``); the model keeps no rows (see :func:`lmer_chunked` for what that means).
-    REML : fit by REML (default) or maximum likelihood.
-    backend : ``"auto"`` (default: ``"blocked"`` when it applies and the later terms' Schur
-        complement fills its dense block, else ``"compiled"``; see ``choose_backend``),
-        ``"compiled"`` (CHOLMOD kernel), ``"blocked"`` (two-block layout: block-diagonal first term,
-        dense Schur complement of the scalar later terms by LAPACK, sparse Gram products in
-        Cython) or ``"reference"`` (dense NumPy path, for checking).
-    weights, offset : prior weights and an offset, as column names or arrays.
-    ordering : fill-reducing ordering for CHOLMOD: ``"default"``, ``"amd"`` or ``"natural"``.
-    contrasts : R's contrasts of factors of the fixed part, ``{column: contrast}`` as lme4's
+    formula : str
+        lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``: fixed effects as in R
+        (R's dialect, see README), random-effects terms ``(expr | factor)``, ``(expr || factor)``
+        (uncorrelated), ``(1 | a/b)`` (nested), ``offset(x)``.
+    data : pandas.DataFrame, polars.DataFrame, dict of columns or dask.dataframe.DataFrame
+        The data (also an object with ``.to_pandas()``; see ``_data.as_frame``).  Rows with a missing value in a used
+        column are dropped with a ``MissingValuesWarning``.  A Dask DataFrame is reduced to
+        cross-products per partition on the active Dask scheduler (``_dask``); the model then
+        keeps no rows (see :func:`lmer_chunked` for what that means).
+    REML : bool, default True
+        Fit by restricted maximum likelihood (lme4's default) or, if False, maximum likelihood.
+    backend : {"auto", "compiled", "blocked", "reference"}, default "auto"
+        How the criterion is evaluated.  ``"compiled"``: the Cython kernel over CHOLMOD
+        (numeric refactorization of P(ΛᵀZᵀWZΛ + I)Pᵀ per θ).  ``"blocked"``: MixedModels.jl's
+        two-block layout (block-diagonal first term, dense Schur complement of the scalar later
+        terms by LAPACK), with the analytic gradient.  ``"reference"``: the dense NumPy path,
+        equation by equation, for checking.  ``"auto"``: ``"blocked"`` where it applies and the
+        later terms' Schur complement fills its dense block, else ``"compiled"``.
+    weights : str or array-like, optional
+        Prior weights wᵢ ≥ 0 (lme4's ``weights``): a column name or one value per row of ``data``.
+    offset : str or array-like, optional
+        A known term added to the linear predictor: a column name or one value per row (adds to
+        any ``offset(x)`` in the formula).
+    ordering : {"default", "amd", "natural"}, default "default"
+        CHOLMOD's fill-reducing ordering P (backend ``"compiled"`` only).
+    contrasts : dict, optional
+        R's contrasts of factors of the fixed part, ``{column: contrast}`` as lme4's
         ``contrasts = list(...)``: ``"contr.treatment"`` (R's and the default), ``"contr.SAS"``
         (last level as reference), ``"contr.sum"``, ``"contr.helmert"``, ``"contr.poly"`` (the
         default of ordered factors), ``fl.contr.treatment(base="b")`` (reference level by its
         label), or a matrix / DataFrame with one row per level (columns: the coefficients; names
         from a DataFrame's columns, else 1, 2, ...).  Coefficients are named as R names them
         (``Product1``, ``Incomehigh``, ``temp.L``).  Random-effects terms keep R's defaults, as in lme4.
-    allow_python : by default a formula is read in R's dialect and can evaluate only data columns,
-        R's functions (log, poly, ns, ...) and numpy ufuncs (``_rformula``); anything else is refused.
+    allow_python : bool, default False
+        By default a formula is read in R's dialect and can evaluate only data columns, R's
+        functions (log, poly, ns, ...) and numpy ufuncs (``_rformula``); anything else is refused.
         ``allow_python=True`` evaluates other terms as Python: **the formula can then run any
         code**, so never set it for formulas you did not write.
+    structure, crossprod : optional
+        Internal: an already built :class:`ModelStructure` and its :class:`CrossProducts`
+        (used by :meth:`from_chunks`, Dask and the bootstrap); ``data`` is then ignored.
+
+    Attributes
+    ----------
+    structure : ModelStructure
+        y, X, Z, the sorted random-effects terms, names and levels (θ-independent).
+    REML : bool
+    backend : the criterion backend (``backend_name`` says which).
+    theta0, lower : numpy.ndarray
+        lme4's starting θ (1 on the diagonals, 0 elsewhere) and the lower bounds of θ.
+
+    Examples
+    --------
+    >>> m = LinearMixedModel("Reaction ~ Days + (Days | Subject)", sleepstudy)   # doctest: +SKIP
+    >>> m.objective([1.0, 0.0, 1.0])   # lme4's devfun(θ)                        # doctest: +SKIP
+    >>> res = m.fit()                                                             # doctest: +SKIP
     """
 
     def __init__(self, formula: str, data, REML: bool = True, backend: str = "auto",
@@ -138,7 +179,15 @@ class LinearMixedModel:
         return self.structure.lower
 
     def objective(self, theta) -> float:
-        """Profiled REML criterion (REML=True) or ML deviance at θ, as lme4's devfun(θ)."""
+        """Profiled REML criterion (REML=True) or ML deviance at θ, as lme4's ``devfun(θ)``.
+
+        With L_θ L_θᵀ = Λᵀ ZᵀWZ Λ + I, R_X the fixed-effects factor and r²(θ) the penalised
+        weighted residual sum of squares at the conditional estimates β̂(θ), û(θ)::
+
+            ML:    −2ℓ(θ)   = log|L_θ|² − log|W| + n [1 + log(2π r²/n)]
+            REML:  −2ℓ_R(θ) = log|L_θ|² + log|R_X|² − log|W| + (n−p) [1 + log(2π r²/(n−p))]
+
+        ``theta``: array-like of length ``len(lower)``, finite, ≥ :attr:`lower`."""
         theta = np.atleast_1d(np.asarray(theta, dtype=float))
         if theta.shape != (self.structure.ntheta,):
             raise ValueError(f"theta must have length {self.structure.ntheta}, got shape {theta.shape}")
@@ -152,9 +201,36 @@ class LinearMixedModel:
     def fit(self, optimizer: str = "auto", theta0=None, check_conv: bool = True,
             ftol_abs: float = 1e-12, xtol_abs: float = 1e-10, maxeval: int = 100_000,
             verbose: bool = False) -> LmerResult:
-        """Minimise the profiled criterion over θ ≥ lower and build the result.
+        """Minimise the profiled criterion over θ ≥ :attr:`lower` and build the result.
 
-        ``verbose=True`` shows progress (evaluations, best criterion, elapsed) on stderr."""
+        Parameters
+        ----------
+        optimizer : {"auto", "bobyqa", "lbfgsb", "nelder_mead", "cobyla"}, default "auto"
+            ``"bobyqa"``: NLopt's BOBYQA, derivative-free, lme4's default (``nloptwrap``);
+            ``"lbfgsb"``: SciPy's L-BFGS-B with the analytic gradient of the profiled criterion
+            (backends ``"compiled"`` and ``"blocked"``); ``"nelder_mead"``, ``"cobyla"``: NLopt's.
+            ``"auto"``: L-BFGS-B when the backend has the gradient and there are at least 200
+            random effects (it then starts from moment estimates, ``_start.py``), else BOBYQA.
+        theta0 : array-like, optional
+            Starting θ (default: lme4's, 1 on the diagonals and 0 elsewhere).
+        check_conv : bool, default True
+            lme4's post-fit checks (skipped for singular fits, n > 10⁴ or dim θ > 10): the
+            scaled gradient max|H^{-1/2} g| ≤ 2e-3 and a positive-definite Hessian, by finite
+            differences; failures are ``ConvergenceWarning``s and ``messages``.
+        ftol_abs, xtol_abs : float, default 1e-12, 1e-10
+            NLopt's stopping tolerances on the criterion and on θ (tighter than lme4's 1e-8,
+            so the optimum is at least as good as lme4's).
+        maxeval : int, default 100000
+            Most criterion evaluations.
+        verbose : bool, default False
+            Show progress (evaluations, best criterion, elapsed time) on stderr.
+
+        Returns
+        -------
+        LmerResult
+            Estimates, variance components, conditional modes, criteria and diagnostics (see
+            :class:`LmerResult`).  A singular fit (some diagonal θ within 1e-4 of 0) raises a
+            ``SingularFitWarning``; a failed convergence check a ``ConvergenceWarning``."""
         # One single-thread block around the whole fit, result included: the small BLAS calls
         # that build the result would otherwise wake the bundled pool's threads (see _threads).
         with bundled_blas_single_thread():
@@ -203,8 +279,8 @@ class LinearMixedModel:
         messages = list(summ.messages)
         conv_info: dict = {}
         if singular:
-            messages.append("boundary (singular) fit: see help('isSingular')")
-            warned.append((SingularFitWarning, "boundary (singular) fit: see help('isSingular')"))
+            messages.append(SINGULAR_MESSAGE)
+            warned.append((SingularFitWarning, SINGULAR_MESSAGE))
         elif check_conv:
             msgs, conv_info = check_convergence(plain, theta, fmin, self.lower, self.structure.n)
             messages += msgs
@@ -263,11 +339,73 @@ class LinearMixedModel:
 
 def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weights=None, offset=None,
          ordering: str = "default", contrasts=None, allow_python: bool = False, **fit_options) -> LmerResult:
-    """Fit a linear mixed model with lme4's formula syntax; see :class:`LinearMixedModel`
-    (``contrasts``: R's contrasts of fixed-effect factors; ``allow_python=True`` lets the formula
-    run arbitrary Python code).
+    """Fit a linear mixed model with lme4's formula syntax, as lme4's ``lmer``.
 
-    ``fit_options`` go to :meth:`LinearMixedModel.fit` (optimizer, theta0, check_conv, ...)."""
+    Model::
+
+        y | b ~ N(Xβ + Zb + offset, σ² W⁻¹),   b = Λ_θ u,   u ~ N(0, σ² I_q),
+
+    Var(b_i) = σ² T_i T_iᵀ per random-effects term, θ the lower triangles of the T_i (lme4's
+    parameterisation, so every estimate compares one-to-one with lme4's).  β and σ are profiled
+    out; θ minimises the profiled REML criterion (or ML deviance, ``REML=False``)::
+
+        −2ℓ_R(θ) = log|L_θ|² + log|R_X|² − log|W| + (n−p) [1 + log(2π r²(θ)/(n−p))]
+
+    with L_θ L_θᵀ = ΛᵀZᵀWZΛ + I (a sparse Cholesky factor, CHOLMOD), R_X the fixed-effects
+    factor and r²(θ) the penalised weighted residual sum of squares.
+
+    Parameters
+    ----------
+    formula : str
+        lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``; ``(x || g)`` uncorrelated,
+        ``(1 | a/b)`` nested, ``(1 | a) + (1 | b)`` crossed, ``offset(z)``.
+    data : pandas.DataFrame or dask.dataframe.DataFrame
+        The data; rows missing a used value are dropped (``MissingValuesWarning``).  A Dask
+        DataFrame is reduced per partition and the fit keeps no rows (see :func:`lmer_chunked`).
+    REML : bool, default True
+        REML (lme4's default) or maximum likelihood.
+    backend : {"auto", "compiled", "blocked", "reference"}, default "auto"
+        How the criterion is evaluated (see :class:`LinearMixedModel`).
+    weights : str or array-like, optional
+        Prior weights (a column name or one value per row), lme4's ``weights``.
+    offset : str or array-like, optional
+        A known offset (a column name or one value per row), lme4's ``offset``.
+    ordering : {"default", "amd", "natural"}, default "default"
+        CHOLMOD's fill-reducing ordering.
+    contrasts : dict, optional
+        R's contrasts of fixed-effect factors (see :class:`LinearMixedModel`).
+    allow_python : bool, default False
+        Let the formula evaluate arbitrary Python: **it can then run any code** (see
+        :class:`LinearMixedModel`).
+    **fit_options
+        Options of :meth:`LinearMixedModel.fit`: ``optimizer`` ("auto", "bobyqa", "lbfgsb",
+        "nelder_mead", "cobyla"), ``theta0`` (start), ``check_conv`` (lme4's gradient and
+        Hessian checks), ``ftol_abs``, ``xtol_abs`` (NLopt tolerances), ``maxeval``,
+        ``verbose`` (progress on stderr).
+
+    Returns
+    -------
+    LmerResult
+        ``fixef``, ``se``, ``vcov`` (fixed effects, their SEs and covariance), ``theta``,
+        ``sigma``, ``varcorr`` (as.data.frame(VarCorr)), ``ranef`` and ``condvar`` (conditional
+        modes and their covariances), ``loglik``, ``aic``, ``bic``, ``criterion``,
+        ``deviance``, ``nobs``, ``ngrps``, ``converged``, ``singular``, ``messages``,
+        ``optsummary``; methods ``summary()``, ``coef_table()`` (Satterthwaite t tests),
+        ``anova_table()``, ``confint()``, ``predict()``, ``fitted()``, ``residuals()``,
+        ``simulate()``, ``bootstrap()``, ``refit()``.  See :class:`LmerResult`.
+
+    Raises
+    ------
+    FormulaError, MissingColumnError, DataError, GroupingFactorError, IdentifiabilityError
+        For a malformed formula or data that cannot be used (subclasses of ``FastLMMError``).
+
+    Examples
+    --------
+    >>> import fastlmm_ext as fl
+    >>> res = fl.lmer("pres ~ metal + (1|ingot)", fl.datasets.load("ingot"))
+    >>> round(res.sigma, 4)
+    3.2205
+    """
     model = LinearMixedModel(formula, data, REML=REML, backend=backend, weights=weights, offset=offset,
                              ordering=ordering, contrasts=contrasts, allow_python=allow_python)
     return model.fit(**fit_options)

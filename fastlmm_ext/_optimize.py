@@ -16,7 +16,8 @@ import numpy as np
 
 from ._exceptions import ConvergenceWarning
 
-__all__ = ["OptSummary", "minimize_theta", "snap_to_bounds", "check_convergence", "is_singular", "OPTIMIZERS"]
+__all__ = ["OptSummary", "minimize_theta", "snap_to_bounds", "check_convergence", "is_singular", "OPTIMIZERS",
+           "SINGULAR_MESSAGE"]
 
 OPTIMIZERS = ("bobyqa", "nelder_mead", "cobyla", "lbfgsb")
 
@@ -204,6 +205,10 @@ def snap_to_bounds(f: Callable[[np.ndarray], float], theta: np.ndarray, fmin: fl
         for j in near:
             attempt(np.array([j]))
     return theta, float(fmin)
+
+
+#: lme4's message for a singular fit, pointing to this package's explanation instead of R's help page.
+SINGULAR_MESSAGE = "boundary (singular) fit: see help(fastlmm_ext.SingularFitWarning)"
 
 
 def is_singular(theta: np.ndarray, lower: np.ndarray, tol: float = 1e-4) -> bool:

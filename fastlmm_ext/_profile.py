@@ -17,7 +17,11 @@ and the interval is {c : |ζ(c)| ≤ z_{(1+level)/2}}, found here by root findin
 """
 from __future__ import annotations
 
+import pickle
+import threading
 import warnings
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pandas as pd
@@ -25,6 +29,7 @@ import scipy.linalg as la
 from scipy import optimize, stats
 
 from ._inference import _format_pct, confint_row_names
+from ._threads import bundled_blas_single_thread
 
 __all__ = ["Profiler", "profile_confint", "profile_table"]
 
@@ -111,9 +116,12 @@ class Profiler:
     def _ld_pwrss(self, theta):
         """log|L_θ|² and r²(θ), straight from the compiled kernel when there is one."""
         theta = np.maximum(np.asarray(theta, dtype=float), self.s.lower)
-        kernel = getattr(self.backend, "kernel", None)
-        if kernel is not None:
-            kernel.update(np.ascontiguousarray(theta))
+        update = getattr(self.backend, "_update", None)
+        if update is not None:
+            # Through the backend, which records the θ of the kernel's factor: a factor updated
+            # behind its back would be taken for the one at its last θ by the next state().
+            update(theta)
+            kernel = self.backend.kernel
             return kernel.ldL2, kernel.pwrss
         st = self.backend.state(theta)
         return st.ldL2, st.pwrss
@@ -222,35 +230,107 @@ class Profiler:
         return np.nan
 
 
-def profile_confint(res, level: float = 0.95, parm=None) -> pd.DataFrame:
-    """lme4's ``confint(fit, method="profile")``: rows .sig01.., .sigma, fixed effects."""
-    prof = Profiler(res)
+def profile_confint(res, level: float = 0.95, parm=None, n_jobs: int = 1, progress=None) -> pd.DataFrame:
+    """lme4's ``confint(fit, method="profile")``: rows .sig01.., .sigma, fixed effects.
+
+    Each row needs two root searches (lower and upper bound), each many constrained ML fits;
+    they are independent, so ``n_jobs > 1`` (``-1``: all cores) runs them in a process pool
+    whose workers get the (ML) fit pickled once and profile it with their own kernel, falling
+    back to threads (one unpickled copy of the fit each) where processes cannot be used.  The
+    bounds are the same as the serial ones (the same arithmetic on the same inputs).
+    ``progress``: True → a tqdm bar on stderr; None → one only on a terminal once the run has
+    taken more than 2 s; False → never."""
+    from ._many import _n_workers
+    from ._predict import _Progress
+
     a = (1.0 - level) / 2.0
     z = float(stats.norm.ppf(1.0 - a))
-    names = prof.names
-    idx = range(len(names)) if parm is None else [names.index(q) for q in ([parm] if isinstance(parm, str) else parm)]
-    lo, hi = [], []
-    for m in idx:
-        lo.append(prof.bound(m, z, -1))
-        hi.append(prof.bound(m, z, +1))
+    bar = None
+    # The wheels' BLAS at one thread, as in the fit (_threads): their spinning threads and
+    # CHOLMOD's would take turns on every small call (sleepstudy on 2 cores: 13 s → 1.1 s).
+    try:
+        with bundled_blas_single_thread():
+            prof = Profiler(res)
+            names = prof.names
+            idx = range(len(names)) if parm is None else \
+                [names.index(q) for q in ([parm] if isinstance(parm, str) else parm)]
+            tasks = [(m, side) for m in idx for side in (-1, +1)]
+            workers = min(_n_workers(n_jobs, None), len(tasks))
+            bar = _Progress(len(tasks), progress, desc="profile")
+            if workers > 1:
+                bounds = _parallel_bounds(prof, z, tasks, workers, bar)
+            else:
+                bounds = {}
+                for m, side in tasks:
+                    bounds[m, side] = prof.bound(m, z, side)
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     cols = _format_pct([a, 1.0 - a])
-    return pd.DataFrame({cols[0]: lo, cols[1]: hi}, index=[names[m] for m in idx])
+    return pd.DataFrame({cols[0]: [bounds[m, -1] for m in idx], cols[1]: [bounds[m, +1] for m in idx]},
+                        index=[names[m] for m in idx])
+
+
+# ----------------------------------------------------------------------------- parallel bounds
+
+_WORKER: list = []   # the Profiler of a pool process, built by _init_worker
+
+
+def _init_worker(payload: bytes) -> None:
+    """Process-pool initializer: unpickle the ML fit and build its Profiler, once per worker."""
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)      # one BLAS thread per worker: the pool already fills the cores
+    _WORKER[:] = [Profiler(pickle.loads(payload))]
+
+
+def _worker_bound(m: int, z: float, side: int) -> float:
+    return _WORKER[0].bound(m, z, side)
+
+
+def _parallel_bounds(prof: Profiler, z: float, tasks: list, workers: int, bar) -> dict:
+    """{(m, side): bound} computed by ``workers`` processes (or threads, if processes fail)."""
+    # The ML fit (for a REML fit, its refit), so that the workers need not refit.
+    payload = pickle.dumps(prof.res, protocol=pickle.HIGHEST_PROTOCOL)
+    out: dict = {}
+    try:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(payload,)) as ex:
+            futs = {ex.submit(_worker_bound, m, z, side): (m, side) for m, side in tasks}
+            for f in as_completed(futs):
+                out[futs[f]] = f.result()
+                bar.update(1)
+        return out
+    except (BrokenProcessPool, OSError, NotImplementedError, pickle.PicklingError, AttributeError, ImportError):
+        pass
+    local = threading.local()   # a kernel is not shared between threads: one copy of the fit each
+
+    def run(m: int, side: int) -> float:
+        if getattr(local, "prof", None) is None:
+            local.prof = Profiler(pickle.loads(payload))
+        return local.prof.bound(m, z, side)
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        futs = {ex.submit(run, m, side): (m, side) for m, side in tasks if (m, side) not in out}
+        for f in as_completed(futs):
+            out[futs[f]] = f.result()
+            bar.update(1)
+    return out
 
 
 def profile_table(res, npoints: int = 13, level: float = 0.99) -> pd.DataFrame:
     """Profile traces for plotting: for each parameter, ζ on a grid spanning its ``level``
     interval.  Columns: parameter, value, zeta."""
-    prof = Profiler(res)
     z = float(stats.norm.ppf(0.5 + level / 2.0))
     rows = []
-    for m, name in enumerate(prof.names):
-        lo, hi = prof.bound(m, z, -1), prof.bound(m, z, +1)
-        est = prof.estimate(m)
-        lo = est - 3 * prof._scale(m) if not np.isfinite(lo) else lo
-        hi = est + 3 * prof._scale(m) if not np.isfinite(hi) else hi
-        grid = np.linspace(lo, hi, npoints)
-        near = np.abs(grid - est) <= 1e-8 * (hi - lo)
-        grid = np.sort(np.concatenate([grid[~near], [est]]))   # ψ̂ itself (ζ = 0) exactly once
-        for c in grid:
-            rows.append((name, float(c), prof.zeta(m, float(c)) if c != est else 0.0))
+    with bundled_blas_single_thread():     # as in profile_confint
+        prof = Profiler(res)
+        for m, name in enumerate(prof.names):
+            lo, hi = prof.bound(m, z, -1), prof.bound(m, z, +1)
+            est = prof.estimate(m)
+            lo = est - 3 * prof._scale(m) if not np.isfinite(lo) else lo
+            hi = est + 3 * prof._scale(m) if not np.isfinite(hi) else hi
+            grid = np.linspace(lo, hi, npoints)
+            near = np.abs(grid - est) <= 1e-8 * (hi - lo)
+            grid = np.sort(np.concatenate([grid[~near], [est]]))   # ψ̂ itself (ζ = 0) exactly once
+            for c in grid:
+                rows.append((name, float(c), prof.zeta(m, float(c)) if c != est else 0.0))
     return pd.DataFrame(rows, columns=["parameter", "value", "zeta"])

@@ -29,7 +29,44 @@ __all__ = ["LmerResult"]
 
 
 class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
-    """Result of :func:`fastlmm_ext.lmer` / :meth:`LinearMixedModel.fit`."""
+    """Result of :func:`fastlmm_ext.lmer` / :meth:`LinearMixedModel.fit` (lme4's ``merMod``).
+
+    The formulas are in this module's docstring; names follow lme4 (statsmodels' names, e.g.
+    ``params``, ``bse``, ``pvalues``, are aliases).  A result pickles (``pickle``,
+    ``copy.deepcopy``, process pools): the kernel is rebuilt from the cross-products on first use.
+
+    Attributes
+    ----------
+    fixef : pandas.Series
+        β̂, indexed by R's coefficient names (``(Intercept)``, ``metali``, ...).
+    se, vcov : pandas.Series, pandas.DataFrame
+        Standard errors and Var(β̂) = σ̂² (R_XᵀR_X)⁻¹.
+    theta : numpy.ndarray
+        θ̂ in lme4's parameterisation (``theta_names``: ``Subject.(Intercept)``, ...).
+    sigma : float
+        Residual standard deviation σ̂.
+    varcorr : pandas.DataFrame
+        As R's ``as.data.frame(VarCorr(fit))``: grp, var1, var2, vcov, sdcor.
+    ranef, condvar, ranef_condsd : dict
+        Conditional modes b̂ per grouping factor (levels × terms), their conditional
+        covariances per term (levels, k, k), and conditional SDs laid out like ``ranef``.
+    criterion, loglik, aic, bic, deviance : float
+        REML criterion or ML deviance at the optimum, logLik = −criterion/2, AIC, BIC, and
+        the ML deviance at these estimates (lme4's ``deviance(fit, REML = FALSE)``).
+    nobs, n_dropped, npar : int
+        Observations used, rows dropped for missing values, p + dim θ + 1.
+    ngrps : dict
+        Levels per grouping factor.
+    REML, converged, singular : bool
+        The criterion fitted; the optimiser converged and lme4's checks passed; some θ on its
+        bound (lme4's ``isSingular``, see ``SingularFitWarning``).
+    messages : list of str
+        Optimiser, convergence and singular-fit messages.
+    optsummary : OptSummary
+        The optimisation: optimizer, initial and final θ, evaluations, return code.
+    model, structure : LinearMixedModel, ModelStructure
+        The model (for ``objective(θ)``, ``refit``) and its design.
+    """
 
     def __init__(self, model: "LinearMixedModel", state: PLSState, optsummary: OptSummary,
                  criterion: float, singular: bool, messages: list[str], conv_info: dict | None = None):

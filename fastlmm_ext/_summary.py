@@ -5,7 +5,9 @@ import re
 
 import numpy as np
 
-__all__ = ["format_summary", "abbreviate", "random_effects_rows"]
+from ._optimize import SINGULAR_MESSAGE
+
+__all__ = ["format_summary", "abbreviate", "random_effects_rows", "correlation_rows", "COR_MAX"]
 
 
 def abbreviate(name: str, minlength: int = 6) -> str:
@@ -24,7 +26,9 @@ def abbreviate(name: str, minlength: int = 6) -> str:
 
 
 def _table(rows: list[list[str]], header: list[str], n_left: int = 1) -> list[str]:
-    """Columns padded to a common width; the first ``n_left`` left-aligned, the rest right-aligned."""
+    """Columns padded to a common width; the first ``n_left`` left-aligned, the rest right-aligned.
+    A row shorter than the header is blank in its missing cells (not cut off by zip)."""
+    rows = [list(r) + [""] * (len(header) - len(r)) for r in rows]
     cols = list(zip(header, *rows)) if rows else [[h] for h in header]
     widths = [max(len(c) for c in col) for col in cols]
     out = []
@@ -32,6 +36,28 @@ def _table(rows: list[list[str]], header: list[str], n_left: int = 1) -> list[st
         cells = [(c.ljust(w) if j < n_left else c.rjust(w)) for j, (c, w) in enumerate(zip(r, widths))]
         out.append(" ".join(cells).rstrip())
     return out
+
+
+#: lme4's option ``lme4.summary.cor.max``: the correlation of the fixed effects is shown up to this p.
+COR_MAX = 12
+
+
+def correlation_rows(V: np.ndarray, names: list[str]) -> list[str]:
+    """lme4's "Correlation of Fixed Effects" block for Var(β̂) = V: the strict lower triangle of
+    C = D⁻¹VD⁻¹ (D = √diag V), rows named by the coefficients (abbreviated to 11 characters) from
+    the second on, columns by abbreviations to 6 characters up to the last but one.  As R prints
+    it: every entry rounded to 3 decimals and formatted to one common width (that of the whole
+    matrix, diagonal included), the columns left-aligned, the upper triangle blank."""
+    p = len(names)
+    d = np.sqrt(np.diag(V))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        C = V / np.outer(d, d)
+    # round first, then + 0.0: R prints a correlation that rounds to -0 as 0.000
+    cell = lambda c: f"{np.round(c, 3) + 0.0:.3f}" if np.isfinite(c) else "NaN"  # noqa: E731
+    lower = [[cell(C[i, j]) for j in range(i)] for i in range(1, p)]
+    width = max([len(cell(1.0))] + [len(c) for r in lower for c in r])
+    rows = [[abbreviate(names[i], 11)] + [c.rjust(width) for c in r] for i, r in zip(range(1, p), lower)]
+    return _table(rows, [""] + [abbreviate(n) for n in names[:-1]], n_left=p)
 
 
 def _g(x: float, digits: int = 4) -> str:
@@ -108,18 +134,16 @@ def format_summary(res) -> str:
         rows = [[nm, f"{e:.4g}" if abs(e) < 1e-3 else f"{e:.3f}", f"{d:.3f}" if d >= 1e-3 else f"{d:.3g}", f"{e / d:.3f}" if d > 0 else "NaN"]
                 for nm, e, d in zip(s.fixef_names, est, se)]
         lines += _table(rows, ["", "Estimate", "Std. Error", "t value"])
-        if 1 < s.p <= 20:
+        if 1 < s.p <= COR_MAX:
             lines.append("")
             lines.append("Correlation of Fixed Effects:")
-            V = res.vcov.to_numpy()
-            d = np.sqrt(np.diag(V))
-            C = V / np.outer(d, d)
-            ab = [abbreviate(n) for n in s.fixef_names]
-            rows = [[s.fixef_names[i]] + [f"{C[i, j]:.3f}" for j in range(i)] for i in range(1, s.p)]
-            lines += _table(rows, [""] + ab[:-1])
+            lines += correlation_rows(res.vcov.to_numpy(), list(s.fixef_names))
+        elif s.p > COR_MAX:
+            lines.append("")
+            lines.append(f"Correlation matrix not shown, as p = {s.p} > {COR_MAX}: res.vcov has Var(beta-hat).")
     if res.singular:
         lines.append("optimizer (nloptwrap) convergence code: 0 (OK)" if res.converged else "")
-        lines.append("boundary (singular) fit: see help('isSingular')")
+        lines.append(SINGULAR_MESSAGE)
     for m in res.messages:
         if "singular" not in m:
             lines.append(m)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import html
 import json
 import math
 import warnings
@@ -196,21 +197,39 @@ def test_to_dict_singular_and_dropped_rows():
     assert d["ngrps"] == {"Subject": 18, "junk": 10}
     # junk repeats Days within every subject: its variance is estimated as 0 (a singular fit)
     assert d["singular"] is True and d["theta"][1] == 0.0
-    assert d["messages"] == ["boundary (singular) fit: see help('isSingular')"]
+    assert d["messages"] == ["boundary (singular) fit: see help(fastlmm_ext.SingularFitWarning)"]
     assert d["varcorr"][1] == {"grp": "junk", "var1": "(Intercept)", "var2": None, "vcov": 0.0, "sdcor": 0.0}
     assert json.loads(r.to_json()) == d
 
 
 # ----------------------------------------------------------------------------- HTML
 
-def test_repr_html(res):
+def test_repr_html_is_the_summary_text(res):
+    """Notebooks show the summary text (lme4's layout) in a <pre> block, escaped."""
     h = res._repr_html_()
-    assert h.count("<table>") == 2 and h.count("</table>") == 2
-    for piece in ["Random effects", "Fixed effects", "Subject", "(Intercept)", "Residual", "Days",
-                  "Std. Error", "REML", "Number of obs: 180"]:
+    assert h.startswith("<pre") and h.endswith("</pre>") and "<table>" not in h
+    assert html.unescape(h[h.index(">") + 1:-len("</pre>")]) == res.summary()
+    for piece in ["Random effects:", "Fixed effects:", "Correlation of Fixed Effects:", "Number of obs: 180",
+                  f"{res.fixef['Days']:.3f}"]:
         assert piece in h
-    assert f"{res.fixef['Days']:.4f}" in h
+    assert "P>|z|" not in h     # no p-value of another kind beside the t values
     other = copy.copy(res)
     other.formula = "y ~ x <script>alert(1)</script> & z"
     h = other._repr_html_()
     assert "<script>" not in h and "&lt;script&gt;" in h and "&amp; z" in h
+
+
+def test_repr_pretty_is_the_summary_text(res):
+    """IPython's pretty printer gets the summary text; a recursive display gets the one-line repr."""
+    class Printer:   # the part of IPython.lib.pretty.RepresentationPrinter that _repr_pretty_ uses
+        def __init__(self):
+            self.out = []
+
+        def text(self, s):
+            self.out.append(s)
+    p = Printer()
+    res._repr_pretty_(p, cycle=False)
+    assert p.out == [res.summary().rstrip("\n")]
+    p = Printer()
+    res._repr_pretty_(p, cycle=True)
+    assert p.out == [repr(res)]

@@ -168,7 +168,7 @@ def test_singular_fit_warning(files, tmp_path):
     # Subject numbers do not vary with Days: the Days variance is estimated as 0
     proc = run_cli("fit", str(files["csv"]), "Subject ~ Days + (1|Days)", "--json", "s.json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "fastlmm-ext: warning: boundary (singular) fit: see help('isSingular')" in proc.stderr.splitlines()
+    assert "fastlmm-ext: warning: boundary (singular) fit: see help(fastlmm_ext.SingularFitWarning)" in proc.stderr.splitlines()
     assert json.loads((tmp_path / "s.json").read_text())["singular"] is True
 
 
