@@ -8,37 +8,19 @@ is numerics alone.  ``"compiled"`` is the CHOLMOD kernel over the cross-products
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg as la
 
+from ._blocked import BlockedBackend, blocked_applicable
 from ._crossprod import CrossProducts, kernel_layout, level_blocks
 from ._design import ModelStructure
+from ._pls import PLSState, profiled_criterion, residual_df
 from ._reference import ReferencePLS
 
 __all__ = ["PLSState", "CompiledBackend", "ReferenceBackend", "make_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "compiled", "reference", "blocked")
-
-
-@dataclass(frozen=True)
-class PLSState:
-    """Solution of the penalised least-squares problem at one θ."""
-    theta: np.ndarray
-    beta: np.ndarray     # β̂(θ)
-    u: np.ndarray        # spherical conditional modes û(θ)
-    b: np.ndarray        # conditional modes on the original scale, Λ_θ û
-    pwrss: float         # r²(θ)
-    ldL2: float          # log |L_θ|²
-    ldRX2: float         # log |R_X|²
-    RX: np.ndarray       # upper-triangular p × p R_X (R_XᵀR_X = Xᵀ W X − R_ZXᵀR_ZX)
-
-
-def _profiled(ldL2, ldRX2, pwrss, n, p, reml, sum_log_w):
-    df = n - p if reml else n
-    val = ldL2 - sum_log_w + df * (1.0 + np.log(2.0 * np.pi * pwrss / df))
-    return val + ldRX2 if reml else val
 
 
 class _SharedKernel:
@@ -138,9 +120,10 @@ class CompiledBackend:
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         kernel = self.kernel
         self._at = None
-        val = kernel.objective(theta, self.s.n, reml, self.cp.sum_log_w)
+        kernel.update(theta)
         self._at = theta.copy()
-        return val
+        return profiled_criterion(kernel.ldL2, kernel.ldRX2, kernel.pwrss, self.s.n, self.s.p, reml,
+                                  self.cp.sum_log_w)
 
     def gradient(self, theta: np.ndarray, reml: bool) -> np.ndarray:
         """∂f/∂θ (see ``_gradient.py``): summed diagonal blocks of (A+I)⁻¹ from the kernel's
@@ -169,7 +152,7 @@ class CompiledBackend:
                 Hk = Ht.transpose(1, 0, 2).reshape(t.k, -1)       # Σ_a H_a H_aᵀ as one BLAS product
                 Gt = Gt + Hk @ Hk.T
             G.append(Gt)
-        d = self.s.n - p if reml else self.s.n
+        d = residual_df(self.s.n, p, reml)
         g = theta_gradient(self.s, theta, G, rho, u, st["pwrss"], d)
         bad = np.flatnonzero(np.isnan(g))
         for i in bad:  # singular vector term: no T⁻¹, one-sided difference inwards
@@ -291,7 +274,6 @@ AUTO_BLOCKED_MAX_Q2 = 6000
 
 def choose_backend(s: ModelStructure, cp: CrossProducts) -> str:
     """``"blocked"`` or ``"compiled"`` for ``backend="auto"`` (see AUTO_BLOCKED_MIN_FILL)."""
-    from ._blocked import blocked_applicable
     if not s.terms or len(s.terms) < 2 or not blocked_applicable(s, max_q2=AUTO_BLOCKED_MAX_Q2):
         return "compiled"
     q1 = s.terms[0].q
@@ -316,6 +298,5 @@ def make_backend(s: ModelStructure, backend: str = "compiled", **options):
     if backend == "reference":
         return ReferenceBackend(s, **options)
     if backend == "blocked":
-        from ._blocked import BlockedBackend
         return BlockedBackend(s, **options)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

@@ -26,12 +26,13 @@ import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
 
-from ._backends import PLSState
 from ._crossprod import CrossProducts, level_blocks
-from ._design import ModelStructure, _lower_tri_colwise
+from ._design import ModelStructure
 from ._exceptions import NotPositiveDefiniteError
 from ._gradient import theta_gradient
 from ._gram import gram_inner, gram_inner_sym, gram_lower_update
+from ._params import T_from_theta
+from ._pls import PLSState, profiled_criterion, residual_df
 from ._threads import bundled_blas_all_threads
 
 __all__ = ["BlockedBackend", "blocked_applicable"]
@@ -75,8 +76,7 @@ class BlockedBackend:
         self.W2 = cp.ZtXy[q1:]
         self.WtW = cp.XyXy
         # θ layout: first term's lower triangle, then one λ per later term.
-        self.rows1, self.cols1 = _lower_tri_colwise(k)
-        self.nth1 = len(self.rows1)
+        self.nth1 = t1.ntheta
         self.lam_index = np.concatenate([np.full(t.q, i, dtype=np.intp) for i, t in enumerate(s.terms[1:])]) \
             if self.q2 else np.zeros(0, dtype=np.intp)
         self._cache_theta = None
@@ -94,17 +94,12 @@ class BlockedBackend:
         return BlockedBackend(s, crossprod=crossprod)
 
     # ------------------------------------------------------------------ factorization
-    def _T(self, theta):
-        T = np.zeros((self.k, self.k))
-        T[self.rows1, self.cols1] = theta[:self.nth1]
-        return T
-
     def _factor(self, theta: np.ndarray) -> dict:
         theta = np.asarray(theta, dtype=float)
         if self._cache_theta is not None and np.array_equal(theta, self._cache_theta):
             return self._cache
         k, p = self.k, self.p
-        T = self._T(theta)
+        T = T_from_theta(theta[:self.nth1], k)
         lam = theta[self.nth1:][self.lam_index] if self.q2 else np.zeros(0)
         # L₁₁: per level, chol(Tᵀ M₁₁ₐ T + I)
         A11 = np.einsum("ji,ajk,kl->ail", T, self.M11, T) + np.eye(k)
@@ -161,10 +156,7 @@ class BlockedBackend:
     # ------------------------------------------------------------------ criterion, gradient
     def objective(self, theta: np.ndarray, reml: bool) -> float:
         f = self._factor(theta)
-        n, p = self.s.n, self.p
-        d = n - p if reml else n
-        val = f["ldL2"] - self.cp.sum_log_w + d * (1.0 + np.log(2.0 * np.pi * f["pwrss"] / d))
-        return float(val + f["ldRX2"]) if reml else float(val)
+        return profiled_criterion(f["ldL2"], f["ldRX2"], f["pwrss"], self.s.n, self.p, reml, self.cp.sum_log_w)
 
     def _modes(self, f):
         p, k = self.p, self.k
@@ -277,8 +269,8 @@ class BlockedBackend:
         """∂f/∂θ (see module docstring)."""
         theta = np.asarray(theta, dtype=float)
         f = self._factor(theta)
-        n, p, k = self.s.n, self.p, self.k
-        d = n - p if reml else n
+        p, k = self.p, self.k
+        d = residual_df(self.s.n, p, reml)
         beta, u1, u2 = self._modes(f)
         T, lam = f["T"], f["lam"]
         # ρ = Zᵀ W (ỹ − Xβ̂) − M Λ û  (cross-products only)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ._design import ModelStructure
 from ._ols import ols_shift
+from ._params import flat_positions
 
 __all__ = ["CrossProducts", "block_lower_ZtZ", "level_blocks", "ztz_triplets", "sum_duplicates", "lower_csc"]
 
@@ -134,9 +135,7 @@ def kernel_layout(s: ModelStructure):
         bstart.append(t.col_offset + (cols // t.k) * t.k)
         bsize.append(np.full(t.q, t.k, dtype=np.int64))
         toff.append(np.full(t.q, off, dtype=np.int64))
-        for j in range(t.k):
-            for i in range(j, t.k):
-                theta_pos.append(off + i + j * t.k)
+        theta_pos.extend(off + flat_positions(t.k))
         off += t.k * t.k
     cat = lambda a: np.ascontiguousarray(np.concatenate(a).astype(np.int32)) if a else np.zeros(0, np.int32)
     return cat(bstart), cat(bsize), cat(toff), np.zeros(off), np.array(theta_pos, dtype=np.int32)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.linalg as la
 import scipy.sparse as sp
+from . import _params
 from ._contrasts import check_contrast_names, default_contrasts, resolve_contrasts
 from ._data import (as_frame, as_numeric_array, check_columns, check_weights, drop_missing, factor_codes,
                     is_factor_dtype, prepare_factors)
@@ -66,22 +67,8 @@ class ReTerm:
         return self.k * (self.k + 1) // 2
 
     def T(self, theta: np.ndarray) -> np.ndarray:
-        """The k×k lower-triangular relative covariance factor of this term at θ."""
-        k = self.k
-        T = np.zeros((k, k))
-        rows, cols = _lower_tri_colwise(k)
-        T[rows, cols] = theta[self.theta_offset:self.theta_offset + self.ntheta]
-        return T
-
-
-def _lower_tri_colwise(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column indices of a k×k lower triangle, column by column (lme4's θ order)."""
-    rows, cols = [], []
-    for j in range(k):
-        for i in range(j, k):
-            rows.append(i)
-            cols.append(j)
-    return np.array(rows, dtype=np.intp), np.array(cols, dtype=np.intp)
+        """The k×k lower-triangular relative covariance factor of this term at θ (``_params``)."""
+        return _params.term_T(self, theta)
 
 
 @dataclass(frozen=True)
@@ -145,27 +132,18 @@ class ModelStructure:
 
     @property
     def lower(self) -> np.ndarray:
-        """Lower bounds of θ: 0 for diagonal elements of each T, -inf elsewhere."""
-        out = []
-        for t in self.terms:
-            rows, cols = _lower_tri_colwise(t.k)
-            out.extend(np.where(rows == cols, 0.0, -np.inf))
-        return np.array(out, dtype=float)
+        """Lower bounds of θ: 0 for diagonal elements of each T, -inf elsewhere (``_params``)."""
+        return _params.lower_bounds(self.terms)
 
     @property
     def theta0(self) -> np.ndarray:
         """lme4's start: 1 on the diagonal of each T, 0 off it."""
-        return np.where(self.lower == 0.0, 1.0, 0.0)
+        return _params.theta_start(self.terms)
 
     @property
     def theta_names(self) -> list[str]:
         """lme4's names: 'g.(Intercept)', 'g.Days.(Intercept)', 'g.Days'."""
-        names = []
-        for t in self.terms:
-            rows, cols = _lower_tri_colwise(t.k)
-            for i, j in zip(rows, cols):
-                names.append(f"{t.factor}.{t.cnms[i]}" if i == j else f"{t.factor}.{t.cnms[i]}.{t.cnms[j]}")
-        return names
+        return _params.theta_names(self.terms)
 
     def __getstate__(self) -> dict:
         # Z is assembled from the terms' level codes and model matrices: pickle those, not the
@@ -179,9 +157,7 @@ class ModelStructure:
 
     def Lambda(self, theta: np.ndarray) -> sp.csc_matrix:
         """Λ_θ = blockdiag over terms of (I_ℓ ⊗ T_i), a sparse q × q lower-triangular matrix."""
-        blocks = [sp.kron(sp.identity(t.nlevels, format="csc"), sp.csc_matrix(t.T(theta)), format="csc")
-                  for t in self.terms]
-        return sp.block_diag(blocks, format="csc")
+        return _params.Lambda(self.terms, theta)
 
 
 # ----------------------------------------------------------------------------- names

@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg as la
 
-from ._design import ModelStructure, _lower_tri_colwise
+from ._design import ModelStructure
+from ._params import tri_indices
 
 __all__ = ["theta_gradient"]
 
@@ -35,7 +36,7 @@ def theta_gradient(s: ModelStructure, theta: np.ndarray, G: list[np.ndarray], rh
         U = u[sl].reshape(nl, k)
         P = rho[sl].reshape(nl, k)
         drss = -2.0 * (P.T @ U)                                     # [r, c] = ∂r²/∂T_rc
-        rows, cols = _lower_tri_colwise(k)
+        rows, cols = tri_indices(k)
         th = slice(t.theta_offset, t.theta_offset + t.ntheta)
         T = t.T(theta)
         diag = np.diag(T)

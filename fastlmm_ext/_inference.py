@@ -50,6 +50,8 @@ import pandas as pd
 import scipy.linalg as la
 from scipy import stats
 
+from ._params import tri_indices
+from ._pls import deviance_at_sigma
 from ._rformula import factor_label, r_column_names
 from ._threads import bundled_blas_single_thread
 
@@ -206,11 +208,7 @@ class SatterthwaiteInfo:
         """−2 log-likelihood (REML or ML, as the fit) at φ = (θ, σ), β at β̂(θ)."""
         theta, sigma = varpar[:-1], float(varpar[-1])
         st = self._state(theta)
-        s2 = sigma * sigma
-        dev = st.ldL2 - self._sum_log_w + st.pwrss / s2 + self.n * np.log(2.0 * np.pi * s2)
-        if self.REML:
-            dev += st.ldRX2 - self.p * np.log(2.0 * np.pi * s2)
-        return float(dev)
+        return deviance_at_sigma(st.ldL2, st.ldRX2, st.pwrss, sigma, self.n, self.p, self.REML, self._sum_log_w)
 
     def vcov_beta_at(self, varpar: np.ndarray) -> np.ndarray:
         """Var(β̂) = σ² (R_XᵀR_X)⁻¹ at φ = (θ, σ)."""
@@ -519,10 +517,10 @@ def confint_row_labels(structure) -> dict[str, str]:
     correlation of columns i > j (e.g. ``sd_(Intercept)|Subject``, ``cor_Days.(Intercept)|Subject``,
     ``sd_Days|Subject``), then ``.sigma`` → ``sigma``.  A label that would repeat (the same
     term twice) gets R's make.unique suffix ``.1``."""
-    from ._design import _lower_tri_colwise, _unique_names
+    from ._design import _unique_names
     labels = []
     for t in structure.terms:
-        for i, j in zip(*_lower_tri_colwise(t.k)):
+        for i, j in zip(*tri_indices(t.k)):
             labels.append(f"sd_{t.cnms[i]}|{t.factor}" if i == j else f"cor_{t.cnms[i]}.{t.cnms[j]}|{t.factor}")
     old = confint_row_names(structure)[:structure.ntheta + 1]
     return dict(zip(old, _unique_names(labels) + ["sigma"]))

@@ -36,6 +36,7 @@ from scipy import stats
 from ._data import _label, check_columns, is_factor_dtype
 from ._exceptions import DataError
 from ._inference import _format_pct, confint_row_names, select_parm
+from ._params import Cv_to_Sv
 
 __all__ = ["BootstrapResult", "PredictMixin"]
 
@@ -150,29 +151,11 @@ def _numeric_column(s: pd.Series, name: str) -> np.ndarray:
         raise DataError(f"column {name!r} of newdata must be numeric, as in the fitted data: {e}") from e
 
 
-# ----------------------------------------------------------------------------- sd / correlation
-
-def _sdcor(structure, theta: np.ndarray, sigma: float) -> np.ndarray:
-    """lme4's Cv_to_Sv: per term Σ = σ² T Tᵀ in θ's order (lower triangle column by column),
-    the SD √Σ_aa on diagonal positions and the correlation Σ_ab/(sd_a sd_b) off it (NaN when an
-    SD is 0)."""
-    out = []
-    for t in structure.terms:
-        T = t.T(theta)
-        S = sigma ** 2 * (T @ T.T)
-        sd = np.sqrt(np.maximum(np.diag(S), 0.0))
-        for j in range(t.k):
-            for i in range(j, t.k):
-                if i == j:
-                    out.append(sd[i])
-                else:
-                    out.append(S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan)
-    return np.array(out, dtype=float)
-
+# ----------------------------------------------------------------------------- parameters
 
 def _param_vector(structure, theta, sigma, beta) -> np.ndarray:
     """[.sig01 ..., .sigma, β...] as lme4's confint rows."""
-    return np.concatenate([_sdcor(structure, np.asarray(theta, float), float(sigma)), [float(sigma)],
+    return np.concatenate([Cv_to_Sv(structure.terms, np.asarray(theta, float), float(sigma)), [float(sigma)],
                            np.asarray(beta, dtype=float)])
 
 

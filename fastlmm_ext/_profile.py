@@ -29,6 +29,8 @@ import scipy.linalg as la
 from scipy import optimize, stats
 
 from ._inference import _format_pct, confint_row_names
+from ._params import Cv_to_Sv, Sv_to_Cv, theta_kinds
+from ._pls import deviance_at_sigma, profiled_criterion
 from ._threads import bundled_blas_single_thread
 
 __all__ = ["Profiler", "profile_confint", "profile_table"]
@@ -53,60 +55,11 @@ class Profiler:
         self.theta_hat = np.asarray(res.theta, dtype=float)
         self.sigma_hat = float(res.sigma)
         self.dev_hat = float(res.criterion)
-        self.psi_hat = self.theta_to_psi(self.theta_hat, self.sigma_hat)
+        # A correlation whose SD is 0 is undefined (NaN, see _params); its profile starts at 0.
+        self.psi_hat = np.nan_to_num(Cv_to_Sv(self.s.terms, self.theta_hat, self.sigma_hat), nan=0.0)
         self.nsig = self.s.ntheta
         self.names = confint_row_names(self.s)
-        self.kinds = []  # "sd" | "cor" for each .sig
-        for t in self.s.terms:
-            for j in range(t.k):
-                for i in range(j, t.k):
-                    self.kinds.append("sd" if i == j else "cor")
-
-    # ------------------------------------------------------------------ scales
-    def theta_to_psi(self, theta, sigma) -> np.ndarray:
-        """θ, σ → (SDs and correlations per term, in θ's positions)."""
-        out = []
-        for t in self.s.terms:
-            T = t.T(theta)
-            S = T @ T.T
-            sd = np.sqrt(np.diag(S))
-            for j in range(t.k):
-                for i in range(j, t.k):
-                    if i == j:
-                        out.append(sigma * sd[i])
-                    else:
-                        out.append(S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else 0.0)
-        return np.array(out)
-
-    def psi_to_theta(self, psi, sigma) -> np.ndarray:
-        """Inverse of :meth:`theta_to_psi`: T = chol(D C D)/σ, with a semidefinite fallback."""
-        theta = np.empty(self.nsig)
-        pos = 0
-        for t in self.s.terms:
-            k = t.k
-            sd = np.zeros(k)
-            C = np.eye(k)
-            p0 = pos
-            for j in range(k):
-                for i in range(j, k):
-                    if i == j:
-                        sd[i] = psi[pos]
-                    else:
-                        C[i, j] = C[j, i] = psi[pos]
-                    pos += 1
-            S = (sd[:, None] * C * sd[None, :]) / sigma ** 2
-            try:
-                T = np.linalg.cholesky(S)
-            except np.linalg.LinAlgError:
-                w, V = np.linalg.eigh(S)
-                T = la.qr((V * np.sqrt(np.maximum(w, 0.0))).T, mode="r")[0].T
-                T = T * np.sign(np.diag(T) + (np.diag(T) == 0))[None, :]
-            q = p0
-            for j in range(k):
-                for i in range(j, k):
-                    theta[q] = T[i, j]
-                    q += 1
-        return theta
+        self.kinds = theta_kinds(self.s.terms)   # "sd" | "cor" for each .sig
 
     # ------------------------------------------------------------------ deviances
     def _pieces(self, theta):
@@ -129,7 +82,7 @@ class Profiler:
     def dev_sigma_theta(self, theta, sigma) -> float:
         """D(θ, σ, β̂_θ)."""
         ldL2, pwrss = self._ld_pwrss(theta)
-        return float(ldL2 - self.sum_log_w + self.n * np.log(2 * np.pi * sigma ** 2) + pwrss / sigma ** 2)
+        return deviance_at_sigma(ldL2, 0.0, pwrss, sigma, self.n, self.s.p, False, self.sum_log_w)
 
     def dev_beta(self, theta, j, b) -> float:
         """min over σ and β_{−j} of D(θ, σ, β) with β_j = b."""
@@ -137,7 +90,7 @@ class Profiler:
         Rinv = la.solve_triangular(st.RX, np.eye(self.s.p), lower=False)
         vjj = float(Rinv[j] @ Rinv[j])
         r2 = st.pwrss + (b - st.beta[j]) ** 2 / vjj
-        return float(st.ldL2 - self.sum_log_w + self.n * (1.0 + np.log(2 * np.pi * r2 / self.n)))
+        return profiled_criterion(st.ldL2, 0.0, r2, self.n, self.s.p, False, self.sum_log_w)
 
     def _minimize(self, f, x0, lower, upper):
         import nlopt
@@ -171,7 +124,7 @@ class Profiler:
                 psi[m] = c
                 psi[free] = x[1:]
                 sigma = max(x[0], 1e-12)
-                return self.dev_sigma_theta(self.psi_to_theta(psi, sigma), sigma)
+                return self.dev_sigma_theta(Sv_to_Cv(self.s.terms, psi, sigma), sigma)
             return self._minimize(f, x0, lo, hi)
         if m == nsig:  # σ fixed: θ free on its own scale
             return self._minimize(lambda th: self.dev_sigma_theta(th, c), self.theta_hat,

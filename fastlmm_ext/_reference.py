@@ -31,6 +31,7 @@ import scipy.sparse as sp
 from ._design import ModelStructure
 from ._exceptions import NotPositiveDefiniteError
 from ._ols import ones_column, response_level
+from ._pls import profiled_criterion
 
 __all__ = ["ReferencePLS"]
 
@@ -82,8 +83,6 @@ class ReferencePLS:
                 "RX": RX, "L": L}
 
     def objective(self, theta: np.ndarray, reml: bool) -> float:
+        """Profiled criterion, eq. (34) / (41), from the PLS solution (``_pls``)."""
         st = self.solve(theta)
-        n, p = self.s.n, self.s.p
-        df = n - p if reml else n
-        val = st["ldL2"] - self.sum_log_w + df * (1.0 + np.log(2.0 * np.pi * st["pwrss"] / df))
-        return float(val + st["ldRX2"]) if reml else float(val)
+        return profiled_criterion(st["ldL2"], st["ldRX2"], st["pwrss"], self.s.n, self.s.p, reml, self.sum_log_w)

@@ -17,9 +17,10 @@ import pandas as pd
 import scipy.linalg as la
 
 from ._aliases import StatsmodelsMixin
-from ._backends import PLSState
 from ._inference import InferenceMixin
 from ._optimize import OptSummary
+from ._params import sd_cor
+from ._pls import PLSState, profiled_criterion, residual_df
 from ._predict import PredictMixin
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,8 +87,7 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         self.theta: np.ndarray = np.asarray(state.theta, dtype=float).copy()
         self.nobs: int = s.n
         self.n_dropped: int = s.n_dropped
-        df = s.n - s.p if self.REML else s.n
-        self.sigma: float = float(np.sqrt(state.pwrss / df))
+        self.sigma: float = float(np.sqrt(state.pwrss / residual_df(s.n, s.p, self.REML)))
         self.fixef = pd.Series(state.beta, index=list(s.fixef_names), name="Estimate", dtype=float)
         if s.p:
             # (R_XᵀR_X)⁻¹ through two triangular solves with the factor, not an explicit inverse of R_XᵀR_X.
@@ -101,7 +101,7 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         self.aic: float = self.criterion + 2.0 * self.npar
         self.bic: float = self.criterion + np.log(s.n) * self.npar
         # lme4's deviance(fit, REML = FALSE): the ML deviance at these estimates.
-        self.deviance: float = float(state.ldL2 - model._sum_log_w + s.n * (1.0 + np.log(2.0 * np.pi * state.pwrss / s.n)))
+        self.deviance: float = profiled_criterion(state.ldL2, state.ldRX2, state.pwrss, s.n, s.p, False, model._sum_log_w)
         self.ngrps: dict[str, int] = {}
         for t in s.terms:
             self.ngrps.setdefault(t.factor, t.nlevels)
@@ -134,13 +134,12 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         rows = []
         for t in self.structure.terms:
             S = self.term_covariances()[t.name]
-            sd = np.sqrt(np.diag(S))
+            sd, C = sd_cor(t.T(self.theta), self.sigma)
             for i in range(t.k):
                 rows.append((t.name, t.cnms[i], None, S[i, i], sd[i]))
             for i in range(t.k):
                 for j in range(i + 1, t.k):
-                    corr = S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
-                    rows.append((t.name, t.cnms[i], t.cnms[j], S[i, j], corr))
+                    rows.append((t.name, t.cnms[i], t.cnms[j], S[i, j], C[i, j]))
         rows.append(("Residual", None, None, self.sigma ** 2, self.sigma))
         cols = list(zip(*rows))
         # object columns keep None for "no second variable", as R's NA (pandas would make it NaN)

@@ -6,6 +6,7 @@ import re
 import numpy as np
 
 from ._optimize import SINGULAR_MESSAGE
+from ._params import sd_cor
 
 __all__ = ["format_summary", "abbreviate", "random_effects_rows", "correlation_rows", "COR_MAX"]
 
@@ -75,12 +76,9 @@ def random_effects_rows(res, fmt) -> list[list[str]]:
     covs = res.term_covariances()
     for t in res.structure.terms:
         S = covs[t.name]
-        sd = np.sqrt(np.diag(S))
+        sd, C = sd_cor(t.T(res.theta), res.sigma)
         for i in range(t.k):
-            corr = []
-            for j in range(i):
-                c = S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
-                corr.append("NaN" if np.isnan(c) else f"{c:.2f}")
+            corr = ["NaN" if np.isnan(C[i, j]) else f"{C[i, j]:.2f}" for j in range(i)]
             rows.append([t.name if i == 0 else "", t.cnms[i], fmt(S[i, i]), fmt(sd[i]), " ".join(corr)])
     rows.append(["Residual", "", fmt(res.sigma ** 2), fmt(res.sigma), ""])
     return rows

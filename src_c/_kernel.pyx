@@ -13,6 +13,9 @@ Python, see ``fastlmm_ext._crossprod``).  For each θ it
    Cholesky factor  S = R Rᵀ  (R lower).  The leading p×p block of R is R_Xᵀ and the
    last diagonal element is the square root of the penalised RSS r²(θ).
 
+It reports log|L|², log|R_X|² and r²(θ); the criterion is computed from them by
+``fastlmm_ext._pls.profiled_criterion``, the one home of that formula.
+
 Python validates every input before it reaches this module ("Python validates,
 Cython trusts"); CHOLMOD status codes become Python exceptions.
 """
@@ -309,17 +312,6 @@ cdef class PLSKernel:
         self.pwrss = self.S[self.p, self.p] ** 2
         self.has_state = True
         return self.pwrss
-
-    def objective(self, const double[::1] theta, long n, bint reml, double sum_log_w=0.0):
-        """Profiled REML criterion or ML deviance (lme4's -2 log-likelihood) at θ:
-        ML:   log|L|² - Σ log w + n (1 + log(2π r²/n))
-        REML: log|L|² + log|R_X|² - Σ log w + (n-p)(1 + log(2π r²/(n-p)))."""
-        self.update(theta)
-        cdef double df = n - self.p if reml else n
-        cdef double val = self.ldL2 - sum_log_w + df * (1.0 + log(2.0 * np.pi * self.pwrss / df))
-        if reml:
-            val += self.ldRX2
-        return val
 
     # ------------------------------------------------------------------ state at θ
     def state(self):
