@@ -28,8 +28,8 @@ import scipy.sparse as sp
 
 from ._crossprod import CrossProducts, level_blocks
 from ._design import ModelStructure
-from ._exceptions import NotPositiveDefiniteError
-from ._gradient import theta_gradient
+from ._exceptions import ArgumentError, NotPositiveDefiniteError
+from ._gradient import fd_fallback, theta_gradient
 from ._gram import gram_inner, gram_inner_sym, gram_lower_update
 from ._params import T_from_theta
 from ._pls import PLSState, profiled_criterion, residual_df
@@ -44,15 +44,18 @@ def blocked_applicable(s: ModelStructure, max_q2: int = 6000) -> bool:
 
 
 class BlockedBackend:
-    """Criterion and analytic gradient on the two-block layout (see module docstring)."""
+    """Criterion and analytic gradient on the two-block layout (see module docstring); the
+    members of ``_backends.Backend``."""
     name = "blocked"
+    has_gradient = True
+    ordering = None
 
-    def __init__(self, s: ModelStructure, crossprod: CrossProducts | None = None, **_ignored):
+    def __init__(self, s: ModelStructure, crossprod: CrossProducts | None = None):
         if not s.terms or not blocked_applicable(s):
-            raise ValueError("blocked backend needs scalar terms after the first and a small second block")
+            raise ArgumentError("backend 'blocked' needs scalar terms after the first and a small second block")
         self.s = s
         cp = crossprod if crossprod is not None else CrossProducts.from_structure(s)
-        self.cp = cp
+        self.crossprod = cp
         t1 = s.terms[0]
         self.k, self.l1, self.q1 = t1.k, t1.nlevels, t1.q
         self.q2 = s.q - self.q1
@@ -83,12 +86,16 @@ class BlockedBackend:
 
     def __getstate__(self) -> dict:
         # The blocks above (M₂₂ is dense q₂ × q₂) and the factor cache are rebuilt on load.
-        return {"s": self.s, "cp": self.cp}
+        return {"s": self.s, "crossprod": self.crossprod}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["s"], crossprod=state["cp"])
+        self.__init__(state["s"], crossprod=state["crossprod"])
 
-    def with_response(self, s: ModelStructure, crossprod: CrossProducts) -> BlockedBackend:
+    @property
+    def sum_log_w(self) -> float:
+        return self.crossprod.sum_log_w
+
+    def with_response(self, s: ModelStructure, crossprod: CrossProducts | None) -> BlockedBackend:
         """A backend for another response on the same design, rebuilt from its cross-products
         (ZᵀWZ is not recomputed; the blocks above are O(nnz) rearrangements)."""
         return BlockedBackend(s, crossprod=crossprod)
@@ -156,7 +163,11 @@ class BlockedBackend:
     # ------------------------------------------------------------------ criterion, gradient
     def objective(self, theta: np.ndarray, reml: bool) -> float:
         f = self._factor(theta)
-        return profiled_criterion(f["ldL2"], f["ldRX2"], f["pwrss"], self.s.n, self.p, reml, self.cp.sum_log_w)
+        return profiled_criterion(f["ldL2"], f["ldRX2"], f["pwrss"], self.s.n, self.p, reml, self.crossprod.sum_log_w)
+
+    def pls_terms(self, theta: np.ndarray) -> tuple[float, float]:
+        f = self._factor(theta)
+        return f["ldL2"], f["pwrss"]
 
     def _modes(self, f):
         p, k = self.p, self.k
@@ -287,22 +298,7 @@ class BlockedBackend:
                     for t in self.s.terms[1:]]
         g = theta_gradient(self.s, theta, G, np.concatenate([rho1, rho2]), np.concatenate([u1, u2]),
                            f["pwrss"], d)
-        bad = np.flatnonzero(np.isnan(g))
-        if bad.size:  # singular vector term: no T⁻¹, difference those entries
-            g[bad] = self._fd(theta, reml, bad)
-        return g
-
-    def _fd(self, theta, reml, idx, h=1e-6):
-        out = []
-        for i in idx:
-            e = np.zeros_like(theta)
-            e[i] = h
-            lo = theta - e
-            if lo[i] < self.s.lower[i]:
-                out.append((self.objective(theta + e, reml) - self.objective(theta, reml)) / h)
-            else:
-                out.append((self.objective(theta + e, reml) - self.objective(lo, reml)) / (2 * h))
-        return np.array(out)
+        return fd_fallback(g, lambda th: self.objective(th, reml), theta, self.s.lower)
 
     # ------------------------------------------------------------------ state for results
     def state(self, theta: np.ndarray) -> PLSState:
@@ -310,11 +306,11 @@ class BlockedBackend:
         beta, u1, u2 = self._modes(f)
         u = np.concatenate([u1, u2])
         p = self.p
-        return PLSState(theta=np.array(theta, dtype=float), beta=beta + self.cp.beta_shift, u=u,
+        return PLSState(theta=np.array(theta, dtype=float), beta=beta + self.crossprod.beta_shift, u=u,
                         b=self.s.Lambda(np.asarray(theta, dtype=float)) @ u, pwrss=f["pwrss"],
                         ldL2=f["ldL2"], ldRX2=f["ldRX2"], RX=f["R"][:p, :p].T.copy())
 
-    def inverse_blocks(self, theta: np.ndarray, term_index: int, chunk_elems: int = 0) -> np.ndarray:
+    def inverse_blocks(self, theta: np.ndarray, term_index: int) -> np.ndarray:
         f = self._factor(np.asarray(theta, dtype=float))
         D1, d2 = self.inverse_diag_blocks(f)
         if term_index == 0:

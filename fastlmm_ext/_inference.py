@@ -167,7 +167,7 @@ class SatterthwaiteInfo:
         self.n, self.p = s.n, s.p
         self.REML = bool(model.REML)
         self._backend = model.backend
-        self._sum_log_w = float(getattr(model, "_sum_log_w", 0.0))
+        self._sum_log_w = model.backend.sum_log_w
         self._states: dict[bytes, object] = {}
         self.varpar = np.concatenate([np.asarray(theta, dtype=float).ravel(), [float(sigma)]])
         self.vcov_beta = self.vcov_beta_at(self.varpar)
@@ -737,11 +737,7 @@ def anova(*results, names=None) -> pd.DataFrame:
     fits = []
     for r in results:
         if r.REML:
-            from ._model import LinearMixedModel
-            m = r.model
-            # ML on the same backend: the criterion's inputs do not depend on REML.
-            ml = LinearMixedModel._from_backend(m.structure, False, m.ordering, m.backend)
-            r = ml.fit()
+            r = r.model.ml_twin().fit()
         fits.append(r)
     order = sorted(range(len(fits)), key=lambda i: fits[i].npar)   # stable, as R's order()
     fits = [fits[i] for i in order]

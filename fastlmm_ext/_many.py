@@ -25,7 +25,7 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from ._backends import BACKENDS, make_backend
+from ._backends import check_backend, make_backend
 from ._crossprod import CrossProducts
 from ._data import as_frame, as_numeric_array, check_columns, reject_complex
 from ._design import ModelStructure, build_structure
@@ -89,8 +89,7 @@ def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, 
     and one summary warning per kind is issued (e.g. "12 of 1000 fits were singular").
     """
     REML = check_reml(REML)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     _check_fit_options(fit_options)
     workers = _n_workers(n_jobs, client)
     df = as_frame(data)
@@ -270,9 +269,7 @@ class _Worker:
         self.ctx = ctx
         cp = _writable(ctx.crossprod)   # Dask may hand over read-only buffers; the kernel writes nothing
         s = ctx.structure
-        opts = {"ordering": "default"} if ctx.backend in ("compiled", "auto") else {}
-        be = make_backend(s, ctx.backend, crossprod=cp, **opts)
-        self.base = LinearMixedModel._from_backend(s, ctx.REML, "default", be)
+        self.base = LinearMixedModel._from_backend(s, ctx.REML, make_backend(s, ctx.backend, crossprod=cp))
         self._designs: dict[bytes, tuple[LinearMixedModel, list[str]]] = {}
         self.options = {**_FIT_DEFAULTS, **ctx.fit_options}
 
@@ -286,8 +283,8 @@ class _Worker:
     def _complete(self, idx, Y):
         base = self.base
         try:
-            cps = response_crossproducts(base.structure, base.backend.cp, Y) \
-                if hasattr(base.backend, "cp") else [None] * len(idx)
+            cps = response_crossproducts(base.structure, base.backend.crossprod, Y) \
+                if base.backend.crossprod is not None else [None] * len(idx)
         except DataError:
             cps = [None] * len(idx)   # some response is degenerate: one at a time finds which
 

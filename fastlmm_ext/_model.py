@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from ._backends import BACKENDS, make_backend
+from ._backends import Backend, check_backend, make_backend
 from ._dask import is_dask_dataframe
 from ._data import reject_complex
 from ._design import ModelStructure, build_structure
@@ -119,35 +119,28 @@ class LinearMixedModel:
                  structure: ModelStructure | None = None, crossprod=None, *, contrasts=None,
                  allow_python: bool = False):
         REML = check_reml(REML)
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend(backend, ordering)
         if structure is None and is_dask_dataframe(data):
             from ._dask import structure_from_dask
             structure, crossprod = structure_from_dask(formula, data, weights, offset, allow_python, contrasts)
         s = structure if structure is not None else build_structure(formula, data, weights, offset,
                                                                     allow_python, contrasts)
-        if not s.has_rows and backend == "reference":
-            raise ValueError(f"backend {backend!r} needs the model's rows; a model built from accumulated "
-                             "cross-products (lmer_chunked, Dask) uses backend='auto', 'compiled' or 'blocked'")
-        opts = {"ordering": ordering} if backend in ("compiled", "auto") else {}
-        if crossprod is not None and backend != "reference":
-            opts["crossprod"] = crossprod
-        be = make_backend(s, backend, **opts)
-        self._assemble(s, REML, ordering, be)
+        self._assemble(s, REML, make_backend(s, backend, ordering=ordering, crossprod=crossprod))
 
     @property
     def backend_name(self) -> str:
         """The backend in use ("auto" resolved to "compiled" or "blocked")."""
         return self.backend.name
 
-    def _assemble(self, s: ModelStructure, REML: bool, ordering: str, backend) -> None:
+    @property
+    def ordering(self) -> str | None:
+        """CHOLMOD's fill-reducing ordering in use (None for the blocked and reference backends)."""
+        return self.backend.ordering
+
+    def _assemble(self, s: ModelStructure, REML: bool, backend: Backend) -> None:
         self.structure = s
         self.REML = bool(REML)
-        self.ordering = ordering
         self.backend = backend
-        w = s.weights
-        cp = getattr(backend, "cp", None)
-        self._sum_log_w = cp.sum_log_w if cp is not None else 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
 
     @classmethod
     def from_chunks(cls, formula: str, chunks, REML: bool = True, *, weights: str | None = None,
@@ -163,11 +156,16 @@ class LinearMixedModel:
         return cls(formula, None, REML=REML, backend=backend, ordering=ordering, structure=s, crossprod=cp)
 
     @classmethod
-    def _from_backend(cls, s: ModelStructure, REML: bool, ordering: str, backend) -> LinearMixedModel:
+    def _from_backend(cls, s: ModelStructure, REML: bool, backend: Backend) -> LinearMixedModel:
         """A model around an existing backend (no formula parsing, no cross-products)."""
         m = cls.__new__(cls)
-        m._assemble(s, REML, ordering, backend)
+        m._assemble(s, REML, backend)
         return m
+
+    def ml_twin(self) -> LinearMixedModel:
+        """This model fitted by maximum likelihood (itself if it is one), on the same backend: the
+        criterion's inputs do not depend on REML (lme4's refitML; used by ``anova`` and the profile)."""
+        return self if not self.REML else LinearMixedModel._from_backend(self.structure, False, self.backend)
 
     # ------------------------------------------------------------------ criterion
     @property
@@ -251,18 +249,21 @@ class LinearMixedModel:
             v = self.backend.objective(th, self.REML)
             progress.update(v)
             return v
-        grad_fn = getattr(self.backend, "gradient", None)
-        grad = (lambda th: grad_fn(th, self.REML)) if grad_fn is not None else None
+        be = self.backend
+        grad = (lambda th: be.gradient(th, self.REML)) if be.has_gradient else None
+        if optimizer == "lbfgsb" and grad is None:
+            raise ArgumentError(f"optimizer 'lbfgsb' needs the analytic gradient, which backend {be.name!r} does not "
+                                "have; use backend='compiled' or 'blocked', or a derivative-free optimizer")
         if optimizer == "auto":
             # The gradient costs about two criterion evaluations and saves 3-6x of them; for small
             # q a criterion evaluation is cheaper than the gradient's Python overhead.
             optimizer = "lbfgsb" if grad is not None and self.structure.q >= AUTO_LBFGSB_MIN_Q else "bobyqa"
         if theta0 is not None:
             th0 = np.asarray(theta0, dtype=float)
-        elif optimizer == "lbfgsb" and getattr(self.backend, "cp", None) is not None:
+        elif optimizer == "lbfgsb":
             # Moment estimates halve L-BFGS-B's evaluations on large crossed designs (_start.py);
             # BOBYQA keeps lme4's start, where it was measured not to gain.
-            th0 = moment_theta0(self.structure, self.backend.cp)
+            th0 = moment_theta0(self.structure, be.crossprod)
         else:
             th0 = self.theta0
         try:
@@ -327,14 +328,13 @@ class LinearMixedModel:
         """This model with response ``y`` (checked by the caller); ``crossprod`` from
         :func:`response_crossproducts` if already computed (``fit_many`` does many at once)."""
         s = dataclasses.replace(self.structure, y=y)
-        base = getattr(self.backend, "cp", None)      # the reference backend has no cross-products
+        base = self.backend.crossprod      # None for the reference backend, which works on the rows
         if crossprod is None:
             if base is not None:
                 crossprod = response_crossproducts(self.structure, base, y)[0]
             else:
                 check_not_exact(self.structure, y)
-        backend = self.backend.with_response(s, crossprod)
-        return LinearMixedModel._from_backend(s, self.REML, self.ordering, backend)
+        return LinearMixedModel._from_backend(s, self.REML, self.backend.with_response(s, crossprod))
 
 
 def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weights=None, offset=None,

@@ -722,7 +722,7 @@ class PredictMixin:
         seeds = root.spawn(nsim)
         stripped = dataclasses.replace(s, fixed_spec=None)
         job = {"structure": stripped, "REML": bool(self.REML), "backend": self.model.backend_name,
-               "ordering": getattr(self.model, "ordering", "default"), "fit_options": fit_options,
+               "ordering": self.model.ordering or "default", "fit_options": fit_options,
                "sim": _make_simulator(self, "~0")}
 
         results: dict[int, tuple] = {}

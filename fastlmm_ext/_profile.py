@@ -40,18 +40,15 @@ class Profiler:
     """ML profile of every parameter of a fitted model (see module docstring)."""
 
     def __init__(self, res):
-        from ._model import LinearMixedModel
-
-        m = res.model
+        m = res.model.ml_twin()
         if res.REML:
-            m = LinearMixedModel._from_backend(m.structure, False, m.ordering, m.backend)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 res = m.fit(check_conv=False)
         self.res, self.model, self.s = res, m, m.structure
         self.n = self.s.n
         self.backend = m.backend
-        self.sum_log_w = m._sum_log_w
+        self.sum_log_w = m.backend.sum_log_w
         self.theta_hat = np.asarray(res.theta, dtype=float)
         self.sigma_hat = float(res.sigma)
         self.dev_hat = float(res.criterion)
@@ -67,17 +64,8 @@ class Profiler:
         return st
 
     def _ld_pwrss(self, theta):
-        """log|L_θ|² and r²(θ), straight from the compiled kernel when there is one."""
-        theta = np.maximum(np.asarray(theta, dtype=float), self.s.lower)
-        update = getattr(self.backend, "_update", None)
-        if update is not None:
-            # Through the backend, which records the θ of the kernel's factor: a factor updated
-            # behind its back would be taken for the one at its last θ by the next state().
-            update(theta)
-            kernel = self.backend.kernel
-            return kernel.ldL2, kernel.pwrss
-        st = self.backend.state(theta)
-        return st.ldL2, st.pwrss
+        """log|L_θ|² and r²(θ), without the modes (``Backend.pls_terms``)."""
+        return self.backend.pls_terms(np.maximum(np.asarray(theta, dtype=float), self.s.lower))
 
     def dev_sigma_theta(self, theta, sigma) -> float:
         """D(θ, σ, β̂_θ)."""

@@ -101,7 +101,8 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         self.aic: float = self.criterion + 2.0 * self.npar
         self.bic: float = self.criterion + np.log(s.n) * self.npar
         # lme4's deviance(fit, REML = FALSE): the ML deviance at these estimates.
-        self.deviance: float = profiled_criterion(state.ldL2, state.ldRX2, state.pwrss, s.n, s.p, False, model._sum_log_w)
+        self.deviance: float = profiled_criterion(state.ldL2, state.ldRX2, state.pwrss, s.n, s.p, False,
+                                                      model.backend.sum_log_w)
         self.ngrps: dict[str, int] = {}
         for t in s.terms:
             self.ngrps.setdefault(t.factor, t.nlevels)

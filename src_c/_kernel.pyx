@@ -79,6 +79,7 @@ cdef class PLSKernel:
     cdef readonly double ldL2, ldRX2, pwrss
     cdef readonly bint has_state
     cdef object _keep
+    cdef object _theta      # θ of the current factor (read-only copy)
 
     def __cinit__(self):
         self.L = NULL
@@ -310,8 +311,17 @@ cdef class PLSKernel:
             ld += log(self.S[i, i])
         self.ldRX2 = 2.0 * ld
         self.pwrss = self.S[self.p, self.p] ** 2
+        th = np.array(theta, dtype=np.float64, copy=True)
+        th.flags.writeable = False
+        self._theta = th
         self.has_state = True
         return self.pwrss
+
+    @property
+    def theta(self):
+        """θ of the current factor (read-only), None before the first update() and after
+        set_response(): whoever updates the kernel, this says which θ its factor belongs to."""
+        return self._theta if self.has_state else None
 
     # ------------------------------------------------------------------ state at θ
     def state(self):

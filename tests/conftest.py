@@ -47,6 +47,15 @@ def all_reference_fits() -> list[tuple[str, dict]]:
 
 _cache: dict = {}
 
+BACKEND_NAMES = ("compiled", "blocked", "reference")
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request) -> str:
+    """Each criterion backend in turn: a test that takes ``backend`` runs once per implementation
+    of ``_backends.Backend`` (as tabmat's tests run once per matrix type)."""
+    return request.param
+
 
 @pytest.fixture(scope="session")
 def fitted_reference():

@@ -164,13 +164,13 @@ def test_set_response_releases_old_arrays_and_memory_stays_flat():
 def test_response_crossproducts_equal_those_of_a_fresh_structure(peni, extra):
     Y = _peni_responses(peni, 3)
     m = fl.LinearMixedModel("diameter" + PENI, peni, **extra)
-    cps = response_crossproducts(m.structure, m.backend.cp, Y)
+    cps = response_crossproducts(m.structure, m.backend.crossprod, Y)
     for j, cp in enumerate(cps):
-        fresh = fl.LinearMixedModel("y" + PENI, peni.assign(y=Y[:, j]), **extra).backend.cp
+        fresh = fl.LinearMixedModel("y" + PENI, peni.assign(y=Y[:, j]), **extra).backend.crossprod
         np.testing.assert_allclose(cp.ZtXy, fresh.ZtXy, rtol=1e-12, atol=1e-10)
         np.testing.assert_allclose(cp.XyXy, fresh.XyXy, rtol=1e-12, atol=1e-10)
         np.testing.assert_allclose(cp.beta_shift, fresh.beta_shift, rtol=1e-12)
-        assert cp.Mx is m.backend.cp.Mx and cp.ZtXy.flags.f_contiguous and cp.XyXy.flags.f_contiguous
+        assert cp.Mx is m.backend.crossprod.Mx and cp.ZtXy.flags.f_contiguous and cp.XyXy.flags.f_contiguous
 
 
 # ----------------------------------------------------------------------------- refit

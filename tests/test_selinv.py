@@ -295,6 +295,6 @@ def test_single_term_closed_form_equals_selected_inverse(formula):
     m = cholmod_model(formula, df)
     theta = m.theta0 * 0.8 + 0.05
     t = m.structure.terms[0]
-    m.backend._update(theta)
+    m.backend._factor(theta)
     selinv = m.backend.kernel.inverse_blocks(t.col_offset, t.k, t.nlevels).sum(axis=0)
     np.testing.assert_allclose(m.backend._single_term_inverse_sum(t, theta), selinv, rtol=1e-12, atol=1e-12)
