@@ -30,6 +30,7 @@ import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
 
+from . import _selinv
 from ._blocked import BlockedBackend, blocked_applicable
 from ._crossprod import CrossProducts, kernel_layout, level_blocks
 from ._design import ModelStructure
@@ -206,7 +207,7 @@ class CompiledBackend:
             if len(self.s.terms) == 1:
                 Gt = self._single_term_inverse_sum(t, theta)
             else:
-                Gt = k.inverse_blocks(t.col_offset, t.k, t.nlevels).sum(axis=0)
+                Gt = _selinv.inverse_blocks(k, t.col_offset, t.k, t.nlevels).sum(axis=0)
             if H is not None and p:
                 Ht = H[t.col_offset:t.col_offset + t.q].reshape(t.nlevels, t.k, p)
                 Hk = Ht.transpose(1, 0, 2).reshape(t.k, -1)       # Σ_a H_a H_aᵀ as one BLAS product
@@ -266,7 +267,7 @@ class CompiledBackend:
         """Diagonal k×k blocks of (Λᵀ ZᵀWZ Λ + I)⁻¹ for every level of one term, from the
         kernel's selected inverse of the factor."""
         t = self.s.terms[term_index]
-        return self._factor(theta).inverse_blocks(t.col_offset, t.k, t.nlevels)
+        return _selinv.inverse_blocks(self._factor(theta), t.col_offset, t.k, t.nlevels)
 
 
 class ReferenceBackend:
