@@ -34,6 +34,7 @@ from ._exceptions import DataError, FormulaError, MissingValuesWarning
 from ._formula import ParsedFormula, parse_formula
 from ._levels import GlobalLevels, LevelScanner
 from ._ols import raise_if_exact
+from ._progress import Progress
 from ._rformula import parse_expr, translate
 from ._suffstats import SuffStats
 
@@ -269,7 +270,7 @@ def structure_from_chunks(formula: str, chunks, *, weights: str | None = None, o
     stats = None
     try:
         hint = _columns_hint(formula, weights, offset, allow_python)
-        for df in _progress(source.first_pass(hint), progress, "levels"):
+        for df in Progress(progress, "chunks (levels)", "chunks").iterate(source.first_pass(hint)):
             if plan is None:
                 plan = ChunkPlan.create(formula, df.columns, weights, offset, allow_python, contrasts)
                 scanner = plan.scanner()
@@ -278,7 +279,7 @@ def structure_from_chunks(formula: str, chunks, *, weights: str | None = None, o
             raise DataError("no data: the chunks iterable yielded no DataFrame")
         plan.levels = scanner.finish()
         dropped_before = 0
-        for df in _progress(source.second_pass(), progress, "cross-products"):
+        for df in Progress(progress, "chunks (cross-products)", "chunks").iterate(source.second_pass()):
             if stats is not None:
                 plan.accumulate(df, stats)
                 continue
@@ -296,27 +297,6 @@ def structure_from_chunks(formula: str, chunks, *, weights: str | None = None, o
     if stats is None:
         raise DataError("no complete rows: every row has a missing value in the model's columns")
     return plan.structure(stats)
-
-
-def _progress(it: Iterable, enabled: bool, what: str):
-    """Chunks counted on stderr when asked (tqdm if installed), silent otherwise."""
-    if not enabled:
-        yield from it
-        return
-    import sys
-    import time
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        yield from tqdm(it, desc=f"fastlmm_ext: chunks ({what})", unit=" chunk", file=sys.stderr, leave=False)
-        return
-    start = time.perf_counter()
-    i = 0
-    for i, item in enumerate(it, 1):
-        yield item
-        print(f"fastlmm_ext: chunks ({what}): {i} done, {time.perf_counter() - start:.1f}s", file=sys.stderr)
 
 
 def _columns_hint(formula, weights, offset, allow_python: bool) -> list[str]:

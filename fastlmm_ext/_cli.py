@@ -115,25 +115,6 @@ def read_data(path: str):
     return df
 
 
-# ----------------------------------------------------------------------------- progress
-
-class _ReportingBackend:
-    """Wraps a criterion backend and reports every objective evaluation to a callback;
-    everything else is delegated to the wrapped backend."""
-
-    def __init__(self, inner, callback):
-        self._inner = inner
-        self._callback = callback
-
-    def objective(self, theta, reml):
-        v = self._inner.objective(theta, reml)
-        self._callback(float(v))
-        return v
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
 # ----------------------------------------------------------------------------- commands
 
 def _fit(args, progress_out: list) -> int:
@@ -150,14 +131,12 @@ def _fit(args, progress_out: list) -> int:
     reml = not args.ml
     # allow_python stays off on the command line: a formula from the shell never runs Python code
     model = LinearMixedModel(args.formula, df, REML=reml, backend=args.backend, allow_python=False)
-    progress = Progress(args.verbose, "REML criterion" if reml else "deviance", prefix=PROG)
+    progress = Progress(args.verbose, "fit", "evaluations", label="REML criterion" if reml else "deviance",
+                        prefix=PROG)
     progress_out.append(progress)
-    inner = model.backend
-    model.backend = _ReportingBackend(inner, progress.update)
     try:
-        res = model.fit()
+        res = model.fit(verbose=progress)
     finally:
-        model.backend = inner
         progress.close()
         progress_out.remove(progress)
 

@@ -198,7 +198,7 @@ class LinearMixedModel:
     # ------------------------------------------------------------------ fitting
     def fit(self, optimizer: str = "auto", theta0=None, check_conv: bool = True,
             ftol_abs: float = 1e-12, xtol_abs: float = 1e-10, maxeval: int = 100_000,
-            verbose: bool = False) -> LmerResult:
+            verbose: bool | Progress = False) -> LmerResult:
         """Minimise the profiled criterion over θ ≥ :attr:`lower` and build the result.
 
         Parameters
@@ -220,8 +220,9 @@ class LinearMixedModel:
             so the optimum is at least as good as lme4's).
         maxeval : int, default 100000
             Most criterion evaluations.
-        verbose : bool, default False
-            Show progress (evaluations, best criterion, elapsed time) on stderr.
+        verbose : bool or Progress, default False
+            Show progress (evaluations, best criterion, elapsed time) on stderr; a
+            ``_progress.Progress`` is reported to instead (and left open: the caller closes it).
 
         Returns
         -------
@@ -239,21 +240,23 @@ class LinearMixedModel:
         return res
 
     def _fit(self, optimizer: str, theta0, check_conv: bool, ftol_abs: float, xtol_abs: float, maxeval: int,
-             verbose: bool) -> tuple[LmerResult, list[tuple[type, str]]]:
+             verbose: bool | Progress) -> tuple[LmerResult, list[tuple[type, str]]]:
         """:meth:`fit`, returning the warnings it would raise as (category, message) pairs
         (``fit_many`` records them per response instead of raising them)."""
         warned: list[tuple[type, str]] = []
-        progress = Progress(verbose, "REML criterion" if self.REML else "deviance")
-
-        def crit(th):
-            v = self.backend.objective(th, self.REML)
-            progress.update(v)
-            return v
         be = self.backend
         grad = (lambda th: be.gradient(th, self.REML)) if be.has_gradient else None
         if optimizer == "lbfgsb" and grad is None:
             raise ArgumentError(f"optimizer 'lbfgsb' needs the analytic gradient, which backend {be.name!r} does not "
                                 "have; use backend='compiled' or 'blocked', or a derivative-free optimizer")
+        own = not isinstance(verbose, Progress)
+        progress = Progress(bool(verbose), "fit", "evaluations", label="REML criterion" if self.REML else "deviance") \
+            if own else verbose
+
+        def crit(th):
+            v = be.objective(th, self.REML)
+            progress.update(1, v)
+            return v
         if optimizer == "auto":
             # The gradient costs about two criterion evaluations and saves 3-6x of them; for small
             # q a criterion evaluation is cheaper than the gradient's Python overhead.
@@ -271,7 +274,8 @@ class LinearMixedModel:
                 summ = minimize_theta(crit, th0, self.lower, optimizer=optimizer, ftol_abs=ftol_abs,
                                       xtol_abs=xtol_abs, maxeval=maxeval, grad=grad)
         finally:
-            progress.close()
+            if own:
+                progress.close()
         plain = lambda th: self.backend.objective(th, self.REML)  # noqa: E731 - no progress after the fit
         # An optimum on the boundary is reported exactly on it, whatever the backend's rounding.
         theta, fmin = snap_to_bounds(plain, summ.theta_final, summ.fmin, self.lower)

@@ -37,6 +37,7 @@ from ._data import _label, check_columns, is_factor_dtype
 from ._exceptions import DataError
 from ._inference import _format_pct, confint_row_names, select_parm
 from ._params import Cv_to_Sv
+from ._progress import Progress
 
 __all__ = ["BootstrapResult", "PredictMixin"]
 
@@ -259,50 +260,6 @@ def _run_chunk_process(indices: list[int], seeds: list) -> list[tuple]:
 def _run_chunk_thread(job: dict, indices: list[int], seeds: list) -> list[tuple]:
     model = _job_model(job)   # one model per task: backends keep per-model workspaces
     return [(i, *_replicate(job, model, sd)) for i, sd in zip(indices, seeds)]
-
-
-class _Progress:
-    """tqdm bar on stderr: always when ``mode is True``; when ``mode is None`` only on a terminal
-    and once the run has taken more than ``delay`` seconds; never when ``mode is False``."""
-
-    def __init__(self, total: int, mode, delay: float = 2.0, desc: str = "bootstrap"):
-        self.total, self.mode, self.delay, self.desc = total, mode, delay, desc
-        self.done = 0
-        self.t0 = time.perf_counter()
-        self.bar = None
-        self._failed = False
-        if mode is True:
-            self._open()
-
-    def _open(self) -> None:
-        try:
-            from tqdm import tqdm
-        except ImportError:  # pragma: no cover - tqdm is a dependency, but stay silent without it
-            self._failed = True
-            return
-        self.bar = tqdm(total=self.total, initial=self.done, desc=self.desc, unit="fit", file=sys.stderr,
-                        leave=False, dynamic_ncols=True)
-
-    def update(self, k: int) -> None:
-        self.done += k
-        if self.bar is None and self.mode is None and not self._failed and self.done < self.total \
-                and time.perf_counter() - self.t0 > self.delay and _isatty(sys.stderr):
-            self._open()
-            return
-        if self.bar is not None:
-            self.bar.update(k)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
 
 
 # ----------------------------------------------------------------------------- bootstrap result
@@ -726,7 +683,7 @@ class PredictMixin:
                "sim": _make_simulator(self, "~0")}
 
         results: dict[int, tuple] = {}
-        bar = _Progress(nsim, progress)
+        bar = Progress(progress, "bootstrap", "fits", total=nsim)
         parallel = "serial"
         try:
             with warnings.catch_warnings():

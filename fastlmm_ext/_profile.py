@@ -31,6 +31,7 @@ from scipy import optimize, stats
 from ._inference import _format_pct, confint_row_names
 from ._params import Cv_to_Sv, Sv_to_Cv, theta_kinds
 from ._pls import deviance_at_sigma, profiled_criterion
+from ._progress import Progress
 from ._threads import bundled_blas_single_thread
 
 __all__ = ["Profiler", "profile_confint", "profile_table"]
@@ -182,7 +183,6 @@ def profile_confint(res, level: float = 0.95, parm=None, n_jobs: int = 1, progre
     ``progress``: True → a tqdm bar on stderr; None → one only on a terminal once the run has
     taken more than 2 s; False → never."""
     from ._many import _n_workers
-    from ._predict import _Progress
 
     a = (1.0 - level) / 2.0
     z = float(stats.norm.ppf(1.0 - a))
@@ -197,7 +197,7 @@ def profile_confint(res, level: float = 0.95, parm=None, n_jobs: int = 1, progre
                 [names.index(q) for q in ([parm] if isinstance(parm, str) else parm)]
             tasks = [(m, side) for m in idx for side in (-1, +1)]
             workers = min(_n_workers(n_jobs, None), len(tasks))
-            bar = _Progress(len(tasks), progress, desc="profile")
+            bar = Progress(progress, "profile", "bounds", total=len(tasks))
             if workers > 1:
                 bounds = _parallel_bounds(prof, z, tasks, workers, bar)
             else:

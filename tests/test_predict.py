@@ -336,21 +336,6 @@ def test_bootstrap_progress_output(dyestuff, capfd):
     assert out == "" and "bootstrap" in err
 
 
-def test_progress_bar_only_on_a_terminal_after_the_delay(monkeypatch, capfd):
-    monkeypatch.setattr(_predict, "_isatty", lambda stream: True)
-    bar = _predict._Progress(5, None, delay=3600.0)
-    bar.update(1)
-    assert bar.bar is None                       # a quick run shows nothing
-    bar = _predict._Progress(5, None, delay=0.0)
-    bar.update(1)
-    assert bar.bar is not None                   # a slow one on a terminal gets a bar
-    bar.update(1)
-    bar.close()
-    monkeypatch.setattr(_predict, "_isatty", lambda stream: False)
-    bar = _predict._Progress(5, None, delay=0.0)
-    bar.update(1)
-    assert bar.bar is None
-    capfd.readouterr()
 
 
 def test_bootstrap_sleepstudy_intervals(sleep):
