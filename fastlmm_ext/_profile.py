@@ -17,18 +17,16 @@ and the interval is {c : |ζ(c)| ≤ z_{(1+level)/2}}, found here by root findin
 """
 from __future__ import annotations
 
-import pickle
-import threading
 import warnings
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 
+import nlopt
 import numpy as np
 import pandas as pd
 import scipy.linalg as la
 from scipy import optimize, stats
 
 from ._inference import _format_pct, confint_row_names
+from ._parallel import n_workers, run_tasks
 from ._params import Cv_to_Sv, Sv_to_Cv, theta_kinds
 from ._pls import deviance_at_sigma, profiled_criterion
 from ._progress import Progress
@@ -82,7 +80,6 @@ class Profiler:
         return profiled_criterion(st.ldL2, 0.0, r2, self.n, self.s.p, False, self.sum_log_w)
 
     def _minimize(self, f, x0, lower, upper):
-        import nlopt
         x0 = np.clip(np.asarray(x0, float), lower, upper)
         if x0.size == 0:
             return f(x0)
@@ -176,85 +173,38 @@ def profile_confint(res, level: float = 0.95, parm=None, n_jobs: int = 1, progre
     """lme4's ``confint(fit, method="profile")``: rows .sig01.., .sigma, fixed effects.
 
     Each row needs two root searches (lower and upper bound), each many constrained ML fits;
-    they are independent, so ``n_jobs > 1`` (``-1``: all cores) runs them in a process pool
-    whose workers get the (ML) fit pickled once and profile it with their own kernel, falling
-    back to threads (one unpickled copy of the fit each) where processes cannot be used.  The
-    bounds are the same as the serial ones (the same arithmetic on the same inputs).
-    ``progress``: True → a tqdm bar on stderr; None → one only on a terminal once the run has
-    taken more than 2 s; False → never."""
-    from ._many import _n_workers
-
+    they are independent, so ``n_jobs > 1`` (``-1``: all cores) runs them with ``_parallel``:
+    in a process pool whose workers get the (ML) fit pickled once and profile it with their own
+    kernel, or in threads (one unpickled copy of the fit each) where processes cannot be used.
+    The bounds are the same as the serial ones (the same arithmetic on the same inputs).
+    ``progress``: True → shown on stderr; None → only on a terminal once the run has taken more
+    than 2 s; False → never (``_progress``)."""
     a = (1.0 - level) / 2.0
     z = float(stats.norm.ppf(1.0 - a))
-    bar = None
     # The wheels' BLAS at one thread, as in the fit (_threads): their spinning threads and
     # CHOLMOD's would take turns on every small call (sleepstudy on 2 cores: 13 s → 1.1 s).
-    try:
-        with bundled_blas_single_thread():
-            prof = Profiler(res)
-            names = prof.names
-            idx = range(len(names)) if parm is None else \
-                [names.index(q) for q in ([parm] if isinstance(parm, str) else parm)]
-            tasks = [(m, side) for m in idx for side in (-1, +1)]
-            workers = min(_n_workers(n_jobs, None), len(tasks))
-            bar = Progress(progress, "profile", "bounds", total=len(tasks))
-            if workers > 1:
-                bounds = _parallel_bounds(prof, z, tasks, workers, bar)
-            else:
-                bounds = {}
-                for m, side in tasks:
-                    bounds[m, side] = prof.bound(m, z, side)
-                    bar.update(1)
-    finally:
-        if bar is not None:
+    with bundled_blas_single_thread():
+        prof = Profiler(res)
+        names = prof.names
+        idx = range(len(names)) if parm is None else \
+            [names.index(q) for q in ([parm] if isinstance(parm, str) else parm)]
+        tasks = [(m, z, side) for m in idx for side in (-1, +1)]
+        bar = Progress(progress, "profile", "bounds", total=len(tasks))
+        try:
+            # The ML fit (for a REML fit, its refit) goes to the workers, so that they need not refit.
+            found, _ = run_tasks(Profiler, _bound, tasks, prof.res, n_workers(n_jobs, len(tasks)), bar, local=prof)
+        finally:
             bar.close()
+    bounds = {(m, side): b for (m, _, side), b in zip(tasks, found)}
     cols = _format_pct([a, 1.0 - a])
     return pd.DataFrame({cols[0]: [bounds[m, -1] for m in idx], cols[1]: [bounds[m, +1] for m in idx]},
                         index=[names[m] for m in idx])
 
 
-# ----------------------------------------------------------------------------- parallel bounds
-
-_WORKER: list = []   # the Profiler of a pool process, built by _init_worker
-
-
-def _init_worker(payload: bytes) -> None:
-    """Process-pool initializer: unpickle the ML fit and build its Profiler, once per worker."""
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(1)      # one BLAS thread per worker: the pool already fills the cores
-    _WORKER[:] = [Profiler(pickle.loads(payload))]
-
-
-def _worker_bound(m: int, z: float, side: int) -> float:
-    return _WORKER[0].bound(m, z, side)
-
-
-def _parallel_bounds(prof: Profiler, z: float, tasks: list, workers: int, bar) -> dict:
-    """{(m, side): bound} computed by ``workers`` processes (or threads, if processes fail)."""
-    # The ML fit (for a REML fit, its refit), so that the workers need not refit.
-    payload = pickle.dumps(prof.res, protocol=pickle.HIGHEST_PROTOCOL)
-    out: dict = {}
-    try:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(payload,)) as ex:
-            futs = {ex.submit(_worker_bound, m, z, side): (m, side) for m, side in tasks}
-            for f in as_completed(futs):
-                out[futs[f]] = f.result()
-                bar.update(1)
-        return out
-    except (BrokenProcessPool, OSError, NotImplementedError, pickle.PicklingError, AttributeError, ImportError):
-        pass
-    local = threading.local()   # a kernel is not shared between threads: one copy of the fit each
-
-    def run(m: int, side: int) -> float:
-        if getattr(local, "prof", None) is None:
-            local.prof = Profiler(pickle.loads(payload))
-        return local.prof.bound(m, z, side)
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        futs = {ex.submit(run, m, side): (m, side) for m, side in tasks if (m, side) not in out}
-        for f in as_completed(futs):
-            out[futs[f]] = f.result()
-            bar.update(1)
-    return out
+def _bound(prof: Profiler, task: tuple[int, float, int]) -> float:
+    """One root search (a ``_parallel`` task): parameter m's bound on ``side`` at ζ = ±z."""
+    m, z, side = task
+    return prof.bound(m, z, side)
 
 
 def profile_table(res, npoints: int = 13, level: float = 0.99) -> pd.DataFrame:
