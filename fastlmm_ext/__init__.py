@@ -13,8 +13,8 @@ from ._exceptions import (ArgumentError, CholmodError, ContrastsError, Convergen
 from ._formula import parse_formula
 from ._inference import anova
 from ._many import fit_many
-from ._chunked import lmer_chunked
-from ._model import LinearMixedModel, lmer
+from ._api import lmer, lmer_chunked
+from ._model import LinearMixedModel
 from ._optimize import OptSummary
 from ._results import LmerResult
 

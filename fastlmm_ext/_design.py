@@ -23,8 +23,8 @@ import scipy.linalg as la
 import scipy.sparse as sp
 from . import _params
 from ._contrasts import check_contrast_names, default_contrasts, resolve_contrasts
-from ._data import (as_frame, as_numeric_array, check_columns, check_weights, drop_missing, factor_codes,
-                    is_factor_dtype, prepare_factors)
+from ._data import (as_frame, as_numeric_array, check_columns, check_weights, combine_factors, drop_missing,
+                    factor_codes, is_factor_dtype, prepare_factors)
 from ._exceptions import (DataError, FormulaError, GroupingFactorError, IdentifiabilityError,
                           RankDeficiencyWarning)
 from ._formula import ParsedFormula, parse_formula
@@ -291,7 +291,7 @@ def check_response_type(parsed: ParsedFormula, mv: ModelVariables, df: pd.DataFr
 class RowBlock:
     """What one block of complete rows contributes: y, the fixed-effects matrix, the offset and,
     per random-effects term (in formula order), its model matrix and grouping-factor codes."""
-    y: np.ndarray
+    y: np.ndarray | None     # None for new rows, which have no response
     X: np.ndarray
     fixef_names: list[str]
     fixed_spec: object
@@ -304,24 +304,32 @@ class RowBlock:
 
 
 def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offset_arg=None,
-                  fixed_spec=None, allow_python: bool = False, contrasts=None) -> RowBlock:
+                  fixed_spec=None, allow_python: bool = False, contrasts=None, *, response: bool = True,
+                  random=None, finite: bool = True) -> RowBlock:
     """Evaluate the response, fixed effects, offsets and random-effects model matrices on
     ``frame`` (complete rows, factors already Categorical).  ``group_codes(group)`` gives the
     integer level codes of a grouping factor; ``fixed_spec`` (formulaic's ModelSpec of an earlier
     block) fixes the fixed-effects columns, so every chunk of a chunked fit gets the same ones.
     ``contrasts``: {column: RContrasts} of the fixed part's factors (checked names, see
-    ``_contrasts``); the random-effects terms get R's defaults, as lme4 builds them."""
+    ``_contrasts``); the random-effects terms get R's defaults, as lme4 builds them.
+
+    New rows (``_newdata``, lme4's mkNewReTrms reusing the term builder) pass ``response=False``
+    (no y), ``random``: the terms to evaluate as (expr, group, spec) with each term's ModelSpec of
+    the fit (its contrasts and transform state; default: every term of ``parsed``, built afresh),
+    and ``finite=False`` (a non-finite value predicts NaN there instead of being refused)."""
     n = len(frame)
     cols = list(frame.columns)
-    # y: a bare column or an expression of columns (log(y)).
-    ye = _expr(parsed.response, cols, allow_python, "response")
-    if ye.tree is not None and ye.tree[0] == "col":
-        y = as_numeric_array(frame[ye.tree[1]], parsed.response, what="response")
-    else:
-        y = evaluate_vector(ye, frame, "response")
-    if not np.isfinite(y).all():
-        raise DataError(f"response {parsed.response!r} has {int((~np.isfinite(y)).sum())} non-finite value(s) "
-                        "after evaluation (e.g. log of a non-positive number)")
+    y = None
+    if response:
+        # y: a bare column or an expression of columns (log(y)).
+        ye = _expr(parsed.response, cols, allow_python, "response")
+        if ye.tree is not None and ye.tree[0] == "col":
+            y = as_numeric_array(frame[ye.tree[1]], parsed.response, what="response")
+        else:
+            y = evaluate_vector(ye, frame, "response")
+        if not np.isfinite(y).all():
+            raise DataError(f"response {parsed.response!r} has {int((~np.isfinite(y)).sum())} non-finite value(s) "
+                            "after evaluation (e.g. log of a non-positive number)")
 
     if fixed_spec is None:
         tr = translate(parsed.fixed, cols, allow_python, "the fixed effects")
@@ -338,7 +346,7 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
             raise FormulaError(f"cannot build the model matrix of the fixed effects {parsed.fixed!r}: {e}") from e
     X = np.asarray(Xmm.to_numpy(dtype=np.float64), dtype=np.float64).reshape(n, -1)
     names = r_column_names(fixed_spec)
-    if not np.isfinite(X).all():
+    if finite and not np.isfinite(X).all():
         bad = [c for c, ok in zip(names, np.isfinite(X).all(axis=0)) if not ok]
         raise DataError(f"fixed-effects columns {bad} have non-finite values")
 
@@ -348,20 +356,28 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
         off_total = ov if off_total is None else off_total + ov
 
     cnms, Xis, codes, specs = [], [], [], []
-    for rt in parsed.random:
-        label = ":".join(rt.group)
-        where = f"the random-effects term ({rt.expr} | {label})"
-        tr = translate(rt.expr, cols, allow_python, where)
-        Zmm = model_matrix(tr, frame, where, default_contrasts(frame, tr.variables), allow_python)
+    for expr, group, spec in (random if random is not None else [(rt.expr, rt.group, None) for rt in parsed.random]):
+        label = ":".join(group)
+        where = f"the random-effects term ({expr} | {label})"
+        if spec is None:
+            tr = translate(expr, cols, allow_python, where)
+            Zmm = model_matrix(tr, frame, where, default_contrasts(frame, tr.variables), allow_python)
+        else:
+            try:
+                Zmm = spec.get_model_matrix(frame, output="pandas", na_action="ignore")
+            except FormulaError:
+                raise
+            except Exception as e:
+                raise FormulaError(f"cannot build the model matrix of {where}: {e}") from e
         Xi = np.ascontiguousarray(Zmm.to_numpy(dtype=np.float64)).reshape(n, -1)
         if Xi.shape[1] == 0:
-            raise FormulaError(f"random-effects term ({rt.expr} | {label}) has no columns")
-        if not np.isfinite(Xi).all():
-            raise DataError(f"random-effects term ({rt.expr} | {label}) has non-finite values")
+            raise FormulaError(f"random-effects term ({expr} | {label}) has no columns")
+        if finite and not np.isfinite(Xi).all():
+            raise DataError(f"random-effects term ({expr} | {label}) has non-finite values")
         cnms.append(r_column_names(Zmm.model_spec))
         Xis.append(Xi)
         specs.append(Zmm.model_spec)
-        codes.append(group_codes(rt.group))
+        codes.append(group_codes(group))
     return RowBlock(y=y, X=X, fixef_names=names, fixed_spec=fixed_spec, offset=off_total,
                     term_cnms=cnms, term_Xi=Xis, term_codes=codes, term_specs=specs, contrasts=fixed_contrasts)
 
@@ -489,16 +505,12 @@ def variable_levels_of(frame: pd.DataFrame) -> dict:
 
 
 def _group_codes(df: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
-    """Codes of a grouping factor; an interaction a:b keeps only the combinations present,
-    ordered with the first factor varying slowest, labelled 'a_level:b_level'."""
-    codes, levels = factor_codes(df[group[0]], group[0])
-    for g in group[1:]:
-        c2, l2 = factor_codes(df[g], g)
-        key = codes * len(l2) + c2
-        uniq, codes = np.unique(key, return_inverse=True)
-        levels = [f"{levels[u // len(l2)]}:{l2[u % len(l2)]}" for u in uniq]
-        codes = codes.astype(np.int64)
-    return codes, levels
+    """Codes and labels of a grouping factor; an interaction a:b keeps only the combinations
+    present, ordered with the first factor varying slowest, labelled 'a_level:b_level'
+    (``_data.combine_factors``)."""
+    codes, levels = zip(*(factor_codes(df[g], g) for g in group))
+    out, labels, _ = combine_factors(list(codes), list(levels))
+    return out, labels
 
 
 def assemble_Z(terms: list[ReTerm], n: int) -> sp.csc_matrix:

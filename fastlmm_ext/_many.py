@@ -25,12 +25,12 @@ import pandas as pd
 
 from ._backends import check_backend, make_backend
 from ._crossprod import CrossProducts
-from ._data import as_frame, as_numeric_array, check_columns, reject_complex
+from ._data import as_frame, as_numeric_array, check_columns, check_reml, reject_complex
 from ._design import ModelStructure, build_structure
 from ._exceptions import (ArgumentError, ConvergenceWarning, DataError, FormulaError, MissingValuesWarning,
                           SingularFitWarning)
 from ._formula import _top
-from ._model import LinearMixedModel, check_reml
+from ._model import LinearMixedModel
 from ._parallel import n_workers, run_tasks
 from ._response import response_crossproducts
 from ._threads import bundled_blas_single_thread

@@ -11,8 +11,9 @@ import warnings
 import numpy as np
 
 from ._backends import Backend, check_backend, make_backend
-from ._dask import is_dask_dataframe
-from ._data import reject_complex
+from ._chunked import structure_from_chunks
+from ._dask import is_dask_dataframe, structure_from_dask
+from ._data import check_reml, reject_complex
 from ._design import ModelStructure, build_structure
 from ._exceptions import ArgumentError, ConvergenceWarning, DataError, SingularFitWarning
 from ._progress import Progress
@@ -23,20 +24,9 @@ from ._response import check_not_exact, response_crossproducts
 from ._results import LmerResult
 from ._start import moment_theta0
 
-__all__ = ["LinearMixedModel", "lmer", "check_reml"]
+__all__ = ["LinearMixedModel"]
 
 AUTO_LBFGSB_MIN_Q = 200   # optimizer="auto": L-BFGS-B with the analytic gradient from this many random effects
-
-
-def check_reml(REML) -> bool:
-    """``REML`` as a bool: True/False (NumPy's too) or the integers 1/0, as R's ``if (REML)``
-    coerces numbers; anything else (a string such as "no", None, an array) is refused rather than
-    read by Python's truthiness, under which "no" would mean REML."""
-    if isinstance(REML, (bool, np.bool_)):
-        return bool(REML)
-    if isinstance(REML, (int, np.integer)) and REML in (0, 1):
-        return bool(REML)
-    raise ArgumentError(f"REML must be True or False, got {REML!r} ({type(REML).__name__})")
 
 
 class LinearMixedModel:
@@ -121,7 +111,6 @@ class LinearMixedModel:
         REML = check_reml(REML)
         check_backend(backend, ordering)
         if structure is None and is_dask_dataframe(data):
-            from ._dask import structure_from_dask
             structure, crossprod = structure_from_dask(formula, data, weights, offset, allow_python, contrasts)
         s = structure if structure is not None else build_structure(formula, data, weights, offset,
                                                                     allow_python, contrasts)
@@ -149,7 +138,6 @@ class LinearMixedModel:
                     allow_python: bool = False) -> "LinearMixedModel":
         """A model built from chunks of rows without holding them all (see :func:`lmer_chunked`
         for what ``chunks`` may be and what the model then keeps)."""
-        from ._chunked import structure_from_chunks
         REML = check_reml(REML)
         s, cp = structure_from_chunks(formula, chunks, weights=weights, offset=offset, chunksize=chunksize,
                                       progress=progress, allow_python=allow_python, contrasts=contrasts)
@@ -339,77 +327,3 @@ class LinearMixedModel:
             else:
                 check_not_exact(self.structure, y)
         return LinearMixedModel._from_backend(s, self.REML, self.backend.with_response(s, crossprod))
-
-
-def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weights=None, offset=None,
-         ordering: str = "default", contrasts=None, allow_python: bool = False, **fit_options) -> LmerResult:
-    """Fit a linear mixed model with lme4's formula syntax, as lme4's ``lmer``.
-
-    Model::
-
-        y | b ~ N(Xβ + Zb + offset, σ² W⁻¹),   b = Λ_θ u,   u ~ N(0, σ² I_q),
-
-    Var(b_i) = σ² T_i T_iᵀ per random-effects term, θ the lower triangles of the T_i (lme4's
-    parameterisation, so every estimate compares one-to-one with lme4's).  β and σ are profiled
-    out; θ minimises the profiled REML criterion (or ML deviance, ``REML=False``)::
-
-        −2ℓ_R(θ) = log|L_θ|² + log|R_X|² − log|W| + (n−p) [1 + log(2π r²(θ)/(n−p))]
-
-    with L_θ L_θᵀ = ΛᵀZᵀWZΛ + I (a sparse Cholesky factor, CHOLMOD), R_X the fixed-effects
-    factor and r²(θ) the penalised weighted residual sum of squares.
-
-    Parameters
-    ----------
-    formula : str
-        lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``; ``(x || g)`` uncorrelated,
-        ``(1 | a/b)`` nested, ``(1 | a) + (1 | b)`` crossed, ``offset(z)``.
-    data : pandas.DataFrame or dask.dataframe.DataFrame
-        The data; rows missing a used value are dropped (``MissingValuesWarning``).  A Dask
-        DataFrame is reduced per partition and the fit keeps no rows (see :func:`lmer_chunked`).
-    REML : bool, default True
-        REML (lme4's default) or maximum likelihood.
-    backend : {"auto", "compiled", "blocked", "reference"}, default "auto"
-        How the criterion is evaluated (see :class:`LinearMixedModel`).
-    weights : str or array-like, optional
-        Prior weights (a column name or one value per row), lme4's ``weights``.
-    offset : str or array-like, optional
-        A known offset (a column name or one value per row), lme4's ``offset``.
-    ordering : {"default", "amd", "natural"}, default "default"
-        CHOLMOD's fill-reducing ordering.
-    contrasts : dict, optional
-        R's contrasts of fixed-effect factors (see :class:`LinearMixedModel`).
-    allow_python : bool, default False
-        Let the formula evaluate arbitrary Python: **it can then run any code** (see
-        :class:`LinearMixedModel`).
-    **fit_options
-        Options of :meth:`LinearMixedModel.fit`: ``optimizer`` ("auto", "bobyqa", "lbfgsb",
-        "nelder_mead", "cobyla"), ``theta0`` (start), ``check_conv`` (lme4's gradient and
-        Hessian checks), ``ftol_abs``, ``xtol_abs`` (NLopt tolerances), ``maxeval``,
-        ``verbose`` (progress on stderr).
-
-    Returns
-    -------
-    LmerResult
-        ``fixef``, ``se``, ``vcov`` (fixed effects, their SEs and covariance), ``theta``,
-        ``sigma``, ``varcorr`` (as.data.frame(VarCorr)), ``ranef`` and ``condvar`` (conditional
-        modes and their covariances), ``loglik``, ``aic``, ``bic``, ``criterion``,
-        ``deviance``, ``nobs``, ``ngrps``, ``converged``, ``singular``, ``messages``,
-        ``optsummary``; methods ``summary()``, ``coef_table()`` (Satterthwaite t tests),
-        ``anova_table()``, ``confint()``, ``predict()``, ``fitted()``, ``residuals()``,
-        ``simulate()``, ``bootstrap()``, ``refit()``.  See :class:`LmerResult`.
-
-    Raises
-    ------
-    FormulaError, MissingColumnError, DataError, GroupingFactorError, IdentifiabilityError
-        For a malformed formula or data that cannot be used (subclasses of ``FastLMMError``).
-
-    Examples
-    --------
-    >>> import fastlmm_ext as fl
-    >>> res = fl.lmer("pres ~ metal + (1|ingot)", fl.datasets.load("ingot"))
-    >>> round(res.sigma, 4)
-    3.2205
-    """
-    model = LinearMixedModel(formula, data, REML=REML, backend=backend, weights=weights, offset=offset,
-                             ordering=ordering, contrasts=contrasts, allow_python=allow_python)
-    return model.fit(**fit_options)

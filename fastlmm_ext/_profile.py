@@ -25,7 +25,7 @@ import pandas as pd
 import scipy.linalg as la
 from scipy import optimize, stats
 
-from ._inference import _format_pct, confint_row_names
+from ._summary import confint_row_names, format_pct
 from ._parallel import n_workers, run_tasks
 from ._params import Cv_to_Sv, Sv_to_Cv, theta_kinds
 from ._pls import deviance_at_sigma, profiled_criterion
@@ -196,7 +196,7 @@ def profile_confint(res, level: float = 0.95, parm=None, n_jobs: int = 1, progre
         finally:
             bar.close()
     bounds = {(m, side): b for (m, _, side), b in zip(tasks, found)}
-    cols = _format_pct([a, 1.0 - a])
+    cols = format_pct([a, 1.0 - a])
     return pd.DataFrame({cols[0]: [bounds[m, -1] for m in idx], cols[1]: [bounds[m, +1] for m in idx]},
                         index=[names[m] for m in idx])
 

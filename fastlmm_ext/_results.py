@@ -6,25 +6,30 @@ At the optimum θ̂ (lme4's conventions):
     Var(b) = σ̂² Λ_θ̂ Λ_θ̂ᵀ  (per term: σ̂² T Tᵀ)
     b̂ = Λ_θ̂ û  (conditional modes),  Var(b | y) ≈ σ̂² Λ (ΛᵀZᵀWZΛ + I)⁻¹ Λᵀ  (lme4's condVar)
     logLik = −criterion / 2;  AIC = −2 logLik + 2 k;  BIC = −2 logLik + k log n,  k = p + dim θ + 1
+    residuals (lme4's residuals.merMod): response y − ŷ, Pearson √w (y − ŷ), scaled ones / σ̂
+
+The result's other methods live with their ideas: ``predict`` (``_predict``), ``simulate``
+(``_simulate``), ``bootstrap`` (``_bootstrap``), tests and intervals (``_inference``), the summary
+text (``_summary``), statsmodels' names (``_aliases``).  Derived models (an ML twin, a refit to a
+new response) are asked of ``model``.
 """
 from __future__ import annotations
 
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.linalg as la
 
+from . import _bootstrap, _simulate
 from ._aliases import StatsmodelsMixin
+from ._bootstrap import BootstrapResult
 from ._inference import InferenceMixin
 from ._optimize import OptSummary
 from ._params import sd_cor
 from ._pls import PLSState, profiled_criterion, residual_df
 from ._predict import PredictMixin
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ._model import LinearMixedModel
+from ._summary import format_summary
 
 __all__ = ["LmerResult"]
 
@@ -69,7 +74,7 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         The model (for ``objective(θ)``, ``refit``) and its design.
     """
 
-    def __init__(self, model: "LinearMixedModel", state: PLSState, optsummary: OptSummary,
+    def __init__(self, model, state: PLSState, optsummary: OptSummary,
                  criterion: float, singular: bool, messages: list[str], conv_info: dict | None = None):
         s = model.structure
         self.model = model
@@ -201,9 +206,84 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         mu = s.X @ self._state.beta + s.Z @ self._state.b
         return mu + (s.offset if s.offset is not None else 0.0)
 
+    # ------------------------------------------------------------------ residuals
+    def residuals(self, type: str = "response", scaled: bool = False) -> np.ndarray:
+        """Residuals as lme4's ``residuals(fit, type, scaled)`` for a linear mixed model.
+
+        ŷ = Xβ̂ + Zb̂ + offset.  ``"response"`` (= ``"working"``): y − ŷ;  ``"pearson"``
+        (= ``"deviance"``): √w (y − ŷ), lme4's weighted residuals (equal to y − ŷ without
+        weights; lme4 does not divide Pearson residuals of an LMM by σ̂).  ``scaled=True``:
+        √w (y − ŷ)/σ̂ whatever ``type`` (the summary's scaled residuals, lme's Pearson residuals;
+        as this method always did — lme4 would give (y − ŷ)/σ̂ for a weighted ``"response"``)."""
+        kind = str(type).lower()
+        if kind not in ("response", "working", "pearson", "deviance"):
+            raise ValueError(f"unknown residual type {type!r}; choose 'response' or 'pearson'")
+        s = self.structure
+        s.require_rows("residuals()")
+        r = s.y - self.fitted()
+        w = s.weights
+        if w is not None and (scaled or kind in ("pearson", "deviance")):
+            r = r * np.sqrt(w)
+        if scaled:
+            r = r / self.sigma
+        return r
+
+    def ranef_table(self) -> pd.DataFrame:
+        """Conditional modes with conditional SDs in long form, as R's
+        ``as.data.frame(ranef(fit, condVar = TRUE))``: columns grpvar, term, grp, condval, condsd;
+        rows by grouping factor (the order of :attr:`ranef`), then term, then level.
+        condval = b̂ = Λ_θ̂ û;  condsd = √diag of σ̂² T [(ΛᵀZᵀWZΛ + I)⁻¹]_aa Tᵀ per level."""
+        parts = []
+        condsd = self.ranef_condsd
+        for f, df in self.ranef.items():
+            sd = condsd[f].reindex(index=df.index, columns=df.columns)
+            nl = len(df.index)
+            for term in df.columns:
+                parts.append(pd.DataFrame({
+                    "grpvar": [f] * nl, "term": [str(term)] * nl, "grp": [str(g) for g in df.index],
+                    "condval": df[term].to_numpy(dtype=float), "condsd": sd[term].to_numpy(dtype=float)}))
+        if not parts:
+            return pd.DataFrame({"grpvar": [], "term": [], "grp": [], "condval": [], "condsd": []})
+        return pd.concat(parts, ignore_index=True)
+
+    # ------------------------------------------------------------------ simulation, bootstrap
+    def simulate(self, nsim: int = 1, seed=None, re_form="~0") -> pd.DataFrame:
+        """New responses from the fitted model, as lme4's ``simulate(fit, nsim, seed)``.
+
+        y* = Xβ̂ + offset + Z Λ_θ̂ u* σ̂ + ε* σ̂/√w,  u* ~ N(0, I_q),  ε* ~ N(0, I_n)
+        (zero-weight rows get no noise).  ``re_form="~0"`` (default, lme4's ``re.form = NA``)
+        draws new random effects for every term; ``re_form=None`` holds all of them at their
+        conditional modes b̂ (y* = ŷ + ε* σ̂/√w); a formula of terms holds only those.
+
+        ``seed`` goes to ``np.random.default_rng``; each column draws u* then ε* from the same
+        stream, so ``simulate(1, seed)`` is the first column of ``simulate(k, seed)``.
+        Returns an n × nsim DataFrame, columns ``sim_1``, ..., indexed by the model's rows."""
+        return _simulate.simulate(self, nsim, seed, re_form)
+
+    def bootstrap(self, nsim: int, seed=None, n_jobs: int = 1, progress=None,
+                  fit_options: dict | None = None) -> BootstrapResult:
+        """Parametric bootstrap, as lme4's ``bootMer(fit, FUN, nsim, seed)`` with lme4's confint
+        quantities: for each replicate r, y*_r is simulated as in :meth:`simulate` (new random
+        effects and noise) and refitted on the same design (``model.refit``), recording
+        the SDs/correlations of each term (``.sig01``, ...), ``.sigma``, the fixed effects and θ.
+
+        * Reproducible: replicate r uses ``np.random.default_rng(SeedSequence(seed).spawn(nsim)[r])``,
+          so results do not depend on ``n_jobs``.
+        * ``n_jobs > 1`` (``-1``: all CPUs) refits with ``_parallel``: in a process pool (the model
+          is pickled once per worker), or in threads where processes cannot be used.
+        * ``progress``: True → shown on stderr; None → only on a terminal once the run has taken
+          more than 2 s; False → never (``_progress``).  Nothing is printed otherwise.
+        * Warnings of the refits (singular fits, convergence) are not shown; they are counted in
+          ``status``.  A refit that fails gives a NaN row and its error message in ``status``.
+        * ``fit_options`` go to every refit (e.g. ``{"check_conv": False}``).
+
+        Returns a :class:`BootstrapResult` (``.replicates``, ``.theta``, ``.estimate``,
+        ``.confint(level, type)``)."""
+        return _bootstrap.bootstrap(self, nsim, seed, n_jobs, progress, fit_options)
+
     # ------------------------------------------------------------------ display
     def summary(self) -> str:
-        from ._summary import format_summary
+        """lme4's ``print(summary(fit))`` layout (``_summary``)."""
         return format_summary(self)
 
     def __repr__(self) -> str:
