@@ -18,6 +18,12 @@ import os
 import sys
 import warnings
 
+import pandas as pd
+
+from . import __version__, plots
+from ._backends import BACKENDS
+from ._exceptions import FastLMMError
+from ._model import LinearMixedModel
 from ._progress import Progress
 
 PROG = "fastlmm-ext"
@@ -89,8 +95,6 @@ def _kind(path: str) -> str:
 def read_data(path: str):
     """Read DATA into a pandas DataFrame: Parquet through pyarrow, otherwise CSV/TSV with
     compression inferred from the suffix.  Every failure becomes a :class:`CLIError`."""
-    import pandas as pd
-
     if not os.path.exists(path):
         raise CLIError(f"data file not found: {path}")
     if os.path.isdir(path):
@@ -119,8 +123,6 @@ def read_data(path: str):
 
 def _fit(args, progress_out: list) -> int:
     """The ``fit`` command; ``progress_out`` receives the progress reporter (for warnings)."""
-    from . import LinearMixedModel
-
     if args.plot is not None:  # fail before the fit when matplotlib is missing
         try:
             import matplotlib  # noqa: F401
@@ -159,7 +161,6 @@ def _fit(args, progress_out: list) -> int:
         import matplotlib
         if "matplotlib.pyplot" not in sys.modules:
             matplotlib.use("Agg")  # files only, no window; an in-process caller's pyplot is left alone
-        from . import plots
         try:
             paths = plots.save_all(res, args.plot)
         except OSError as e:
@@ -178,9 +179,6 @@ def _note(args, msg: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fastlmm-ext`` (sub-command ``fit``)."""
-    from . import __version__
-    from ._backends import BACKENDS
-
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fit linear mixed models with lme4's formula syntax (fastlmm_ext).",
@@ -224,8 +222,6 @@ def main(argv=None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-
-    from . import FastLMMError
 
     progress_holder: list = []
     seen: set[str] = set()

@@ -23,6 +23,7 @@ factor; it lives in its own module.
 """
 import numpy as np
 cimport numpy as cnp
+from scipy.linalg import solve_triangular
 from libc.math cimport log, sqrt
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport dsyrk
@@ -321,7 +322,6 @@ cdef class PLSKernel:
         RX_lower = R[:p, :p]
         cbeta = R[p, :p]
         if p > 0:
-            from scipy.linalg import solve_triangular
             beta = solve_triangular(RX_lower, cbeta, lower=True, trans="T")
         else:
             beta = np.zeros(0)
@@ -362,7 +362,6 @@ cdef class PLSKernel:
         cdef int p = self.p, q = self.q
         if p == 0 or q == 0:
             return np.zeros((q, p))
-        from scipy.linalg import solve_triangular
         Cnp = np.asarray(<double[:q * (p + 1)]> (<double *> self.C.x)).reshape((q, p + 1), order="F")
         Lx = np.tril(np.asarray(self.S)[:p, :p])
         W = np.asfortranarray(solve_triangular(Lx, Cnp[:, :p].T, lower=True).T)     # R_ZX R_X⁻¹
