@@ -24,7 +24,8 @@ from ._design import ModelStructure
 from ._ols import ols_shift
 from ._params import flat_positions
 
-__all__ = ["CrossProducts", "block_lower_ZtZ", "level_blocks", "ztz_triplets", "sum_duplicates", "lower_csc"]
+__all__ = ["CrossProducts", "block_lower_ZtZ", "level_blocks", "ztz_triplets", "sum_duplicates", "lower_csc",
+           "kernel_layout", "log_weight_sum"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,12 @@ class CrossProducts:
         for j in range(s.p + 1):
             ZtXy[:, j] = Zt @ WXy[:, j] if s.q else 0.0
         XyXy = np.asfortranarray(Xy.T @ WXy)
-        slw = 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
-        return cls(Ap=Ap, Ai=Ai, Mx=Mx, ZtXy=ZtXy, XyXy=XyXy, beta_shift=b, n=s.n, sum_log_w=slw)
+        return cls(Ap=Ap, Ai=Ai, Mx=Mx, ZtXy=ZtXy, XyXy=XyXy, beta_shift=b, n=s.n, sum_log_w=log_weight_sum(w))
+
+
+def log_weight_sum(w: np.ndarray | None) -> float:
+    """Σ log wᵢ over the rows of positive weight (0 without weights): the −log|W| of the criterion."""
+    return 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
 
 
 def level_blocks(cp: CrossProducts, t) -> np.ndarray:

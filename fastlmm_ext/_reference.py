@@ -28,6 +28,7 @@ import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
 
+from ._crossprod import log_weight_sum
 from ._design import ModelStructure
 from ._exceptions import NotPositiveDefiniteError
 from ._ols import ones_column, response_level
@@ -49,7 +50,7 @@ class ReferencePLS:
         self.icpt = ones_column(s.X)
         self.level = response_level(r, s.weights) if self.icpt is not None else 0.0
         self.y = r - self.level
-        self.sum_log_w = float(np.sum(np.log(self.w[self.w > 0])))
+        self.sum_log_w = log_weight_sum(s.weights)
 
     def solve(self, theta: np.ndarray) -> dict:
         s, w, y, X = self.s, self.w, self.y, self.s.X
