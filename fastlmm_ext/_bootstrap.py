@@ -67,24 +67,8 @@ def _replicates(job: _Job, chunk: tuple[list[int], list]) -> list[tuple]:
 
 def bootstrap(res, nsim: int, seed=None, n_jobs: int = 1, progress=None,
               fit_options: dict | None = None) -> BootstrapResult:
-    """Parametric bootstrap, as lme4's ``bootMer(fit, FUN, nsim, seed)`` with lme4's confint
-    quantities: for each replicate r, y*_r is simulated as in ``simulate`` (new random
-    effects and noise) and refitted on the same design (``model.refit``), recording
-    the SDs/correlations of each term (``.sig01``, ...), ``.sigma``, the fixed effects and θ.
-
-    * Reproducible: replicate r uses ``np.random.default_rng(SeedSequence(seed).spawn(nsim)[r])``,
-      so results do not depend on ``n_jobs``.
-    * ``n_jobs > 1`` (``-1``: all CPUs) refits with ``_parallel``: in a process pool (the model is
-      pickled once per worker), or in threads where processes cannot be used (the kernel releases
-      the GIL).
-    * ``progress``: True → shown on stderr; None → only on a terminal once the run has taken more
-      than 2 s; False → never (``_progress``).  Nothing is printed otherwise.
-    * Warnings of the refits (singular fits, convergence) are not shown; they are counted in
-      ``status``.  A refit that fails gives a NaN row and its error message in ``status``.
-    * ``fit_options`` go to every refit (e.g. ``{"check_conv": False}``).
-
-    Returns a :class:`BootstrapResult` (``.replicates``, ``.theta``, ``.estimate``,
-    ``.confint(level, type)``)."""
+    """``nsim`` parametric bootstrap replicates of the fit ``res`` (``LmerResult.bootstrap`` says
+    how; module docstring)."""
     nsim = int(nsim)
     if nsim < 1:
         raise ValueError(f"nsim must be a positive integer, got {nsim}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._design import ModelStructure
-from ._ols import ols_shift
+from ._ols import response_shift
 from ._params import flat_positions
 
 __all__ = ["CrossProducts", "block_lower_ZtZ", "level_blocks", "ztz_triplets", "sum_duplicates", "lower_csc",
@@ -44,7 +44,7 @@ class CrossProducts:
     def from_structure(cls, s: ModelStructure) -> "CrossProducts":
         X = s.X
         w = s.weights
-        yt, b = ols_shift(X, s.y - (s.offset if s.offset is not None else 0.0), w)
+        yt, b, _ = response_shift(s.y, X, s.offset, w)
         Ap, Ai, Mx = block_lower_ZtZ(s, w)
         # Column-major [X ỹ]: contiguous columns to copy in, and one sparse mat-vec per column
         # (a row-major copy of a 500k-row X costs more than all the products).

@@ -28,7 +28,7 @@ from ._data import (as_frame, as_numeric_array, check_columns, check_weights, co
 from ._exceptions import (DataError, FormulaError, GroupingFactorError, IdentifiabilityError,
                           RankDeficiencyWarning)
 from ._formula import ParsedFormula, parse_formula
-from ._ols import ols_shift, raise_if_exact_rows
+from ._ols import raise_if_exact_rows, response_shift
 from ._rformula import RExpr, evaluate_vector, model_matrix, parse_expr, r_column_names, translate
 
 __all__ = ["ReTerm", "ModelStructure", "build_structure"]
@@ -338,12 +338,7 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
         fixed_spec = Xmm.model_spec
     else:
         fixed_contrasts = dict((fixed_spec.materializer_params or {}).get("contrasts", {}))
-        try:
-            Xmm = fixed_spec.get_model_matrix(frame, output="pandas", na_action="ignore")
-        except FormulaError:
-            raise
-        except Exception as e:
-            raise FormulaError(f"cannot build the model matrix of the fixed effects {parsed.fixed!r}: {e}") from e
+        Xmm = _from_spec(fixed_spec, frame, f"the fixed effects {parsed.fixed!r}")
     X = np.asarray(Xmm.to_numpy(dtype=np.float64), dtype=np.float64).reshape(n, -1)
     names = r_column_names(fixed_spec)
     if finite and not np.isfinite(X).all():
@@ -363,12 +358,7 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
             tr = translate(expr, cols, allow_python, where)
             Zmm = model_matrix(tr, frame, where, default_contrasts(frame, tr.variables), allow_python)
         else:
-            try:
-                Zmm = spec.get_model_matrix(frame, output="pandas", na_action="ignore")
-            except FormulaError:
-                raise
-            except Exception as e:
-                raise FormulaError(f"cannot build the model matrix of {where}: {e}") from e
+            Zmm = _from_spec(spec, frame, where)
         Xi = np.ascontiguousarray(Zmm.to_numpy(dtype=np.float64)).reshape(n, -1)
         if Xi.shape[1] == 0:
             raise FormulaError(f"random-effects term ({expr} | {label}) has no columns")
@@ -380,6 +370,17 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
         codes.append(group_codes(group))
     return RowBlock(y=y, X=X, fixef_names=names, fixed_spec=fixed_spec, offset=off_total,
                     term_cnms=cnms, term_Xi=Xis, term_codes=codes, term_specs=specs, contrasts=fixed_contrasts)
+
+
+def _from_spec(spec, frame: pd.DataFrame, what: str):
+    """The model matrix of ``frame`` by a ModelSpec of earlier rows (same columns, levels, contrasts
+    and transform state); formulaic's errors become a FormulaError naming ``what``."""
+    try:
+        return spec.get_model_matrix(frame, output="pandas", na_action="ignore")
+    except FormulaError:
+        raise
+    except Exception as e:
+        raise FormulaError(f"cannot build the model matrix of {what}: {e}") from e
 
 
 def check_term_size(label: str, expr: str, nlevels: int, k: int, n: int) -> None:
@@ -480,8 +481,8 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
     dropped = [nm for j, nm in enumerate(rows.fixef_names) if j not in keep]
     X, fixef_names = rows.X[:, keep], [rows.fixef_names[j] for j in keep]
     warn_rank_deficient(dropped)
-    r = rows.y - (rows.offset if rows.offset is not None else 0.0)
-    raise_if_exact_rows(ols_shift(X, r, w_all)[0], r, w_all, f"response {parsed.response!r}", X.shape[1])
+    yt, _, r = response_shift(rows.y, X, rows.offset, w_all)
+    raise_if_exact_rows(yt, r, w_all, f"response {parsed.response!r}", X.shape[1])
 
     factor_levels: dict[str, list[str]] = {}
     for rt, levels, Xi in zip(parsed.random, term_levels, rows.term_Xi):

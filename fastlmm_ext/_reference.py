@@ -31,7 +31,7 @@ import scipy.sparse as sp
 from ._crossprod import log_weight_sum
 from ._design import ModelStructure
 from ._exceptions import NotPositiveDefiniteError
-from ._ols import ones_column, response_level
+from ._ols import remove_level
 from ._pls import profiled_criterion
 
 __all__ = ["ReferencePLS"]
@@ -47,9 +47,7 @@ class ReferencePLS:
         r = s.y - (0.0 if s.offset is None else s.offset)
         # With an intercept column, a value c of y − o is moved into β̂'s intercept: y − o − c is
         # exact for a large common level (10¹² + ...), which X β̂ would otherwise round (_ols).
-        self.icpt = ones_column(s.X)
-        self.level = response_level(r, s.weights) if self.icpt is not None else 0.0
-        self.y = r - self.level
+        self.y, self.icpt, self.level = remove_level(s.X, r, s.weights)
         self.sum_log_w = log_weight_sum(s.weights)
 
     def solve(self, theta: np.ndarray) -> dict:

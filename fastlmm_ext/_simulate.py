@@ -73,16 +73,7 @@ def make_simulator(res, re_form="~0") -> Simulator:
 
 
 def simulate(res, nsim: int = 1, seed=None, re_form="~0") -> pd.DataFrame:
-    """New responses from the fitted model, as lme4's ``simulate(fit, nsim, seed)``.
-
-    y* = Xβ̂ + offset + Z Λ_θ̂ u* σ̂ + ε* σ̂/√w,  u* ~ N(0, I_q),  ε* ~ N(0, I_n)
-    (zero-weight rows get no noise).  ``re_form="~0"`` (default, lme4's ``re.form = NA``)
-    draws new random effects for every term; ``re_form=None`` holds all of them at their
-    conditional modes b̂ (y* = ŷ + ε* σ̂/√w); a formula of terms holds only those.
-
-    ``seed`` goes to ``np.random.default_rng``; each column draws u* then ε* from the same
-    stream, so ``simulate(1, seed)`` is the first column of ``simulate(k, seed)``.
-    Returns an n × nsim DataFrame, columns ``sim_1``, ..., indexed by the model's rows."""
+    """``nsim`` responses drawn from the fitted model ``res`` (``LmerResult.simulate`` says how)."""
     nsim = int(nsim)
     if nsim < 1:
         raise ValueError(f"nsim must be a positive integer, got {nsim}")
