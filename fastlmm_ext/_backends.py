@@ -175,12 +175,14 @@ class CompiledBackend:
         """The kernel with its factor at θ (refactorized unless it is already there)."""
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         kernel = self.kernel
-        if not kernel.has_state or not np.array_equal(kernel.theta, theta):
+        if not kernel.is_at(theta):
             kernel.update(theta)
         return kernel
 
     def objective(self, theta: np.ndarray, reml: bool) -> float:
-        k = self._factor(theta)
+        # An optimiser rarely asks twice for one θ: refactorize without asking the cache.
+        k = self.kernel
+        k.update(np.ascontiguousarray(theta, dtype=np.float64))
         return profiled_criterion(k.ldL2, k.ldRX2, k.pwrss, self.s.n, self.s.p, reml, self.crossprod.sum_log_w)
 
     def pls_terms(self, theta: np.ndarray) -> tuple[float, float]:

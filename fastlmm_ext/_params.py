@@ -25,6 +25,8 @@ for the names), so that the design module and the compiled kernel's layout share
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
@@ -33,10 +35,22 @@ __all__ = ["tri_indices", "flat_positions", "T_from_theta", "theta_from_T", "ter
            "theta_start", "theta_names", "theta_kinds", "sd_cor", "Cv_to_Sv", "Sv_to_Cv"]
 
 
+@functools.lru_cache(maxsize=64)
 def tri_indices(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column indices of a k×k lower triangle, column by column (θ's order)."""
+    """Row and column indices of a k×k lower triangle, column by column (θ's order); read-only
+    arrays, made once per k."""
     cols, rows = np.triu_indices(k)     # (j, i) with i ≥ j, j slowest: the lower triangle by columns
-    return rows.astype(np.intp), cols.astype(np.intp)
+    rows, cols = rows.astype(np.intp), cols.astype(np.intp)
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
+
+
+@functools.lru_cache(maxsize=64)
+def _diagonal(k: int) -> np.ndarray:
+    rows, cols = tri_indices(k)
+    out = rows == cols
+    out.flags.writeable = False
+    return out
 
 
 def flat_positions(k: int) -> np.ndarray:
@@ -71,13 +85,13 @@ def Lambda(terms, theta: np.ndarray) -> sp.csc_matrix:
 
 def lower_bounds(terms) -> np.ndarray:
     """Lower bounds of θ: 0 for diagonal elements of each T, −∞ elsewhere."""
-    out = [np.where(rows == cols, 0.0, -np.inf) for rows, cols in (tri_indices(t.k) for t in terms)]
-    return np.concatenate(out) if out else np.zeros(0)
+    diag = np.concatenate([_diagonal(t.k) for t in terms]) if terms else np.zeros(0, dtype=bool)
+    return np.where(diag, 0.0, -np.inf)
 
 
 def theta_start(terms) -> np.ndarray:
     """lme4's start: T = I, i.e. 1 on the diagonal of each T and 0 off it."""
-    return np.where(lower_bounds(terms) == 0.0, 1.0, 0.0)
+    return np.concatenate([_diagonal(t.k) for t in terms]).astype(float) if terms else np.zeros(0)
 
 
 def theta_names(terms) -> list[str]:

@@ -299,17 +299,27 @@ cdef class PLSKernel:
             ld += log(self.S[i, i])
         self.ldRX2 = 2.0 * ld
         self.pwrss = self.S[self.p, self.p] ** 2
-        th = np.array(theta, dtype=np.float64, copy=True)
-        th.flags.writeable = False
-        self._theta = th
         self.has_state = True
         return self.pwrss
 
     @property
     def theta(self):
-        """θ of the current factor (read-only), None before the first update() and after
-        set_response(): whoever updates the kernel, this says which θ its factor belongs to."""
-        return self._theta if self.has_state else None
+        """θ of the current factor (read off T, where update() wrote it), None before the first
+        update() and after set_response(): whoever updates the kernel, this says which θ its
+        factor belongs to."""
+        if not self.has_state:
+            return None
+        return np.asarray(self.Tflat)[np.asarray(self.theta_pos)]
+
+    def is_at(self, const double[::1] theta):
+        """Whether the current factor is the one at ``theta`` (cheaper than comparing ``theta``)."""
+        cdef int i
+        if not self.has_state or theta.shape[0] != self.nth:
+            return False
+        for i in range(self.nth):
+            if self.Tflat[self.theta_pos[i]] != theta[i]:
+                return False
+        return True
 
     # ------------------------------------------------------------------ state at θ
     def state(self):
