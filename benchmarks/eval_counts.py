@@ -282,6 +282,24 @@ def print_summary(s: dict) -> None:
                 print(f"  {x}")
 
 
+def print_backend_choice(rows: list[FitRecord]) -> None:
+    """Per shape (with ``--backends compiled blocked``): the backend "auto" chose and the median
+    seconds of each backend over the seeds (one fit each: indicative on a shared machine)."""
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    fits = {r.fit for r in rows}
+    if not {"compiled", "blocked"} <= fits:
+        return
+    print("\nbackend choice (median seconds over the seeds, one fit each):")
+    print(f"  {'shape':16s} {'auto chose':10s} {'compiled':>9s} {'blocked':>9s}  faster")
+    for sh in shapes:
+        chose = sorted({r.backend for r in rows if r.shape == sh and r.fit == "default" and not r.error})
+        t = {b: [r.seconds for r in rows if r.shape == sh and r.fit == b and not r.error] for b in ("compiled", "blocked")}
+        med = {b: statistics.median(v) if v else None for b, v in t.items()}
+        faster = ("-" if None in med.values() else min(med, key=med.get))
+        print(f"  {sh:16s} {'/'.join(chose) or '-':10s} {_num(med['compiled'], '9.3f'):>9s} "
+              f"{_num(med['blocked'], '9.3f'):>9s}  {faster}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -327,6 +345,7 @@ def main(argv=None) -> int:
     print_table(rows, args.tol)
     summary = summarise(rows, args.tol)
     print_summary(summary)
+    print_backend_choice(rows)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "summary": summary, "fits": [asdict(r) for r in rows]}, fh, indent=1,
