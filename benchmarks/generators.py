@@ -252,6 +252,6 @@ def make(shape: str, seed: int, size: str = "small", scale: float = 1.0) -> pd.D
     s = SHAPES[shape]
     kw = dict(getattr(s, size))
     if scale != 1.0:
-        kw = {k: max(2, int(round(v * scale))) if k.startswith("n") and k != "n_u" and k != "n_m" else v
-              for k, v in kw.items()}
+        counts = {"n", "n_a", "n_b", "n_g", "n_h"}          # rows and level counts; not the Zipf caps
+        kw = {k: max(2, int(round(v * scale))) if k in counts else v for k, v in kw.items()}
     return s.make(seed=seed, **kw)
