@@ -146,7 +146,7 @@ def test_polars_factors_nulls_and_enum_order(pl):
     assert res_e.criterion == pytest.approx(res.criterion, abs=1e-8)
 
 
-def test_polars_conversion_needs_no_pyarrow(pl):
+def test_polars_conversion_needs_no_pyarrow(pl, tmp_path):
     """polars' own to_pandas() needs pyarrow, an optional dependency; the conversion here does not."""
     code = textwrap.dedent("""
         import sys
@@ -160,7 +160,10 @@ def test_polars_conversion_needs_no_pyarrow(pl):
     """)
     root = str(pathlib.Path(fl.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, and a clean checkout's
+    # source tree has no compiled kernel
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) == pytest.approx(fl.lmer(F, datasets.load("sleepstudy")).criterion, abs=1e-9)
 
