@@ -51,7 +51,7 @@ def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weight
     offset : str or array-like, optional
         A known offset (a column name or one value per row), lme4's ``offset``.
     ordering : {"default", "amd", "natural"}, default "default"
-        CHOLMOD's fill-reducing ordering.
+        CHOLMOD's fill-reducing ordering (see :class:`LinearMixedModel`).
     contrasts : dict, optional
         R's contrasts of fixed-effect factors (see :class:`LinearMixedModel`).
     allow_python : bool, default False
@@ -122,7 +122,7 @@ def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None
     chunksize : int, default 500000
         Rows per chunk when ``chunks`` is a file path.
     ordering : {"default", "amd", "natural"}, default "default"
-        CHOLMOD's fill-reducing ordering.
+        CHOLMOD's fill-reducing ordering (see :class:`LinearMixedModel`).
     progress : bool, default False
         Count the chunks of each pass on stderr.
     contrasts, allow_python

@@ -53,7 +53,8 @@ class Backend(Protocol):
     :class:`ReferenceBackend`).
 
     ``theta`` arguments are float arrays of length dim θ within the bounds (the model checks
-    them); a backend keeps the factor of the last θ it saw and reuses it for the same θ."""
+    them).  The compiled and blocked backends keep the factor of the last θ and reuse it when
+    asked for that θ again (the state after a fit, the profile's pieces)."""
 
     name: str                           # "compiled" | "blocked" | "reference"
     crossprod: CrossProducts | None     # the cross-products of [Z X y]; None for the reference path

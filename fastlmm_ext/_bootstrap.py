@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ._params import Cv_to_Sv
 from ._parallel import n_workers, run_tasks
+from ._params import Cv_to_Sv
 from ._progress import Progress
 from ._simulate import Simulator, make_simulator
 from ._summary import confint_row_names, format_pct, select_parm

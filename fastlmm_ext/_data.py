@@ -1,10 +1,14 @@
-"""Turning user data into clean numeric columns: the one place every data check lives.
+"""Turning user data into clean numeric columns: the one place every data check lives (and the
+check of ``REML``, the argument that comes with the data).
 
 Conventions follow R's model frames as lme4 builds them:
 * rows with a missing value in any column the model uses are dropped (and counted);
 * string, object, bool and categorical columns are factors; a pandas Categorical keeps its
   own category order (first category = reference level), other factors use sorted levels;
-* unused factor levels are dropped.
+* unused factor levels are dropped;
+* an interaction a:b of factors has the combinations present as levels, the first factor
+  varying slowest, labelled "a_level:b_level" (:func:`combine_factors`, used in memory, by the
+  chunked level scan and for new rows).
 """
 from __future__ import annotations
 

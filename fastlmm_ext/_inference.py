@@ -222,8 +222,8 @@ class InferenceMixin:
         * ``"boot"``: percentile intervals from ``nsim`` parametric bootstrap refits (``seed``,
           ``n_jobs`` as in :meth:`bootstrap`).
 
-        ``progress`` (profile and boot): True → a tqdm bar on stderr; None (default) → one only
-        on a terminal once the run has taken more than 2 s; False → never."""
+        ``progress`` (profile and boot): True → shown on stderr (``_progress``); None (default)
+        → only on a terminal once the run has taken more than 2 s; False → never."""
         m = str(method).lower()
         if not (0.0 < float(level) < 1.0):
             raise ValueError(f"level must be in (0, 1), got {level!r}")

@@ -16,13 +16,13 @@ from ._dask import is_dask_dataframe, structure_from_dask
 from ._data import check_reml, reject_complex
 from ._design import ModelStructure, build_structure
 from ._exceptions import ArgumentError, ConvergenceWarning, DataError, SingularFitWarning
-from ._progress import Progress
-from ._threads import bundled_blas_single_thread
 from ._optimize import (SINGULAR_MESSAGE, OptSummary, check_convergence, is_singular, minimize_theta,
                         snap_to_bounds)
+from ._progress import Progress
 from ._response import check_not_exact, response_crossproducts
 from ._results import LmerResult
 from ._start import moment_theta0
+from ._threads import bundled_blas_single_thread
 
 __all__ = ["LinearMixedModel"]
 
@@ -70,7 +70,9 @@ class LinearMixedModel:
         A known term added to the linear predictor: a column name or one value per row (adds to
         any ``offset(x)`` in the formula).
     ordering : {"default", "amd", "natural"}, default "default"
-        CHOLMOD's fill-reducing ordering P (backend ``"compiled"`` only).
+        CHOLMOD's fill-reducing ordering P: backend ``"compiled"`` only (``"auto"`` with another
+        ordering than ``"default"`` chooses ``"compiled"``; ``"blocked"`` and ``"reference"``
+        refuse one with an ``ArgumentError``).
     contrasts : dict, optional
         R's contrasts of factors of the fixed part, ``{column: contrast}`` as lme4's
         ``contrasts = list(...)``: ``"contr.treatment"`` (R's and the default), ``"contr.SAS"``

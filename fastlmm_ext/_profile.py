@@ -25,11 +25,11 @@ import pandas as pd
 import scipy.linalg as la
 from scipy import optimize, stats
 
-from ._summary import confint_row_names, format_pct
 from ._parallel import n_workers, run_tasks
 from ._params import Cv_to_Sv, Sv_to_Cv, theta_kinds
 from ._pls import deviance_at_sigma, profiled_criterion
 from ._progress import Progress
+from ._summary import confint_row_names, format_pct
 from ._threads import bundled_blas_single_thread
 
 __all__ = ["Profiler", "profile_confint", "profile_table"]

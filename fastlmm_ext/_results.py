@@ -159,19 +159,9 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
     def ranef(self) -> dict[str, pd.DataFrame]:
         """Conditional modes b̂ = Λû per grouping factor: levels × term columns (terms that share
         a factor, e.g. (1|g) + (0+x|g), are combined as lme4's ranef() does)."""
-        out: dict[str, pd.DataFrame] = {}
         b = self._state.b
-        for t in self.structure.terms:
-            vals = b[t.col_offset:t.col_offset + t.q].reshape(t.nlevels, t.k)
-            df = pd.DataFrame(vals, index=pd.Index(list(t.levels), name=t.factor), columns=list(t.cnms))
-            if t.factor in out:
-                prev = out[t.factor]
-                df = df.reindex(prev.index)
-                new = [c for c in df.columns if c not in prev.columns]
-                out[t.factor] = pd.concat([prev, df[new]], axis=1)
-            else:
-                out[t.factor] = df
-        return out
+        return _by_factor(self.structure, [b[t.col_offset:t.col_offset + t.q].reshape(t.nlevels, t.k)
+                                           for t in self.structure.terms])
 
     @cached_property
     def condvar(self) -> dict[str, np.ndarray]:
@@ -187,16 +177,8 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
     @cached_property
     def ranef_condsd(self) -> dict[str, pd.DataFrame]:
         """Conditional standard deviations of the modes, laid out like :attr:`ranef`."""
-        out: dict[str, pd.DataFrame] = {}
-        for t in self.structure.terms:
-            sd = np.sqrt(np.maximum(np.einsum("lii->li", self.condvar[t.name]), 0.0))
-            df = pd.DataFrame(sd, index=pd.Index(list(t.levels), name=t.factor), columns=list(t.cnms))
-            if t.factor in out:
-                prev = out[t.factor]
-                out[t.factor] = pd.concat([prev, df.reindex(prev.index)[[c for c in df.columns if c not in prev.columns]]], axis=1)
-            else:
-                out[t.factor] = df
-        return out
+        return _by_factor(self.structure, [np.sqrt(np.maximum(np.einsum("lii->li", self.condvar[t.name]), 0.0))
+                                           for t in self.structure.terms])
 
     # ------------------------------------------------------------------ fitted values
     def fitted(self) -> np.ndarray:
@@ -298,3 +280,19 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         """The same model fitted to a new response (lme4's ``refit(fit, newresp)``): see
         :meth:`LinearMixedModel.refit`; ``new_y`` has one value per used row (:attr:`nobs`)."""
         return self.model.refit(new_y, **fit_options)
+
+
+def _by_factor(s, values: list[np.ndarray]) -> dict[str, pd.DataFrame]:
+    """Per grouping factor, the terms' (levels × columns) ``values`` as one DataFrame: terms that
+    share a factor, e.g. (1|g) + (0+x|g), side by side on the first term's levels, as lme4's
+    ranef() combines them."""
+    out: dict[str, pd.DataFrame] = {}
+    for t, vals in zip(s.terms, values):
+        df = pd.DataFrame(vals, index=pd.Index(list(t.levels), name=t.factor), columns=list(t.cnms))
+        if t.factor in out:
+            prev = out[t.factor]
+            df = df.reindex(prev.index)
+            out[t.factor] = pd.concat([prev, df[[c for c in df.columns if c not in prev.columns]]], axis=1)
+        else:
+            out[t.factor] = df
+    return out
