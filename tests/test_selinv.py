@@ -16,6 +16,7 @@ import pytest
 import fastlmm_ext as fl
 from conftest import REFERENCE
 from fastlmm_ext import datasets
+from fastlmm_ext._backends import _blocks_by_solves
 from fastlmm_ext._crossprod import CrossProducts, kernel_layout
 from fastlmm_ext import _selinv
 from fastlmm_ext._kernel import PLSKernel
@@ -148,13 +149,17 @@ def test_both_factor_kinds_covered():
 
 
 def test_matches_solve_based_blocks():
+    """The selected inverse's blocks, also through the backend, equal the blocks from triangular
+    solves with the factor (L X = P E; the test compared the backend with the kernel it calls)."""
     df = _crossed(6_000, 500, 100, slope=True)
     m = cholmod_model("y ~ x + (x|a) + (1|b)", df)
     th = np.array([0.7, 0.2, 0.5, 0.8])
     k = m.backend.kernel
     for i, t in enumerate(m.structure.terms):
-        want = m.backend.inverse_blocks(th, i)
+        k.update(th)
+        want = _blocks_by_solves(m.structure, i, k.solve_L)
         assert _rel(_selinv.inverse_blocks(k, t.col_offset, t.k, t.nlevels), want) < TOL
+        assert _rel(m.backend.inverse_blocks(th, i), want) < TOL
 
 
 def test_cache_follows_update():
@@ -273,7 +278,6 @@ def test_scipy_blas_fallback():
 def test_insteval_blocks_match_solves():
     """On the real InstEval factor (supernodal, q = 4128) the selected inverse equals the blocks
     obtained by triangular solves for the dept:service term."""
-    from fastlmm_ext._backends import _blocks_by_solves
     df = pd.read_csv(INSTEVAL, usecols=["s", "d", "dept", "service", "y"])
     for col in ("s", "d", "dept", "service"):
         df[col] = pd.Categorical(df[col])
