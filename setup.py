@@ -1,5 +1,7 @@
-"""Build the compiled CHOLMOD kernel (src_c/_kernel.pyx -> fastlmm_ext._kernel) and the sparse
-Gram kernel of the two-block path (src_c/_gram.pyx -> fastlmm_ext._gram).
+"""Build the compiled CHOLMOD kernel (src_c/_kernel.pyx -> fastlmm_ext._kernel), the selected
+inverse of its factor (src_c/_selinv.pyx -> fastlmm_ext._selinv, which cimports the kernel's
+declarations in src_c/fastlmm_ext/_kernel.pxd) and the sparse Gram kernel of the two-block path
+(src_c/_gram.pyx -> fastlmm_ext._gram).
 
 CHOLMOD is located, in order, from the environment variables
 SUITESPARSE_INCLUDE_DIR / SUITESPARSE_LIBRARY_DIR, from pkg-config (``cholmod``,
@@ -48,14 +50,16 @@ include_dirs, library_dirs = _cholmod_paths()
 
 extensions = [
     Extension(
-        "fastlmm_ext._kernel",
-        sources=["src_c/_kernel.pyx"],
+        f"fastlmm_ext.{name}",
+        sources=[f"src_c/{name}.pyx"],
         include_dirs=[np.get_include(), "src_c", *include_dirs],
         library_dirs=library_dirs,
         libraries=["cholmod"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
-    ),
+    )
+    for name in ("_kernel", "_selinv")
+] + [
     # Sparse Gram products into dense matrices for the two-block path (no CHOLMOD needed).
     Extension(
         "fastlmm_ext._gram",

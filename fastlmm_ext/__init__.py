@@ -4,7 +4,12 @@
 >>> res = fl.lmer("Reaction ~ Days + (Days | Subject)", data=df)   # doctest: +SKIP
 >>> print(res.summary())                                            # doctest: +SKIP
 """
+import pathlib
+import re
+from importlib import metadata
+
 from . import datasets
+from ._api import lmer, lmer_chunked
 from ._contrasts import contr
 from ._exceptions import (ArgumentError, CholmodError, ContrastsError, ConvergenceWarning, DataError, FastLMMError,
                           FastLMMWarning, FormulaError, GroupingFactorError, IdentifiabilityError,
@@ -13,22 +18,17 @@ from ._exceptions import (ArgumentError, CholmodError, ContrastsError, Convergen
 from ._formula import parse_formula
 from ._inference import anova
 from ._many import fit_many
-from ._chunked import lmer_chunked
-from ._model import LinearMixedModel, lmer
+from ._model import LinearMixedModel
 from ._optimize import OptSummary
 from ._results import LmerResult
-
 
 
 def _version() -> str:
     """The installed distribution's version (importlib.metadata); in a source tree that is not
     installed, the version in the pyproject.toml beside the package."""
-    from importlib import metadata
     try:
         return metadata.version("fastlmm_ext")
     except metadata.PackageNotFoundError:
-        import pathlib
-        import re
         pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
         try:
             m = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), flags=re.M)

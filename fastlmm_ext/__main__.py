@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__, datasets
+from ._api import lmer
+
 EXAMPLES = {
     "ingot": "pres ~ metal + (1|ingot)",
     "sleepstudy": "Reaction ~ Days + (Days|Subject)",
@@ -14,7 +17,6 @@ DEFAULT = ["ingot", "sleepstudy"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
     listing = "\n".join(f"  {name:<11} lmer({formula!r})" for name, formula in EXAMPLES.items())
     parser = argparse.ArgumentParser(
         prog="python -m fastlmm_ext",
@@ -34,7 +36,6 @@ def main(argv=None) -> int:
     unknown = [name for name in args.examples if name not in EXAMPLES]
     if unknown:
         parser.error(f"unknown example {unknown[0]!r}; choose from {', '.join(EXAMPLES)}")   # exits 2
-    from . import datasets, lmer
     for name in args.examples or DEFAULT:
         res = lmer(EXAMPLES[name], datasets.load(name))
         print(f"== {name}: lmer({EXAMPLES[name]!r}) ==")

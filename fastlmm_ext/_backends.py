@@ -1,44 +1,85 @@
-"""One interface, two implementations of the profiled criterion.
+"""The criterion backends: one interface, three implementations of lme4's profiled criterion.
 
-Both backends take the same frozen :class:`ModelStructure` and return the same
-:class:`PLSState` (β̂, û, b = Λû, r², log-determinants, R_X), so any difference between them
-is numerics alone.  ``"compiled"`` is the CHOLMOD kernel over the cross-products;
-``"reference"`` is the dense, equation-by-equation NumPy path of ``_reference.py``.
+Every backend takes the same frozen :class:`ModelStructure` and returns the same
+:class:`~fastlmm_ext._pls.PLSState` (β̂, û, b = Λû, r², log-determinants, R_X), so any
+difference between them is numerics alone; the criterion itself is computed from the PLS pieces
+by ``_pls.profiled_criterion``.
+
+* ``"compiled"`` (:class:`CompiledBackend`): the CHOLMOD kernel over the cross-products of
+  [Z X y], symbolic analysis once, numeric refactorization per θ, the gradient from the
+  selected inverse of the factor.  The only backend that takes CHOLMOD's ``ordering``.
+* ``"blocked"`` (``_blocked.BlockedBackend``): MixedModels.jl's two-block layout, with the
+  gradient.
+* ``"reference"`` (:class:`ReferenceBackend`): the dense, equation-by-equation NumPy path of
+  ``_reference.py``, on the rows; no gradient.
+
+:class:`Backend` declares every member callers may use, the optional features included as
+explicit members (``crossprod`` is None and ``has_gradient`` False where there are none), so no
+caller probes a backend for attributes or reaches into its kernel.
+
+``backend="auto"`` picks ``"blocked"`` for filled crossed designs and ``"compiled"`` otherwise
+(:func:`choose_backend`); a non-default ``ordering`` is a CHOLMOD option, so with it ``"auto"``
+means ``"compiled"``.  ``ordering`` with ``"blocked"`` or ``"reference"`` is refused.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import scipy.linalg as la
+import scipy.sparse as sp
 
+from . import _selinv
+from ._blocked import BlockedBackend, blocked_applicable
 from ._crossprod import CrossProducts, kernel_layout, level_blocks
 from ._design import ModelStructure
+from ._exceptions import ArgumentError
+from ._gradient import fd_fallback, theta_gradient
+from ._kernel import PLSKernel
+from ._openmp import openmp_dynamic
+from ._pls import PLSState, profiled_criterion, residual_df
 from ._reference import ReferencePLS
 
-__all__ = ["PLSState", "CompiledBackend", "ReferenceBackend", "make_backend", "BACKENDS"]
+__all__ = ["Backend", "CompiledBackend", "ReferenceBackend", "BlockedBackend", "make_backend", "choose_backend",
+           "check_backend", "BACKENDS", "ORDERINGS"]
 
 BACKENDS = ("auto", "compiled", "reference", "blocked")
+ORDERINGS = ("default", "amd", "natural")
 
 
-@dataclass(frozen=True)
-class PLSState:
-    """Solution of the penalised least-squares problem at one θ."""
-    theta: np.ndarray
-    beta: np.ndarray     # β̂(θ)
-    u: np.ndarray        # spherical conditional modes û(θ)
-    b: np.ndarray        # conditional modes on the original scale, Λ_θ û
-    pwrss: float         # r²(θ)
-    ldL2: float          # log |L_θ|²
-    ldRX2: float         # log |R_X|²
-    RX: np.ndarray       # upper-triangular p × p R_X (R_XᵀR_X = Xᵀ W X − R_ZXᵀR_ZX)
+class Backend(Protocol):
+    """What every criterion backend provides (:class:`CompiledBackend`, ``BlockedBackend``,
+    :class:`ReferenceBackend`).
 
+    ``theta`` arguments are float arrays of length dim θ within the bounds (the model checks
+    them).  The compiled and blocked backends keep the factor of the last θ and reuse it when
+    asked for that θ again (the state after a fit, the profile's pieces)."""
 
-def _profiled(ldL2, ldRX2, pwrss, n, p, reml, sum_log_w):
-    df = n - p if reml else n
-    val = ldL2 - sum_log_w + df * (1.0 + np.log(2.0 * np.pi * pwrss / df))
-    return val + ldRX2 if reml else val
+    name: str                           # "compiled" | "blocked" | "reference"
+    crossprod: CrossProducts | None     # the cross-products of [Z X y]; None for the reference path
+    sum_log_w: float                    # Σ log wᵢ over rows of positive weight (0 without weights)
+    has_gradient: bool                  # whether gradient() is available
+    ordering: str | None                # CHOLMOD's fill-reducing ordering; None without CHOLMOD
+
+    def objective(self, theta: np.ndarray, reml: bool) -> float:
+        """lme4's profiled REML criterion or ML deviance at θ (``_pls.profiled_criterion``)."""
+
+    def gradient(self, theta: np.ndarray, reml: bool) -> np.ndarray:
+        """∂ objective / ∂θ (``_gradient``); ArgumentError where ``has_gradient`` is False."""
+
+    def state(self, theta: np.ndarray) -> PLSState:
+        """The PLS solution at θ."""
+
+    def pls_terms(self, theta: np.ndarray) -> tuple[float, float]:
+        """(log|L_θ|², r²(θ)) at θ without the modes (what the profile likelihood needs)."""
+
+    def inverse_blocks(self, theta: np.ndarray, term_index: int) -> np.ndarray:
+        """Diagonal k×k blocks of (ΛᵀZᵀWZΛ + I)⁻¹ for every level of one term: (ℓ, k, k)."""
+
+    def with_response(self, s: ModelStructure, crossprod: CrossProducts | None) -> Backend:
+        """A backend for another response on the same design (``s`` with the new y, ``crossprod``
+        its cross-products from ``_response``, None for the reference path)."""
 
 
 class _SharedKernel:
@@ -55,20 +96,20 @@ class _SharedKernel:
         self._design = (cp.Ap, cp.Ai, cp.Mx, kernel_layout(s), ordering)
         self._kernel, self.owner, self.M = None, None, None
 
-    def kernel_for(self, cp: CrossProducts, token: int):
+    def kernel_for(self, cp: CrossProducts, token: int) -> PLSKernel:
         """The kernel holding ``cp``'s response (built from the design on first use)."""
         if self._kernel is None:
-            from ._kernel import PLSKernel  # compiled: imported here so the reference path works without it
-            from ._openmp import openmp_dynamic
             openmp_dynamic()
             Ap, Ai, Mx, (bstart, bsize, toff, Tflat, theta_pos), ordering = self._design
             self._kernel = PLSKernel(Ap, Ai, Mx, bstart, bsize, toff, Tflat, theta_pos, cp.ZtXy, cp.XyXy, ordering)
-        elif self.owner == token:
-            return self._kernel
-        else:
-            self._kernel.set_response(cp.ZtXy, cp.XyXy)
+        elif self.owner != token:
+            self._kernel.set_response(cp.ZtXy, cp.XyXy)    # drops the factor of the other response
         self.owner = token
         return self._kernel
+
+    @property
+    def ordering(self) -> str:
+        return self._design[4]
 
     def __getstate__(self):
         return self._design
@@ -86,97 +127,97 @@ class CompiledBackend:
 
     Backends made by :meth:`with_response` share one kernel (and its symbolic analysis); each
     switches the kernel to its own response before using it, so they can be used in any order,
-    but not at the same time from several threads."""
+    but not at the same time from several threads.  The kernel remembers the θ of its factor,
+    so a factor is reused only when it is the one at the θ asked for, whoever updated it last."""
     name = "compiled"
+    has_gradient = True
 
     def __init__(self, s: ModelStructure, ordering: str = "default", crossprod: CrossProducts | None = None,
                  _shared: _SharedKernel | None = None):
         self.s = s
-        self.cp = crossprod if crossprod is not None else CrossProducts.from_structure(s)
+        self.crossprod = crossprod if crossprod is not None else CrossProducts.from_structure(s)
         self._token = next(_tokens)
-        self._at = None          # θ of the kernel's current factor
         self._M_blocks = None    # level blocks of ZᵀWZ, for the one-term gradient
         if _shared is None:
-            _shared = _SharedKernel(s, self.cp, ordering)
-            _shared.kernel_for(self.cp, self._token)   # the symbolic analysis, now
+            _shared = _SharedKernel(s, self.crossprod, ordering)
+            _shared.kernel_for(self.crossprod, self._token)   # the symbolic analysis, now
         self._shared = _shared
 
     def __getstate__(self) -> dict:
         # The design and this response's cross-products; the kernel is rebuilt from them on first
         # use after loading (see _SharedKernel); a loaded backend gets a token of its process.
-        return {"s": self.s, "cp": self.cp, "_shared": self._shared}
+        return {"s": self.s, "crossprod": self.crossprod, "_shared": self._shared}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._token = next(_tokens)
-        self._at = None
         self._M_blocks = None
 
-    def with_response(self, s: ModelStructure, crossprod: CrossProducts) -> CompiledBackend:
+    @property
+    def sum_log_w(self) -> float:
+        return self.crossprod.sum_log_w
+
+    @property
+    def ordering(self) -> str:
+        return self._shared.ordering
+
+    def with_response(self, s: ModelStructure, crossprod: CrossProducts | None) -> CompiledBackend:
         """A backend for another response on the same design (``s`` with the new y, ``crossprod``
         from :func:`~fastlmm_ext._response.response_crossproducts`), sharing this one's kernel."""
         return CompiledBackend(s, crossprod=crossprod, _shared=self._shared)
 
     @property
-    def kernel(self):
-        """The kernel, switched to this backend's response if another backend used it last."""
-        sh = self._shared
-        if sh.owner != self._token:
-            self._at = None
-        return sh.kernel_for(self.cp, self._token)
+    def kernel(self) -> PLSKernel:
+        """The kernel, switched to this backend's response if another backend used it last (the
+        CHOLMOD-specific part of this backend: its tests read the factor through it)."""
+        return self._shared.kernel_for(self.crossprod, self._token)
 
-    def _update(self, theta: np.ndarray) -> np.ndarray:
-        theta = np.ascontiguousarray(theta, dtype=np.float64)
-        kernel = self.kernel     # first: switching the response forgets the factor's θ
-        if self._at is None or not np.array_equal(theta, self._at):
-            self._at = None
-            kernel.update(theta)
-            self._at = theta.copy()
-        return theta
-
-    def objective(self, theta: np.ndarray, reml: bool) -> float:
+    def _factor(self, theta: np.ndarray) -> PLSKernel:
+        """The kernel with its factor at θ (refactorized unless it is already there)."""
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         kernel = self.kernel
-        self._at = None
-        val = kernel.objective(theta, self.s.n, reml, self.cp.sum_log_w)
-        self._at = theta.copy()
-        return val
+        if not kernel.is_at(theta):
+            kernel.update(theta)
+        return kernel
+
+    def objective(self, theta: np.ndarray, reml: bool) -> float:
+        # An optimiser rarely asks twice for one θ: refactorize without asking the cache.
+        k = self.kernel
+        k.update(np.ascontiguousarray(theta, dtype=np.float64))
+        return profiled_criterion(k.ldL2, k.ldRX2, k.pwrss, self.s.n, self.s.p, reml, self.crossprod.sum_log_w)
+
+    def pls_terms(self, theta: np.ndarray) -> tuple[float, float]:
+        k = self._factor(theta)
+        return k.ldL2, k.pwrss
 
     def gradient(self, theta: np.ndarray, reml: bool) -> np.ndarray:
         """∂f/∂θ (see ``_gradient.py``): summed diagonal blocks of (A+I)⁻¹ from the kernel's
         selected inverse (Takahashi recurrences on the CHOLMOD factor), plus H Hᵀ for REML;
         ρ = ZᵀW(ỹ − Xβ̃) − ZᵀWZ Λû from the cross-products."""
-        from ._gradient import theta_gradient
-        theta = self._update(theta)
-        k = self.kernel
+        theta = np.ascontiguousarray(theta, dtype=np.float64)
+        k = self._factor(theta)
         st = k.state()
-        p = self.s.p
+        p, cp = self.s.p, self.crossprod
         u = st["u"]
         b = np.empty_like(u)
         for t in self.s.terms:
             sl = slice(t.col_offset, t.col_offset + t.q)
             b[sl] = (u[sl].reshape(t.nlevels, t.k) @ t.T(theta).T).ravel()
-        rho = self.cp.ZtXy[:, p] - self.cp.ZtXy[:, :p] @ st["beta"] - self._full_M() @ b
+        rho = cp.ZtXy[:, p] - cp.ZtXy[:, :p] @ st["beta"] - self._full_M() @ b
         H = k.H_REML() if reml else None
         G = []
         for t in self.s.terms:
             if len(self.s.terms) == 1:
                 Gt = self._single_term_inverse_sum(t, theta)
             else:
-                Gt = k.inverse_blocks(t.col_offset, t.k, t.nlevels).sum(axis=0)
+                Gt = _selinv.inverse_blocks(k, t.col_offset, t.k, t.nlevels).sum(axis=0)
             if H is not None and p:
                 Ht = H[t.col_offset:t.col_offset + t.q].reshape(t.nlevels, t.k, p)
                 Hk = Ht.transpose(1, 0, 2).reshape(t.k, -1)       # Σ_a H_a H_aᵀ as one BLAS product
                 Gt = Gt + Hk @ Hk.T
             G.append(Gt)
-        d = self.s.n - p if reml else self.s.n
-        g = theta_gradient(self.s, theta, G, rho, u, st["pwrss"], d)
-        bad = np.flatnonzero(np.isnan(g))
-        for i in bad:  # singular vector term: no T⁻¹, one-sided difference inwards
-            e = np.zeros_like(theta)
-            e[i] = 1e-6
-            g[i] = (self.objective(theta + e, reml) - self.objective(theta, reml)) / 1e-6
-        return g
+        g = theta_gradient(self.s, theta, G, rho, u, st["pwrss"], residual_df(self.s.n, p, reml))
+        return fd_fallback(g, lambda th: self.objective(th, reml), theta, self.s.lower)
 
     def _single_term_inverse_sum(self, t, theta: np.ndarray) -> np.ndarray:
         """Σ_l (Tᵀ M_l T + I)⁻¹ for a model with one term: A + I is then block diagonal with
@@ -184,7 +225,7 @@ class CompiledBackend:
         inverse are k×k inverses (closed form for k ≤ 2), no selected inverse needed."""
         kk = t.k
         if self._M_blocks is None:
-            self._M_blocks = level_blocks(self.cp, t)
+            self._M_blocks = level_blocks(self.crossprod, t)
         M = self._M_blocks
         T = t.T(theta)
         if kk == 1:
@@ -207,9 +248,8 @@ class CompiledBackend:
         """ZᵀWZ as a full symmetric sparse matrix from its block-closed lower storage (entries
         inside a diagonal level block are stored in both triangles already)."""
         if self._shared.M is None:
-            import scipy.sparse as sp
-            q = self.s.q
-            L = sp.csc_matrix((self.cp.Mx, self.cp.Ai, self.cp.Ap), shape=(q, q))
+            q, cp = self.s.q, self.crossprod
+            L = sp.csc_matrix((cp.Mx, cp.Ai, cp.Ap), shape=(q, q))
             bstart = kernel_layout(self.s)[0]
             coo = L.tocoo()
             off = bstart[coo.row] != bstart[coo.col]
@@ -218,27 +258,29 @@ class CompiledBackend:
         return self._shared.M
 
     def state(self, theta: np.ndarray) -> PLSState:
-        theta = self._update(theta)
-        st = self.kernel.state()
+        theta = np.ascontiguousarray(theta, dtype=np.float64)
+        st = self._factor(theta).state()
         p = self.s.p
         u = st["u"]
-        return PLSState(theta=theta.copy(), beta=st["beta"] + self.cp.beta_shift, u=u,
+        return PLSState(theta=theta.copy(), beta=st["beta"] + self.crossprod.beta_shift, u=u,
                         b=self.s.Lambda(theta) @ u, pwrss=st["pwrss"], ldL2=st["ldL2"],
                         ldRX2=st["ldRX2"], RX=st["R"][:p, :p].T.copy())
 
-    def inverse_blocks(self, theta: np.ndarray, term_index: int, chunk_elems: int = 20_000_000) -> np.ndarray:
-        """Diagonal k×k blocks of (Λᵀ ZᵀWZ Λ + I)⁻¹ for every level of one term, as
-        Xᵀ X with L X = P E (E the term's columns of the identity), solved in chunks."""
-        self._update(theta)
+    def inverse_blocks(self, theta: np.ndarray, term_index: int) -> np.ndarray:
+        """Diagonal k×k blocks of (Λᵀ ZᵀWZ Λ + I)⁻¹ for every level of one term, from the
+        kernel's selected inverse of the factor."""
         t = self.s.terms[term_index]
-        return self.kernel.inverse_blocks(t.col_offset, t.k, t.nlevels)
+        return _selinv.inverse_blocks(self._factor(theta), t.col_offset, t.k, t.nlevels)
 
 
 class ReferenceBackend:
-    """Dense NumPy/SciPy path (see ``_reference.py``)."""
+    """Dense NumPy/SciPy path (see ``_reference.py``); no cross-products, no gradient."""
     name = "reference"
+    has_gradient = False
+    crossprod = None
+    ordering = None
 
-    def __init__(self, s: ModelStructure, **_ignored):
+    def __init__(self, s: ModelStructure):
         self.s = s
         self.ref = ReferencePLS(s)
 
@@ -248,6 +290,10 @@ class ReferenceBackend:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["s"])
 
+    @property
+    def sum_log_w(self) -> float:
+        return self.ref.sum_log_w
+
     def with_response(self, s: ModelStructure, crossprod: CrossProducts | None = None) -> ReferenceBackend:
         """A backend for another response (``s`` with the new y); the dense path is rebuilt."""
         return ReferenceBackend(s)
@@ -255,17 +301,26 @@ class ReferenceBackend:
     def objective(self, theta: np.ndarray, reml: bool) -> float:
         return self.ref.objective(theta, reml)
 
+    def gradient(self, theta: np.ndarray, reml: bool) -> np.ndarray:
+        raise ArgumentError("backend 'reference' has no analytic gradient; use backend='compiled' or 'blocked'")
+
+    def pls_terms(self, theta: np.ndarray) -> tuple[float, float]:
+        st = self.ref.solve(theta)
+        return st["ldL2"], st["pwrss"]
+
     def state(self, theta: np.ndarray) -> PLSState:
         st = self.ref.solve(theta)
         return PLSState(theta=np.array(theta, dtype=float), beta=st["beta"], u=st["u"], b=st["b"],
                         pwrss=st["pwrss"], ldL2=st["ldL2"], ldRX2=st["ldRX2"], RX=st["RX"])
 
-    def inverse_blocks(self, theta: np.ndarray, term_index: int, chunk_elems: int = 20_000_000) -> np.ndarray:
+    def inverse_blocks(self, theta: np.ndarray, term_index: int) -> np.ndarray:
         L = self.ref.solve(theta)["L"]
-        return _blocks_by_solves(self.s, term_index, lambda E: la.solve_triangular(L, E, lower=True), chunk_elems)
+        return _blocks_by_solves(self.s, term_index, lambda E: la.solve_triangular(L, E, lower=True))
 
 
-def _blocks_by_solves(s: ModelStructure, term_index: int, solve_L, chunk_elems: int) -> np.ndarray:
+def _blocks_by_solves(s: ModelStructure, term_index: int, solve_L, chunk_elems: int = 20_000_000) -> np.ndarray:
+    """Diagonal blocks of (L Lᵀ)⁻¹ for one term as Xᵀ X with L X = E (E the term's columns of
+    the identity), solved in chunks of at most ``chunk_elems`` entries."""
     t = s.terms[term_index]
     k, nl, q = t.k, t.nlevels, s.q
     out = np.empty((nl, k, k))
@@ -291,7 +346,6 @@ AUTO_BLOCKED_MAX_Q2 = 6000
 
 def choose_backend(s: ModelStructure, cp: CrossProducts) -> str:
     """``"blocked"`` or ``"compiled"`` for ``backend="auto"`` (see AUTO_BLOCKED_MIN_FILL)."""
-    from ._blocked import blocked_applicable
     if not s.terms or len(s.terms) < 2 or not blocked_applicable(s, max_q2=AUTO_BLOCKED_MAX_Q2):
         return "compiled"
     q1 = s.terms[0].q
@@ -304,18 +358,32 @@ def choose_backend(s: ModelStructure, cp: CrossProducts) -> str:
     return "blocked" if fill >= AUTO_BLOCKED_MIN_FILL else "compiled"
 
 
-def make_backend(s: ModelStructure, backend: str = "compiled", **options):
-    if backend == "auto":
-        if options.get("crossprod") is None:
-            options["crossprod"] = CrossProducts.from_structure(s)
-        backend = choose_backend(s, options["crossprod"])
-        if backend != "compiled":
-            options.pop("ordering", None)
-    if backend == "compiled":
-        return CompiledBackend(s, **options)
+def check_backend(backend: str, ordering: str = "default") -> None:
+    """ArgumentError for an unknown backend or ordering, or an ordering for a backend without
+    CHOLMOD (the ordering is CHOLMOD's)."""
+    if backend not in BACKENDS:
+        raise ArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if ordering not in ORDERINGS:
+        raise ArgumentError(f"unknown ordering {ordering!r}; choose one of {', '.join(ORDERINGS)}")
+    if ordering != "default" and backend in ("blocked", "reference"):
+        raise ArgumentError(f"ordering={ordering!r} is CHOLMOD's fill-reducing ordering, but backend {backend!r} "
+                            "does not use CHOLMOD; use backend='compiled' (or 'auto') with it")
+
+
+def make_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = "default",
+                 crossprod: CrossProducts | None = None) -> Backend:
+    """The backend ``backend`` for structure ``s`` (``crossprod``: its cross-products, if already
+    formed).  ``"auto"``: :func:`choose_backend`, or ``"compiled"`` when an ordering is asked for."""
+    check_backend(backend, ordering)
     if backend == "reference":
-        return ReferenceBackend(s, **options)
+        if not s.has_rows:
+            raise ArgumentError("backend 'reference' needs the model's rows; a model built from accumulated "
+                                "cross-products (lmer_chunked, Dask) uses backend='auto', 'compiled' or 'blocked'")
+        return ReferenceBackend(s)
+    if crossprod is None:
+        crossprod = CrossProducts.from_structure(s)
+    if backend == "auto":
+        backend = "compiled" if ordering != "default" else choose_backend(s, crossprod)
     if backend == "blocked":
-        from ._blocked import BlockedBackend
-        return BlockedBackend(s, **options)
-    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        return BlockedBackend(s, crossprod=crossprod)
+    return CompiledBackend(s, ordering=ordering, crossprod=crossprod)

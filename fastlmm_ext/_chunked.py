@@ -34,10 +34,11 @@ from ._exceptions import DataError, FormulaError, MissingValuesWarning
 from ._formula import ParsedFormula, parse_formula
 from ._levels import GlobalLevels, LevelScanner
 from ._ols import raise_if_exact
+from ._progress import Progress
 from ._rformula import parse_expr, translate
 from ._suffstats import SuffStats
 
-__all__ = ["lmer_chunked", "structure_from_chunks", "ChunkPlan", "iter_file_chunks"]
+__all__ = ["structure_from_chunks", "ChunkPlan", "iter_file_chunks", "DEFAULT_CHUNKSIZE"]
 
 DEFAULT_CHUNKSIZE = 500_000
 
@@ -269,7 +270,7 @@ def structure_from_chunks(formula: str, chunks, *, weights: str | None = None, o
     stats = None
     try:
         hint = _columns_hint(formula, weights, offset, allow_python)
-        for df in _progress(source.first_pass(hint), progress, "levels"):
+        for df in Progress(progress, "chunks (levels)", "chunks").iterate(source.first_pass(hint)):
             if plan is None:
                 plan = ChunkPlan.create(formula, df.columns, weights, offset, allow_python, contrasts)
                 scanner = plan.scanner()
@@ -278,7 +279,7 @@ def structure_from_chunks(formula: str, chunks, *, weights: str | None = None, o
             raise DataError("no data: the chunks iterable yielded no DataFrame")
         plan.levels = scanner.finish()
         dropped_before = 0
-        for df in _progress(source.second_pass(), progress, "cross-products"):
+        for df in Progress(progress, "chunks (cross-products)", "chunks").iterate(source.second_pass()):
             if stats is not None:
                 plan.accumulate(df, stats)
                 continue
@@ -298,82 +299,7 @@ def structure_from_chunks(formula: str, chunks, *, weights: str | None = None, o
     return plan.structure(stats)
 
 
-def _progress(it: Iterable, enabled: bool, what: str):
-    """Chunks counted on stderr when asked (tqdm if installed), silent otherwise."""
-    if not enabled:
-        yield from it
-        return
-    import sys
-    import time
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        yield from tqdm(it, desc=f"fastlmm_ext: chunks ({what})", unit=" chunk", file=sys.stderr, leave=False)
-        return
-    start = time.perf_counter()
-    i = 0
-    for i, item in enumerate(it, 1):
-        yield item
-        print(f"fastlmm_ext: chunks ({what}): {i} done, {time.perf_counter() - start:.1f}s", file=sys.stderr)
-
-
 def _columns_hint(formula, weights, offset, allow_python: bool) -> list[str]:
     """Columns to spool for a one-shot iterator: the model's, from the formula alone (no data
     columns yet: every name the formula reads as a variable is taken for a column)."""
     return model_variables(parse_formula(formula), (), weights, offset, allow_python).all_columns
-
-
-def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None = None,
-                 offset: str | None = None, chunksize: int = DEFAULT_CHUNKSIZE, ordering: str = "default",
-                 progress: bool = False, contrasts=None, allow_python: bool = False, **fit_options):
-    """Fit an LMM from data that does not fit in memory, one chunk of rows at a time.
-
-    The profiled likelihood needs the data only through n and the cross-products ZᵀWZ, ZᵀW[X y]
-    and [X y]ᵀW[X y], which are sums over rows: the chunks are read twice, first for the factor
-    levels (so each chunk numbers a level as the whole data would), then for their sums.  Peak
-    memory is one chunk plus the cross-products (ZᵀZ's non-zeros, q × (p+1), (p+1)²), never the
-    whole data; estimates, names and the criterion equal :func:`lmer`'s on the concatenated
-    data (to rounding).
-
-    Parameters
-    ----------
-    formula : str
-        lme4 formula, as for :func:`lmer`.  Stateful transforms (``scale(x)``, ``poly(x, 2)``,
-        ``ns``, ``bs``, ``center``) are refused, since each chunk would learn its own state:
-        transform the column before chunking.
-    chunks : str, path, list, callable or iterable
-        A CSV/TSV (also gzipped) or Parquet file path (read ``chunksize`` rows at a time, model
-        columns only); a list of DataFrames; a callable returning a fresh iterable of
-        DataFrames; or any iterable of DataFrames such as ``pd.read_csv(path, chunksize=...)``
-        (a one-shot iterator is spooled to a temporary directory, model columns only, so it can
-        be read twice).
-    REML : bool, default True
-        REML or maximum likelihood.
-    weights, offset : str, optional
-        Prior weights and an offset: column names (arrays cannot follow the chunks).
-    chunksize : int, default 500000
-        Rows per chunk when ``chunks`` is a file path.
-    ordering : {"default", "amd", "natural"}, default "default"
-        CHOLMOD's fill-reducing ordering.
-    progress : bool, default False
-        Count the chunks of each pass on stderr.
-    contrasts, allow_python
-        As for :func:`~fastlmm_ext.lmer`.
-    **fit_options
-        Options of :meth:`LinearMixedModel.fit` (``optimizer``, ``theta0``, ``check_conv``,
-        ``ftol_abs``, ``xtol_abs``, ``maxeval``, ``verbose``).
-
-    Returns
-    -------
-    LmerResult
-        Everything computed from the cross-products (fixef, SEs, θ, σ, VarCorr, ranef and
-        condVar, logLik, AIC/BIC, summary, Satterthwaite tests, profile CIs, predict on new
-        data); row-level quantities (fitted, residuals, simulate, parametric bootstrap) raise
-        ``DataError`` because the rows are gone."""
-    from ._model import LinearMixedModel
-    model = LinearMixedModel.from_chunks(formula, chunks, REML, weights=weights, offset=offset, chunksize=chunksize,
-                                         ordering=ordering, progress=progress, contrasts=contrasts,
-                                         allow_python=allow_python)
-    return model.fit(**fit_options)

@@ -18,6 +18,12 @@ import os
 import sys
 import warnings
 
+import pandas as pd
+
+from . import __version__, plots
+from ._backends import BACKENDS
+from ._exceptions import FastLMMError
+from ._model import LinearMixedModel
 from ._progress import Progress
 
 PROG = "fastlmm-ext"
@@ -89,8 +95,6 @@ def _kind(path: str) -> str:
 def read_data(path: str):
     """Read DATA into a pandas DataFrame: Parquet through pyarrow, otherwise CSV/TSV with
     compression inferred from the suffix.  Every failure becomes a :class:`CLIError`."""
-    import pandas as pd
-
     if not os.path.exists(path):
         raise CLIError(f"data file not found: {path}")
     if os.path.isdir(path):
@@ -115,31 +119,10 @@ def read_data(path: str):
     return df
 
 
-# ----------------------------------------------------------------------------- progress
-
-class _ReportingBackend:
-    """Wraps a criterion backend and reports every objective evaluation to a callback;
-    everything else is delegated to the wrapped backend."""
-
-    def __init__(self, inner, callback):
-        self._inner = inner
-        self._callback = callback
-
-    def objective(self, theta, reml):
-        v = self._inner.objective(theta, reml)
-        self._callback(float(v))
-        return v
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
 # ----------------------------------------------------------------------------- commands
 
 def _fit(args, progress_out: list) -> int:
     """The ``fit`` command; ``progress_out`` receives the progress reporter (for warnings)."""
-    from . import LinearMixedModel
-
     if args.plot is not None:  # fail before the fit when matplotlib is missing
         try:
             import matplotlib  # noqa: F401
@@ -150,14 +133,12 @@ def _fit(args, progress_out: list) -> int:
     reml = not args.ml
     # allow_python stays off on the command line: a formula from the shell never runs Python code
     model = LinearMixedModel(args.formula, df, REML=reml, backend=args.backend, allow_python=False)
-    progress = Progress(args.verbose, "REML criterion" if reml else "deviance", prefix=PROG)
+    progress = Progress(args.verbose, "fit", "evaluations", label="REML criterion" if reml else "deviance",
+                        prefix=PROG)
     progress_out.append(progress)
-    inner = model.backend
-    model.backend = _ReportingBackend(inner, progress.update)
     try:
-        res = model.fit()
+        res = model.fit(verbose=progress)
     finally:
-        model.backend = inner
         progress.close()
         progress_out.remove(progress)
 
@@ -180,7 +161,6 @@ def _fit(args, progress_out: list) -> int:
         import matplotlib
         if "matplotlib.pyplot" not in sys.modules:
             matplotlib.use("Agg")  # files only, no window; an in-process caller's pyplot is left alone
-        from . import plots
         try:
             paths = plots.save_all(res, args.plot)
         except OSError as e:
@@ -199,9 +179,6 @@ def _note(args, msg: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fastlmm-ext`` (sub-command ``fit``)."""
-    from . import __version__
-    from ._backends import BACKENDS
-
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fit linear mixed models with lme4's formula syntax (fastlmm_ext).",
@@ -245,8 +222,6 @@ def main(argv=None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-
-    from . import FastLMMError
 
     progress_holder: list = []
     seen: set[str] = set()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from formulaic.transforms.contrasts import Contrasts
 
 from ._exceptions import ContrastsError, FastLMMWarning
@@ -120,8 +121,7 @@ class RContrasts(Contrasts):
     def _get_coding_matrix(self, levels: Sequence[Hashable], reduced_rank: bool = True, sparse: bool = False):
         C = self.coding(levels) if reduced_rank else np.eye(len(levels))
         if sparse:
-            import scipy.sparse as sps
-            return sps.csc_matrix(C)
+            return sp.csc_matrix(C)
         return C
 
     @Contrasts.override

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._design import ModelStructure
-from ._ols import ols_shift
+from ._ols import response_shift
+from ._params import flat_positions
 
-__all__ = ["CrossProducts", "block_lower_ZtZ", "level_blocks", "ztz_triplets", "sum_duplicates", "lower_csc"]
+__all__ = ["CrossProducts", "block_lower_ZtZ", "level_blocks", "ztz_triplets", "sum_duplicates", "lower_csc",
+           "kernel_layout", "log_weight_sum"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class CrossProducts:
     def from_structure(cls, s: ModelStructure) -> "CrossProducts":
         X = s.X
         w = s.weights
-        yt, b = ols_shift(X, s.y - (s.offset if s.offset is not None else 0.0), w)
+        yt, b, _ = response_shift(s.y, X, s.offset, w)
         Ap, Ai, Mx = block_lower_ZtZ(s, w)
         # Column-major [X ỹ]: contiguous columns to copy in, and one sparse mat-vec per column
         # (a row-major copy of a 500k-row X costs more than all the products).
@@ -55,8 +57,12 @@ class CrossProducts:
         for j in range(s.p + 1):
             ZtXy[:, j] = Zt @ WXy[:, j] if s.q else 0.0
         XyXy = np.asfortranarray(Xy.T @ WXy)
-        slw = 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
-        return cls(Ap=Ap, Ai=Ai, Mx=Mx, ZtXy=ZtXy, XyXy=XyXy, beta_shift=b, n=s.n, sum_log_w=slw)
+        return cls(Ap=Ap, Ai=Ai, Mx=Mx, ZtXy=ZtXy, XyXy=XyXy, beta_shift=b, n=s.n, sum_log_w=log_weight_sum(w))
+
+
+def log_weight_sum(w: np.ndarray | None) -> float:
+    """Σ log wᵢ over the rows of positive weight (0 without weights): the −log|W| of the criterion."""
+    return 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
 
 
 def level_blocks(cp: CrossProducts, t) -> np.ndarray:
@@ -134,9 +140,7 @@ def kernel_layout(s: ModelStructure):
         bstart.append(t.col_offset + (cols // t.k) * t.k)
         bsize.append(np.full(t.q, t.k, dtype=np.int64))
         toff.append(np.full(t.q, off, dtype=np.int64))
-        for j in range(t.k):
-            for i in range(j, t.k):
-                theta_pos.append(off + i + j * t.k)
+        theta_pos.extend(off + flat_positions(t.k))
         off += t.k * t.k
     cat = lambda a: np.ascontiguousarray(np.concatenate(a).astype(np.int32)) if a else np.zeros(0, np.int32)
     return cat(bstart), cat(bsize), cat(toff), np.zeros(off), np.array(theta_pos, dtype=np.int32)

@@ -1,10 +1,14 @@
-"""Turning user data into clean numeric columns: the one place every data check lives.
+"""Turning user data into clean numeric columns: the one place every data check lives (and the
+check of ``REML``, the argument that comes with the data).
 
 Conventions follow R's model frames as lme4 builds them:
 * rows with a missing value in any column the model uses are dropped (and counted);
 * string, object, bool and categorical columns are factors; a pandas Categorical keeps its
   own category order (first category = reference level), other factors use sorted levels;
-* unused factor levels are dropped.
+* unused factor levels are dropped;
+* an interaction a:b of factors has the combinations present as levels, the first factor
+  varying slowest, labelled "a_level:b_level" (:func:`combine_factors`, used in memory, by the
+  chunked level scan and for new rows).
 """
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from ._exceptions import DataError, MissingColumnError, MissingValuesWarning
+from ._exceptions import ArgumentError, DataError, MissingColumnError, MissingValuesWarning
 
 __all__ = ["as_frame", "check_columns", "drop_missing", "prepare_factors", "factor_codes",
            "is_factor_dtype", "as_numeric_array", "reject_complex", "check_weights", "no_positive_weight",
-           "unique_labels", "is_polars_frame"]
+           "unique_labels", "is_polars_frame", "row_labels", "interaction_labels", "combine_factors",
+           "recode_combinations", "check_reml"]
 
 
 def as_frame(data, what: str = "data") -> pd.DataFrame:
@@ -217,6 +222,57 @@ def _label(v) -> str:
     return str(v)
 
 
+def row_labels(values: pd.Series) -> np.ndarray:
+    """The level label of every row (object array; None where missing), as :func:`factor_codes`
+    labels levels: ints and integer-valued floats give "1", bools "TRUE"/"FALSE", strings themselves."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        cats = np.array([_label(c) for c in values.cat.categories] + [None], dtype=object)
+        codes = np.asarray(values.cat.codes, dtype=np.int64)
+        return cats[np.where(codes < 0, len(cats) - 1, codes)]
+    codes, uniques = pd.factorize(values, sort=False)
+    labs = np.array([_label(u) for u in uniques] + [None], dtype=object)
+    return labs[np.where(codes < 0, len(labs) - 1, codes)]
+
+
+# ----------------------------------------------------------------------------- interactions
+
+def interaction_labels(parts) -> list[str]:
+    """Level labels of an interaction a:b:…: the factors' labels joined by ':' (lme4's "b:a")."""
+    return [":".join(map(str, t)) for t in zip(*parts)]
+
+
+def combine_factors(codes: list[np.ndarray], levels: list[list[str]]) -> tuple[np.ndarray, list[str], list]:
+    """The interaction of factors given by level codes (into ``levels``): the combinations present,
+    ordered with the first factor varying slowest, labelled by :func:`interaction_labels`.
+
+    Returns (each row's code into those combinations, their labels, the sorted keys of each step),
+    the steps being what :func:`recode_combinations` needs to code other rows the same way.  The
+    factors are combined one at a time (key = combination so far × ℓ + code), so keys stay below
+    rows × ℓ whatever the number of factors."""
+    out = np.asarray(codes[0], dtype=np.int64)
+    labels = list(levels[0])
+    steps = []
+    for c, lv in zip(codes[1:], levels[1:]):
+        keys, out = np.unique(out * len(lv) + c, return_inverse=True)
+        out = out.astype(np.int64).ravel()
+        labels = interaction_labels([[labels[k] for k in keys // len(lv)], [lv[k] for k in keys % len(lv)]])
+        steps.append(keys)
+    return out, labels, steps
+
+
+def recode_combinations(codes: list[np.ndarray], levels: list[list[str]], steps: list) -> np.ndarray:
+    """Codes into the combinations of :func:`combine_factors` (``steps``) of other rows' level
+    codes; −1 for a combination it did not see."""
+    out = np.asarray(codes[0], dtype=np.int64)
+    for c, lv, keys in zip(codes[1:], levels[1:], steps):
+        key = out * len(lv) + c
+        pos = np.searchsorted(keys, key)
+        found = (out >= 0) & (pos < keys.size)
+        found[found] = keys[pos[found]] == key[found]
+        out = np.where(found, pos, -1)
+    return out
+
+
 def prepare_factors(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Copy of the used columns in which every factor-like column is a clean Categorical.
 
@@ -285,6 +341,17 @@ def no_positive_weight(what: str) -> DataError:
     """The error for weights that are zero in every row (in memory, or summed over all chunks)."""
     return DataError(f"{what} is zero in every row the model uses; at least one observation needs a "
                      "positive weight")
+
+
+def check_reml(REML) -> bool:
+    """``REML`` as a bool: True/False (NumPy's too) or the integers 1/0, as R's ``if (REML)``
+    coerces numbers; anything else (a string such as "no", None, an array) is refused rather than
+    read by Python's truthiness, under which "no" would mean REML."""
+    if isinstance(REML, (bool, np.bool_)):
+        return bool(REML)
+    if isinstance(REML, (int, np.integer)) and REML in (0, 1):
+        return bool(REML)
+    raise ArgumentError(f"REML must be True or False, got {REML!r} ({type(REML).__name__})")
 
 
 def is_polars_frame(obj) -> bool:

@@ -21,13 +21,14 @@ import numpy as np
 import pandas as pd
 import scipy.linalg as la
 import scipy.sparse as sp
+from . import _params
 from ._contrasts import check_contrast_names, default_contrasts, resolve_contrasts
-from ._data import (as_frame, as_numeric_array, check_columns, check_weights, drop_missing, factor_codes,
-                    is_factor_dtype, prepare_factors)
+from ._data import (as_frame, as_numeric_array, check_columns, check_weights, combine_factors, drop_missing,
+                    factor_codes, is_factor_dtype, prepare_factors)
 from ._exceptions import (DataError, FormulaError, GroupingFactorError, IdentifiabilityError,
                           RankDeficiencyWarning)
 from ._formula import ParsedFormula, parse_formula
-from ._ols import ols_shift, raise_if_exact_rows
+from ._ols import raise_if_exact_rows, response_shift
 from ._rformula import RExpr, evaluate_vector, model_matrix, parse_expr, r_column_names, translate
 
 __all__ = ["ReTerm", "ModelStructure", "build_structure"]
@@ -66,22 +67,8 @@ class ReTerm:
         return self.k * (self.k + 1) // 2
 
     def T(self, theta: np.ndarray) -> np.ndarray:
-        """The k×k lower-triangular relative covariance factor of this term at θ."""
-        k = self.k
-        T = np.zeros((k, k))
-        rows, cols = _lower_tri_colwise(k)
-        T[rows, cols] = theta[self.theta_offset:self.theta_offset + self.ntheta]
-        return T
-
-
-def _lower_tri_colwise(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column indices of a k×k lower triangle, column by column (lme4's θ order)."""
-    rows, cols = [], []
-    for j in range(k):
-        for i in range(j, k):
-            rows.append(i)
-            cols.append(j)
-    return np.array(rows, dtype=np.intp), np.array(cols, dtype=np.intp)
+        """The k×k lower-triangular relative covariance factor of this term at θ (``_params``)."""
+        return _params.term_T(self, theta)
 
 
 @dataclass(frozen=True)
@@ -145,27 +132,18 @@ class ModelStructure:
 
     @property
     def lower(self) -> np.ndarray:
-        """Lower bounds of θ: 0 for diagonal elements of each T, -inf elsewhere."""
-        out = []
-        for t in self.terms:
-            rows, cols = _lower_tri_colwise(t.k)
-            out.extend(np.where(rows == cols, 0.0, -np.inf))
-        return np.array(out, dtype=float)
+        """Lower bounds of θ: 0 for diagonal elements of each T, -inf elsewhere (``_params``)."""
+        return _params.lower_bounds(self.terms)
 
     @property
     def theta0(self) -> np.ndarray:
         """lme4's start: 1 on the diagonal of each T, 0 off it."""
-        return np.where(self.lower == 0.0, 1.0, 0.0)
+        return _params.theta_start(self.terms)
 
     @property
     def theta_names(self) -> list[str]:
         """lme4's names: 'g.(Intercept)', 'g.Days.(Intercept)', 'g.Days'."""
-        names = []
-        for t in self.terms:
-            rows, cols = _lower_tri_colwise(t.k)
-            for i, j in zip(rows, cols):
-                names.append(f"{t.factor}.{t.cnms[i]}" if i == j else f"{t.factor}.{t.cnms[i]}.{t.cnms[j]}")
-        return names
+        return _params.theta_names(self.terms)
 
     def __getstate__(self) -> dict:
         # Z is assembled from the terms' level codes and model matrices: pickle those, not the
@@ -179,9 +157,7 @@ class ModelStructure:
 
     def Lambda(self, theta: np.ndarray) -> sp.csc_matrix:
         """Λ_θ = blockdiag over terms of (I_ℓ ⊗ T_i), a sparse q × q lower-triangular matrix."""
-        blocks = [sp.kron(sp.identity(t.nlevels, format="csc"), sp.csc_matrix(t.T(theta)), format="csc")
-                  for t in self.terms]
-        return sp.block_diag(blocks, format="csc")
+        return _params.Lambda(self.terms, theta)
 
 
 # ----------------------------------------------------------------------------- names
@@ -315,7 +291,7 @@ def check_response_type(parsed: ParsedFormula, mv: ModelVariables, df: pd.DataFr
 class RowBlock:
     """What one block of complete rows contributes: y, the fixed-effects matrix, the offset and,
     per random-effects term (in formula order), its model matrix and grouping-factor codes."""
-    y: np.ndarray
+    y: np.ndarray | None     # None for new rows, which have no response
     X: np.ndarray
     fixef_names: list[str]
     fixed_spec: object
@@ -328,24 +304,32 @@ class RowBlock:
 
 
 def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offset_arg=None,
-                  fixed_spec=None, allow_python: bool = False, contrasts=None) -> RowBlock:
+                  fixed_spec=None, allow_python: bool = False, contrasts=None, *, response: bool = True,
+                  random=None, finite: bool = True) -> RowBlock:
     """Evaluate the response, fixed effects, offsets and random-effects model matrices on
     ``frame`` (complete rows, factors already Categorical).  ``group_codes(group)`` gives the
     integer level codes of a grouping factor; ``fixed_spec`` (formulaic's ModelSpec of an earlier
     block) fixes the fixed-effects columns, so every chunk of a chunked fit gets the same ones.
     ``contrasts``: {column: RContrasts} of the fixed part's factors (checked names, see
-    ``_contrasts``); the random-effects terms get R's defaults, as lme4 builds them."""
+    ``_contrasts``); the random-effects terms get R's defaults, as lme4 builds them.
+
+    New rows (``_newdata``, lme4's mkNewReTrms reusing the term builder) pass ``response=False``
+    (no y), ``random``: the terms to evaluate as (expr, group, spec) with each term's ModelSpec of
+    the fit (its contrasts and transform state; default: every term of ``parsed``, built afresh),
+    and ``finite=False`` (a non-finite value predicts NaN there instead of being refused)."""
     n = len(frame)
     cols = list(frame.columns)
-    # y: a bare column or an expression of columns (log(y)).
-    ye = _expr(parsed.response, cols, allow_python, "response")
-    if ye.tree is not None and ye.tree[0] == "col":
-        y = as_numeric_array(frame[ye.tree[1]], parsed.response, what="response")
-    else:
-        y = evaluate_vector(ye, frame, "response")
-    if not np.isfinite(y).all():
-        raise DataError(f"response {parsed.response!r} has {int((~np.isfinite(y)).sum())} non-finite value(s) "
-                        "after evaluation (e.g. log of a non-positive number)")
+    y = None
+    if response:
+        # y: a bare column or an expression of columns (log(y)).
+        ye = _expr(parsed.response, cols, allow_python, "response")
+        if ye.tree is not None and ye.tree[0] == "col":
+            y = as_numeric_array(frame[ye.tree[1]], parsed.response, what="response")
+        else:
+            y = evaluate_vector(ye, frame, "response")
+        if not np.isfinite(y).all():
+            raise DataError(f"response {parsed.response!r} has {int((~np.isfinite(y)).sum())} non-finite value(s) "
+                            "after evaluation (e.g. log of a non-positive number)")
 
     if fixed_spec is None:
         tr = translate(parsed.fixed, cols, allow_python, "the fixed effects")
@@ -354,15 +338,10 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
         fixed_spec = Xmm.model_spec
     else:
         fixed_contrasts = dict((fixed_spec.materializer_params or {}).get("contrasts", {}))
-        try:
-            Xmm = fixed_spec.get_model_matrix(frame, output="pandas", na_action="ignore")
-        except FormulaError:
-            raise
-        except Exception as e:
-            raise FormulaError(f"cannot build the model matrix of the fixed effects {parsed.fixed!r}: {e}") from e
+        Xmm = _from_spec(fixed_spec, frame, f"the fixed effects {parsed.fixed!r}")
     X = np.asarray(Xmm.to_numpy(dtype=np.float64), dtype=np.float64).reshape(n, -1)
     names = r_column_names(fixed_spec)
-    if not np.isfinite(X).all():
+    if finite and not np.isfinite(X).all():
         bad = [c for c, ok in zip(names, np.isfinite(X).all(axis=0)) if not ok]
         raise DataError(f"fixed-effects columns {bad} have non-finite values")
 
@@ -372,22 +351,36 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
         off_total = ov if off_total is None else off_total + ov
 
     cnms, Xis, codes, specs = [], [], [], []
-    for rt in parsed.random:
-        label = ":".join(rt.group)
-        where = f"the random-effects term ({rt.expr} | {label})"
-        tr = translate(rt.expr, cols, allow_python, where)
-        Zmm = model_matrix(tr, frame, where, default_contrasts(frame, tr.variables), allow_python)
+    for expr, group, spec in (random if random is not None else [(rt.expr, rt.group, None) for rt in parsed.random]):
+        label = ":".join(group)
+        where = f"the random-effects term ({expr} | {label})"
+        if spec is None:
+            tr = translate(expr, cols, allow_python, where)
+            Zmm = model_matrix(tr, frame, where, default_contrasts(frame, tr.variables), allow_python)
+        else:
+            Zmm = _from_spec(spec, frame, where)
         Xi = np.ascontiguousarray(Zmm.to_numpy(dtype=np.float64)).reshape(n, -1)
         if Xi.shape[1] == 0:
-            raise FormulaError(f"random-effects term ({rt.expr} | {label}) has no columns")
-        if not np.isfinite(Xi).all():
-            raise DataError(f"random-effects term ({rt.expr} | {label}) has non-finite values")
+            raise FormulaError(f"random-effects term ({expr} | {label}) has no columns")
+        if finite and not np.isfinite(Xi).all():
+            raise DataError(f"random-effects term ({expr} | {label}) has non-finite values")
         cnms.append(r_column_names(Zmm.model_spec))
         Xis.append(Xi)
         specs.append(Zmm.model_spec)
-        codes.append(group_codes(rt.group))
+        codes.append(group_codes(group))
     return RowBlock(y=y, X=X, fixef_names=names, fixed_spec=fixed_spec, offset=off_total,
                     term_cnms=cnms, term_Xi=Xis, term_codes=codes, term_specs=specs, contrasts=fixed_contrasts)
+
+
+def _from_spec(spec, frame: pd.DataFrame, what: str):
+    """The model matrix of ``frame`` by a ModelSpec of earlier rows (same columns, levels, contrasts
+    and transform state); formulaic's errors become a FormulaError naming ``what``."""
+    try:
+        return spec.get_model_matrix(frame, output="pandas", na_action="ignore")
+    except FormulaError:
+        raise
+    except Exception as e:
+        raise FormulaError(f"cannot build the model matrix of {what}: {e}") from e
 
 
 def check_term_size(label: str, expr: str, nlevels: int, k: int, n: int) -> None:
@@ -488,8 +481,8 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
     dropped = [nm for j, nm in enumerate(rows.fixef_names) if j not in keep]
     X, fixef_names = rows.X[:, keep], [rows.fixef_names[j] for j in keep]
     warn_rank_deficient(dropped)
-    r = rows.y - (rows.offset if rows.offset is not None else 0.0)
-    raise_if_exact_rows(ols_shift(X, r, w_all)[0], r, w_all, f"response {parsed.response!r}", X.shape[1])
+    yt, _, r = response_shift(rows.y, X, rows.offset, w_all)
+    raise_if_exact_rows(yt, r, w_all, f"response {parsed.response!r}", X.shape[1])
 
     factor_levels: dict[str, list[str]] = {}
     for rt, levels, Xi in zip(parsed.random, term_levels, rows.term_Xi):
@@ -513,16 +506,12 @@ def variable_levels_of(frame: pd.DataFrame) -> dict:
 
 
 def _group_codes(df: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
-    """Codes of a grouping factor; an interaction a:b keeps only the combinations present,
-    ordered with the first factor varying slowest, labelled 'a_level:b_level'."""
-    codes, levels = factor_codes(df[group[0]], group[0])
-    for g in group[1:]:
-        c2, l2 = factor_codes(df[g], g)
-        key = codes * len(l2) + c2
-        uniq, codes = np.unique(key, return_inverse=True)
-        levels = [f"{levels[u // len(l2)]}:{l2[u % len(l2)]}" for u in uniq]
-        codes = codes.astype(np.int64)
-    return codes, levels
+    """Codes and labels of a grouping factor; an interaction a:b keeps only the combinations
+    present, ordered with the first factor varying slowest, labelled 'a_level:b_level'
+    (``_data.combine_factors``)."""
+    codes, levels = zip(*(factor_codes(df[g], g) for g in group))
+    out, labels, _ = combine_factors(list(codes), list(levels))
+    return out, labels
 
 
 def assemble_Z(terms: list[ReTerm], n: int) -> sp.csc_matrix:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from formulaic import Formula
+
 from ._exceptions import FormulaError
 
 __all__ = ["RandomTerm", "ParsedFormula", "parse_formula", "split_terms"]
@@ -267,8 +269,6 @@ def _elements(rest: list[tuple[str, str]], expr: str, term: str) -> list[str]:
     simple = all(sign == "+" and not _top(t, "*^/%") and not _plain_groups(t) for sign, t in rest)
     if simple:
         return sorted((t for _, t in rest), key=lambda t: len(_top(t, ":")))
-    from formulaic import Formula  # formula algebra (*, /, ^, -) only where needed
-
     try:
         parsed = Formula("0 + " + _join(rest))
     except Exception as e:

@@ -13,16 +13,18 @@
       ∂r²/∂θ_k = −2 ρᵀ (∂Λ/∂θ_k) û,   ρ = ZᵀW(y − Xβ̂ − ZΛû) = ZᵀWy − ZᵀWXβ̂ − (ZᵀWZ)Λû,
   i.e. for θ_k = T_t[r, c]:  −2 Σ_levels ρ_{a,r} û_{a,c}.
 A scalar term's criterion is even in its θ, so the derivative at θ = 0 is 0; a vector term with
-a singular T has no T⁻¹ and its entries are returned as NaN for the caller to difference.
+a singular T has no T⁻¹ and its entries are returned as NaN, which :func:`fd_fallback` replaces
+by finite differences (central where both sides are feasible, one-sided inwards on a bound).
 """
 from __future__ import annotations
 
 import numpy as np
 import scipy.linalg as la
 
-from ._design import ModelStructure, _lower_tri_colwise
+from ._design import ModelStructure
+from ._params import tri_indices
 
-__all__ = ["theta_gradient"]
+__all__ = ["theta_gradient", "fd_fallback"]
 
 
 def theta_gradient(s: ModelStructure, theta: np.ndarray, G: list[np.ndarray], rho: np.ndarray,
@@ -35,7 +37,7 @@ def theta_gradient(s: ModelStructure, theta: np.ndarray, G: list[np.ndarray], rh
         U = u[sl].reshape(nl, k)
         P = rho[sl].reshape(nl, k)
         drss = -2.0 * (P.T @ U)                                     # [r, c] = ∂r²/∂T_rc
-        rows, cols = _lower_tri_colwise(k)
+        rows, cols = tri_indices(k)
         th = slice(t.theta_offset, t.theta_offset + t.ntheta)
         T = t.T(theta)
         diag = np.diag(T)
@@ -47,4 +49,24 @@ def theta_gradient(s: ModelStructure, theta: np.ndarray, G: list[np.ndarray], rh
             g[th] = 0.0                                            # even in θ: flat on the bound
         else:
             g[th] = np.nan
+    return g
+
+
+def fd_fallback(g: np.ndarray, f, theta: np.ndarray, lower: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """``g`` with its NaN entries (a singular vector term) replaced by finite differences of the
+    criterion ``f``: (f(θ + h e) − f(θ − h e))/2h where θ − h e is feasible, else the one-sided
+    (f(θ + h e) − f(θ))/h inwards from the bound."""
+    bad = np.flatnonzero(np.isnan(g))
+    if bad.size == 0:
+        return g
+    g = g.copy()
+    f0 = None
+    for i in bad:
+        e = np.zeros_like(theta)
+        e[i] = h
+        if theta[i] - h < lower[i]:
+            f0 = f(theta) if f0 is None else f0
+            g[i] = (f(theta + e) - f0) / h
+        else:
+            g[i] = (f(theta + e) - f(theta - e)) / (2.0 * h)
     return g

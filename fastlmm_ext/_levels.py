@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ._data import _labels, factor_codes, is_factor_dtype, reject_complex, unique_labels
+from ._data import (_labels, combine_factors, factor_codes, is_factor_dtype, recode_combinations, reject_complex,
+                    unique_labels)
 from ._exceptions import DataError
 
 __all__ = ["LevelScanner", "GlobalLevels", "ColumnLevels"]
@@ -197,44 +198,30 @@ def _pandas_dtype(vals: np.ndarray):
 class GlobalLevels:
     """Levels of every factor column and multi-column grouping factor of a model."""
     columns: dict[str, ColumnLevels]
-    groups: dict[tuple[str, ...], tuple[np.ndarray, list[str]]]   # sorted combined keys, labels
+    groups: dict[tuple[str, ...], tuple[list, list[str]]]   # combine_factors' steps, labels
     non_numeric: set[str] = field(default_factory=set)              # columns that are factors in the frame
 
     def codes(self, df: pd.DataFrame, column: str) -> np.ndarray:
         return self.columns[column].codes(df[column], column)
 
     def _combo_levels(self, combos: pd.DataFrame, group: tuple[str, ...]):
-        """Present combinations of a:b…, first factor varying slowest, labelled 'x:y' (as
-        ``_design._group_codes`` builds them from the whole data)."""
-        labels = [np.asarray(self.columns[group[0]].labels, dtype=object)]
-        key = self.codes(combos, group[0])
-        for g in group[1:]:
-            lv = self.columns[g]
-            key = key * len(lv.labels) + self.codes(combos, g)
-            labels.append(np.asarray(lv.labels, dtype=object))
-        keys = np.unique(key)
-        sizes = [len(lab) for lab in labels]
-        parts, rem = [], keys.copy()
-        for size in reversed(sizes):
-            parts.append(rem % size)
-            rem = rem // size
-        parts.reverse()
-        out = [":".join(str(labels[i][parts[i][r]]) for i in range(len(group))) for r in range(keys.size)]
-        return keys, out
+        """Present combinations of a:b…, first factor varying slowest, labelled 'x:y', as
+        ``_design._group_codes`` builds them from the whole data (``_data.combine_factors``):
+        (the steps that code later chunks, the labels)."""
+        _, labels, steps = combine_factors([self.codes(combos, g) for g in group],
+                                           [list(self.columns[g].labels) for g in group])
+        return steps, labels
 
     def group_codes(self, df: pd.DataFrame, group: tuple[str, ...]) -> np.ndarray:
         """Level codes of grouping factor ``group`` for the rows of ``df``."""
-        codes = self.codes(df, group[0])
+        codes = [self.codes(df, g) for g in group]
         if len(group) == 1:
-            return codes
-        for g in group[1:]:
-            codes = codes * len(self.columns[g].labels) + self.codes(df, g)
-        keys = self.groups[group][0]
-        pos = np.searchsorted(keys, codes)
-        if (pos >= keys.size).any() or (keys[np.minimum(pos, keys.size - 1)] != codes).any():
+            return codes[0]
+        out = recode_combinations(codes, [list(self.columns[g].labels) for g in group], self.groups[group][0])
+        if (out < 0).any():
             raise DataError(f"grouping factor {':'.join(group)!r} has combinations the level scan did not see; "
                             "chunks must yield the same rows on every pass")
-        return pos.astype(np.int64)
+        return out
 
     def group_labels(self, group: tuple[str, ...]) -> list[str]:
         if len(group) == 1:

@@ -6,32 +6,32 @@ batch of responses, see ``_response.py``) and one optimisation of θ with the sh
 same optimisation :func:`~fastlmm_ext.lmer` runs, so every row equals lmer on that response.
 
 Work is cut into batches of responses.  A batch runs in this process (``n_jobs=1``), in a
-process pool whose workers each build the kernel once from the shared statistics
-(``n_jobs > 1``), or on a Dask cluster (``client=``) to which those statistics are scattered once.
+process pool whose workers each build the kernel once from the shared statistics (``n_jobs > 1``,
+``_parallel``; threads where processes cannot be used), or on a Dask cluster (``client=``) to
+which those statistics are scattered once.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import math
-import os
-import pickle
 import threading
 import uuid
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
 import numpy as np
 import pandas as pd
 
-from ._backends import BACKENDS, make_backend
+from ._backends import check_backend, make_backend
 from ._crossprod import CrossProducts
-from ._data import as_frame, as_numeric_array, check_columns, reject_complex
+from ._data import as_frame, as_numeric_array, check_columns, check_reml, reject_complex
 from ._design import ModelStructure, build_structure
-from ._exceptions import ConvergenceWarning, DataError, FormulaError, MissingValuesWarning, SingularFitWarning
+from ._exceptions import (ArgumentError, ConvergenceWarning, DataError, FormulaError, MissingValuesWarning,
+                          SingularFitWarning)
 from ._formula import _top
-from ._model import LinearMixedModel, check_reml
+from ._model import LinearMixedModel
+from ._parallel import n_workers, run_tasks
 from ._response import response_crossproducts
 from ._threads import bundled_blas_single_thread
 
@@ -89,8 +89,7 @@ def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, 
     and one summary warning per kind is issued (e.g. "12 of 1000 fits were singular").
     """
     REML = check_reml(REML)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     _check_fit_options(fit_options)
     workers = _n_workers(n_jobs, client)
     df = as_frame(data)
@@ -115,11 +114,8 @@ def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, 
     batches = _batches(Y, Y_all, complete, workers, s)
     if client is not None:
         out = _run_dask(client, ctx, batches)
-    elif workers > 1 and len(batches) > 1:
-        out = _run_processes(workers, ctx, batches)
     else:
-        worker = _Worker(ctx)
-        out = [r for b in batches for r in worker.fit_batch(*b)]
+        out = [r for part in run_tasks(_Worker, _fit_batch, batches, ctx, workers)[0] for r in part]
     return _assemble(out, names, s, bool(REML))
 
 
@@ -137,13 +133,9 @@ def _check_fit_options(fit_options: dict) -> None:
 
 
 def _n_workers(n_jobs, client) -> int:
-    n = int(n_jobs)
-    if n == -1:
-        n = os.cpu_count() or 1
-    if n < 1:
-        raise ValueError(f"n_jobs must be a positive integer or -1, got {n_jobs}")
+    n = n_workers(n_jobs)
     if client is not None and n != 1:
-        raise ValueError("give either n_jobs (a local process pool) or client (Dask), not both")
+        raise ArgumentError("give either n_jobs (a local process pool) or client (Dask), not both")
     return n
 
 
@@ -264,15 +256,14 @@ class _Context:
 
 
 class _Worker:
-    """Fits batches with one kernel (built here, once) and a few designs for missing-value patterns."""
+    """Fits batches with one kernel (built here, once) and a few designs for missing-value patterns;
+    the context of a ``_parallel`` worker (or of a Dask worker thread)."""
 
     def __init__(self, ctx: _Context):
         self.ctx = ctx
         cp = _writable(ctx.crossprod)   # Dask may hand over read-only buffers; the kernel writes nothing
         s = ctx.structure
-        opts = {"ordering": "default"} if ctx.backend in ("compiled", "auto") else {}
-        be = make_backend(s, ctx.backend, crossprod=cp, **opts)
-        self.base = LinearMixedModel._from_backend(s, ctx.REML, "default", be)
+        self.base = LinearMixedModel._from_backend(s, ctx.REML, make_backend(s, ctx.backend, crossprod=cp))
         self._designs: dict[bytes, tuple[LinearMixedModel, list[str]]] = {}
         self.options = {**_FIT_DEFAULTS, **ctx.fit_options}
 
@@ -286,8 +277,8 @@ class _Worker:
     def _complete(self, idx, Y):
         base = self.base
         try:
-            cps = response_crossproducts(base.structure, base.backend.cp, Y) \
-                if hasattr(base.backend, "cp") else [None] * len(idx)
+            cps = response_crossproducts(base.structure, base.backend.crossprod, Y) \
+                if base.backend.crossprod is not None else [None] * len(idx)
         except DataError:
             cps = [None] * len(idx)   # some response is degenerate: one at a time finds which
 
@@ -353,33 +344,9 @@ def _writable(cp: CrossProducts) -> CrossProducts:
 
 # ----------------------------------------------------------------------------- running batches
 
-_PROCESS_WORKER: list = []   # the worker of a pool process, built by _init_process
-
-
-def _init_process(payload: bytes) -> None:
-    """Process-pool initializer: unpickle the shared statistics and build the kernel, once.
-    A failure is kept and raised by the first batch, so the caller sees it (not a broken pool)."""
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(1)      # one BLAS thread per worker process: the pool already fills the cores
-    try:
-        _PROCESS_WORKER[:] = [_Worker(pickle.loads(payload))]
-    except Exception as e:  # noqa: BLE001 - re-raised in _process_batch
-        _PROCESS_WORKER[:] = [e]
-
-
-def _process_batch(idx: list[int], Y: np.ndarray, complete: bool) -> list[tuple]:
-    worker = _PROCESS_WORKER[0]
-    if isinstance(worker, Exception):
-        raise worker
-    return worker.fit_batch(idx, Y, complete)
-
-
-def _run_processes(workers: int, ctx: _Context, batches: list) -> list[tuple]:
-    payload = pickle.dumps(ctx, protocol=pickle.HIGHEST_PROTOCOL)
-    with ProcessPoolExecutor(max_workers=min(workers, len(batches)), initializer=_init_process,
-                             initargs=(payload,)) as ex:
-        futures = [ex.submit(_process_batch, *b) for b in batches]
-        return [r for f in futures for r in f.result()]
+def _fit_batch(worker: _Worker, batch: tuple) -> list[tuple]:
+    """One batch of responses (a ``_parallel`` task) with the worker's kernel."""
+    return worker.fit_batch(*batch)
 
 
 _DASK_WORKERS: dict = {}     # (context token, thread) -> _Worker, on a Dask worker

@@ -10,33 +10,23 @@ import warnings
 
 import numpy as np
 
-from ._backends import BACKENDS, make_backend
-from ._dask import is_dask_dataframe
-from ._data import reject_complex
+from ._backends import Backend, check_backend, make_backend
+from ._chunked import structure_from_chunks
+from ._dask import is_dask_dataframe, structure_from_dask
+from ._data import check_reml, reject_complex
 from ._design import ModelStructure, build_structure
 from ._exceptions import ArgumentError, ConvergenceWarning, DataError, SingularFitWarning
-from ._progress import Progress
-from ._threads import bundled_blas_single_thread
 from ._optimize import (SINGULAR_MESSAGE, OptSummary, check_convergence, is_singular, minimize_theta,
                         snap_to_bounds)
+from ._progress import Progress
 from ._response import check_not_exact, response_crossproducts
 from ._results import LmerResult
 from ._start import moment_theta0
+from ._threads import bundled_blas_single_thread
 
-__all__ = ["LinearMixedModel", "lmer", "check_reml"]
+__all__ = ["LinearMixedModel"]
 
 AUTO_LBFGSB_MIN_Q = 200   # optimizer="auto": L-BFGS-B with the analytic gradient from this many random effects
-
-
-def check_reml(REML) -> bool:
-    """``REML`` as a bool: True/False (NumPy's too) or the integers 1/0, as R's ``if (REML)``
-    coerces numbers; anything else (a string such as "no", None, an array) is refused rather than
-    read by Python's truthiness, under which "no" would mean REML."""
-    if isinstance(REML, (bool, np.bool_)):
-        return bool(REML)
-    if isinstance(REML, (int, np.integer)) and REML in (0, 1):
-        return bool(REML)
-    raise ArgumentError(f"REML must be True or False, got {REML!r} ({type(REML).__name__})")
 
 
 class LinearMixedModel:
@@ -80,7 +70,9 @@ class LinearMixedModel:
         A known term added to the linear predictor: a column name or one value per row (adds to
         any ``offset(x)`` in the formula).
     ordering : {"default", "amd", "natural"}, default "default"
-        CHOLMOD's fill-reducing ordering P (backend ``"compiled"`` only).
+        CHOLMOD's fill-reducing ordering P: backend ``"compiled"`` only (``"auto"`` with another
+        ordering than ``"default"`` chooses ``"compiled"``; ``"blocked"`` and ``"reference"``
+        refuse one with an ``ArgumentError``).
     contrasts : dict, optional
         R's contrasts of factors of the fixed part, ``{column: contrast}`` as lme4's
         ``contrasts = list(...)``: ``"contr.treatment"`` (R's and the default), ``"contr.SAS"``
@@ -119,35 +111,27 @@ class LinearMixedModel:
                  structure: ModelStructure | None = None, crossprod=None, *, contrasts=None,
                  allow_python: bool = False):
         REML = check_reml(REML)
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend(backend, ordering)
         if structure is None and is_dask_dataframe(data):
-            from ._dask import structure_from_dask
             structure, crossprod = structure_from_dask(formula, data, weights, offset, allow_python, contrasts)
         s = structure if structure is not None else build_structure(formula, data, weights, offset,
                                                                     allow_python, contrasts)
-        if not s.has_rows and backend == "reference":
-            raise ValueError(f"backend {backend!r} needs the model's rows; a model built from accumulated "
-                             "cross-products (lmer_chunked, Dask) uses backend='auto', 'compiled' or 'blocked'")
-        opts = {"ordering": ordering} if backend in ("compiled", "auto") else {}
-        if crossprod is not None and backend != "reference":
-            opts["crossprod"] = crossprod
-        be = make_backend(s, backend, **opts)
-        self._assemble(s, REML, ordering, be)
+        self._assemble(s, REML, make_backend(s, backend, ordering=ordering, crossprod=crossprod))
 
     @property
     def backend_name(self) -> str:
         """The backend in use ("auto" resolved to "compiled" or "blocked")."""
         return self.backend.name
 
-    def _assemble(self, s: ModelStructure, REML: bool, ordering: str, backend) -> None:
+    @property
+    def ordering(self) -> str | None:
+        """CHOLMOD's fill-reducing ordering in use (None for the blocked and reference backends)."""
+        return self.backend.ordering
+
+    def _assemble(self, s: ModelStructure, REML: bool, backend: Backend) -> None:
         self.structure = s
         self.REML = bool(REML)
-        self.ordering = ordering
         self.backend = backend
-        w = s.weights
-        cp = getattr(backend, "cp", None)
-        self._sum_log_w = cp.sum_log_w if cp is not None else 0.0 if w is None else float(np.sum(np.log(w[w > 0])))
 
     @classmethod
     def from_chunks(cls, formula: str, chunks, REML: bool = True, *, weights: str | None = None,
@@ -156,18 +140,22 @@ class LinearMixedModel:
                     allow_python: bool = False) -> "LinearMixedModel":
         """A model built from chunks of rows without holding them all (see :func:`lmer_chunked`
         for what ``chunks`` may be and what the model then keeps)."""
-        from ._chunked import structure_from_chunks
         REML = check_reml(REML)
         s, cp = structure_from_chunks(formula, chunks, weights=weights, offset=offset, chunksize=chunksize,
                                       progress=progress, allow_python=allow_python, contrasts=contrasts)
         return cls(formula, None, REML=REML, backend=backend, ordering=ordering, structure=s, crossprod=cp)
 
     @classmethod
-    def _from_backend(cls, s: ModelStructure, REML: bool, ordering: str, backend) -> LinearMixedModel:
+    def _from_backend(cls, s: ModelStructure, REML: bool, backend: Backend) -> LinearMixedModel:
         """A model around an existing backend (no formula parsing, no cross-products)."""
         m = cls.__new__(cls)
-        m._assemble(s, REML, ordering, backend)
+        m._assemble(s, REML, backend)
         return m
+
+    def ml_twin(self) -> LinearMixedModel:
+        """This model fitted by maximum likelihood (itself if it is one), on the same backend: the
+        criterion's inputs do not depend on REML (lme4's refitML; used by ``anova`` and the profile)."""
+        return self if not self.REML else LinearMixedModel._from_backend(self.structure, False, self.backend)
 
     # ------------------------------------------------------------------ criterion
     @property
@@ -200,7 +188,7 @@ class LinearMixedModel:
     # ------------------------------------------------------------------ fitting
     def fit(self, optimizer: str = "auto", theta0=None, check_conv: bool = True,
             ftol_abs: float = 1e-12, xtol_abs: float = 1e-10, maxeval: int = 100_000,
-            verbose: bool = False) -> LmerResult:
+            verbose: bool | Progress = False) -> LmerResult:
         """Minimise the profiled criterion over θ ≥ :attr:`lower` and build the result.
 
         Parameters
@@ -222,8 +210,9 @@ class LinearMixedModel:
             so the optimum is at least as good as lme4's).
         maxeval : int, default 100000
             Most criterion evaluations.
-        verbose : bool, default False
-            Show progress (evaluations, best criterion, elapsed time) on stderr.
+        verbose : bool or Progress, default False
+            Show progress (evaluations, best criterion, elapsed time) on stderr; a
+            ``_progress.Progress`` is reported to instead (and left open: the caller closes it).
 
         Returns
         -------
@@ -241,28 +230,33 @@ class LinearMixedModel:
         return res
 
     def _fit(self, optimizer: str, theta0, check_conv: bool, ftol_abs: float, xtol_abs: float, maxeval: int,
-             verbose: bool) -> tuple[LmerResult, list[tuple[type, str]]]:
+             verbose: bool | Progress) -> tuple[LmerResult, list[tuple[type, str]]]:
         """:meth:`fit`, returning the warnings it would raise as (category, message) pairs
         (``fit_many`` records them per response instead of raising them)."""
         warned: list[tuple[type, str]] = []
-        progress = Progress(verbose, "REML criterion" if self.REML else "deviance")
+        be = self.backend
+        grad = (lambda th: be.gradient(th, self.REML)) if be.has_gradient else None
+        if optimizer == "lbfgsb" and grad is None:
+            raise ArgumentError(f"optimizer 'lbfgsb' needs the analytic gradient, which backend {be.name!r} does not "
+                                "have; use backend='compiled' or 'blocked', or a derivative-free optimizer")
+        own = not isinstance(verbose, Progress)
+        progress = Progress(bool(verbose), "fit", "evaluations", label="REML criterion" if self.REML else "deviance") \
+            if own else verbose
 
         def crit(th):
-            v = self.backend.objective(th, self.REML)
-            progress.update(v)
+            v = be.objective(th, self.REML)
+            progress.update(1, v)
             return v
-        grad_fn = getattr(self.backend, "gradient", None)
-        grad = (lambda th: grad_fn(th, self.REML)) if grad_fn is not None else None
         if optimizer == "auto":
             # The gradient costs about two criterion evaluations and saves 3-6x of them; for small
             # q a criterion evaluation is cheaper than the gradient's Python overhead.
             optimizer = "lbfgsb" if grad is not None and self.structure.q >= AUTO_LBFGSB_MIN_Q else "bobyqa"
         if theta0 is not None:
             th0 = np.asarray(theta0, dtype=float)
-        elif optimizer == "lbfgsb" and getattr(self.backend, "cp", None) is not None:
+        elif optimizer == "lbfgsb":
             # Moment estimates halve L-BFGS-B's evaluations on large crossed designs (_start.py);
             # BOBYQA keeps lme4's start, where it was measured not to gain.
-            th0 = moment_theta0(self.structure, self.backend.cp)
+            th0 = moment_theta0(self.structure, be.crossprod)
         else:
             th0 = self.theta0
         try:
@@ -270,7 +264,8 @@ class LinearMixedModel:
                 summ = minimize_theta(crit, th0, self.lower, optimizer=optimizer, ftol_abs=ftol_abs,
                                       xtol_abs=xtol_abs, maxeval=maxeval, grad=grad)
         finally:
-            progress.close()
+            if own:
+                progress.close()
         plain = lambda th: self.backend.objective(th, self.REML)  # noqa: E731 - no progress after the fit
         # An optimum on the boundary is reported exactly on it, whatever the backend's rounding.
         theta, fmin = snap_to_bounds(plain, summ.theta_final, summ.fmin, self.lower)
@@ -327,85 +322,10 @@ class LinearMixedModel:
         """This model with response ``y`` (checked by the caller); ``crossprod`` from
         :func:`response_crossproducts` if already computed (``fit_many`` does many at once)."""
         s = dataclasses.replace(self.structure, y=y)
-        base = getattr(self.backend, "cp", None)      # the reference backend has no cross-products
+        base = self.backend.crossprod      # None for the reference backend, which works on the rows
         if crossprod is None:
             if base is not None:
                 crossprod = response_crossproducts(self.structure, base, y)[0]
             else:
                 check_not_exact(self.structure, y)
-        backend = self.backend.with_response(s, crossprod)
-        return LinearMixedModel._from_backend(s, self.REML, self.ordering, backend)
-
-
-def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weights=None, offset=None,
-         ordering: str = "default", contrasts=None, allow_python: bool = False, **fit_options) -> LmerResult:
-    """Fit a linear mixed model with lme4's formula syntax, as lme4's ``lmer``.
-
-    Model::
-
-        y | b ~ N(Xβ + Zb + offset, σ² W⁻¹),   b = Λ_θ u,   u ~ N(0, σ² I_q),
-
-    Var(b_i) = σ² T_i T_iᵀ per random-effects term, θ the lower triangles of the T_i (lme4's
-    parameterisation, so every estimate compares one-to-one with lme4's).  β and σ are profiled
-    out; θ minimises the profiled REML criterion (or ML deviance, ``REML=False``)::
-
-        −2ℓ_R(θ) = log|L_θ|² + log|R_X|² − log|W| + (n−p) [1 + log(2π r²(θ)/(n−p))]
-
-    with L_θ L_θᵀ = ΛᵀZᵀWZΛ + I (a sparse Cholesky factor, CHOLMOD), R_X the fixed-effects
-    factor and r²(θ) the penalised weighted residual sum of squares.
-
-    Parameters
-    ----------
-    formula : str
-        lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``; ``(x || g)`` uncorrelated,
-        ``(1 | a/b)`` nested, ``(1 | a) + (1 | b)`` crossed, ``offset(z)``.
-    data : pandas.DataFrame or dask.dataframe.DataFrame
-        The data; rows missing a used value are dropped (``MissingValuesWarning``).  A Dask
-        DataFrame is reduced per partition and the fit keeps no rows (see :func:`lmer_chunked`).
-    REML : bool, default True
-        REML (lme4's default) or maximum likelihood.
-    backend : {"auto", "compiled", "blocked", "reference"}, default "auto"
-        How the criterion is evaluated (see :class:`LinearMixedModel`).
-    weights : str or array-like, optional
-        Prior weights (a column name or one value per row), lme4's ``weights``.
-    offset : str or array-like, optional
-        A known offset (a column name or one value per row), lme4's ``offset``.
-    ordering : {"default", "amd", "natural"}, default "default"
-        CHOLMOD's fill-reducing ordering.
-    contrasts : dict, optional
-        R's contrasts of fixed-effect factors (see :class:`LinearMixedModel`).
-    allow_python : bool, default False
-        Let the formula evaluate arbitrary Python: **it can then run any code** (see
-        :class:`LinearMixedModel`).
-    **fit_options
-        Options of :meth:`LinearMixedModel.fit`: ``optimizer`` ("auto", "bobyqa", "lbfgsb",
-        "nelder_mead", "cobyla"), ``theta0`` (start), ``check_conv`` (lme4's gradient and
-        Hessian checks), ``ftol_abs``, ``xtol_abs`` (NLopt tolerances), ``maxeval``,
-        ``verbose`` (progress on stderr).
-
-    Returns
-    -------
-    LmerResult
-        ``fixef``, ``se``, ``vcov`` (fixed effects, their SEs and covariance), ``theta``,
-        ``sigma``, ``varcorr`` (as.data.frame(VarCorr)), ``ranef`` and ``condvar`` (conditional
-        modes and their covariances), ``loglik``, ``aic``, ``bic``, ``criterion``,
-        ``deviance``, ``nobs``, ``ngrps``, ``converged``, ``singular``, ``messages``,
-        ``optsummary``; methods ``summary()``, ``coef_table()`` (Satterthwaite t tests),
-        ``anova_table()``, ``confint()``, ``predict()``, ``fitted()``, ``residuals()``,
-        ``simulate()``, ``bootstrap()``, ``refit()``.  See :class:`LmerResult`.
-
-    Raises
-    ------
-    FormulaError, MissingColumnError, DataError, GroupingFactorError, IdentifiabilityError
-        For a malformed formula or data that cannot be used (subclasses of ``FastLMMError``).
-
-    Examples
-    --------
-    >>> import fastlmm_ext as fl
-    >>> res = fl.lmer("pres ~ metal + (1|ingot)", fl.datasets.load("ingot"))
-    >>> round(res.sigma, 4)
-    3.2205
-    """
-    model = LinearMixedModel(formula, data, REML=REML, backend=backend, weights=weights, offset=offset,
-                             ordering=ordering, contrasts=contrasts, allow_python=allow_python)
-    return model.fit(**fit_options)
+        return LinearMixedModel._from_backend(s, self.REML, self.backend.with_response(s, crossprod))

@@ -38,8 +38,8 @@ import numpy as np
 
 from ._exceptions import DataError
 
-__all__ = ["ols_shift", "shift_residual", "ones_column", "response_level", "centred_ss", "raise_if_exact",
-           "raise_if_exact_rows"]
+__all__ = ["ols_shift", "response_shift", "remove_level", "shift_residual", "ones_column", "response_level",
+           "centred_ss", "raise_if_exact", "raise_if_exact_rows"]
 
 EXACT_REL = 1e-12       # ‖ỹ‖ / ‖r − r̄‖ at or below this: the fixed effects reproduce r
 ROUNDING_REL = 1e-15    # ‖ỹ‖ / ‖r‖ at or below this: ỹ is rounding of r's magnitude
@@ -62,15 +62,21 @@ def response_level(r: np.ndarray, w: np.ndarray | None = None) -> float:
     return float(r[0 if w is None else int(np.argmax(w > 0))])
 
 
+def remove_level(X: np.ndarray, r: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, int | None, float]:
+    """(r − c, j, c): where X has a ones column j, r moved by one of its values c (exact for a
+    large common level, module docstring), to be added back to β̂_j; else (r, None, 0)."""
+    j = ones_column(X)
+    c = response_level(r, w) if j is not None else 0.0
+    return (r - c if c != 0.0 else r), j, c
+
+
 def ols_shift(X: np.ndarray, r: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ỹ, b): b the weighted least-squares coefficients of r on X, ỹ = r − X b (module
     docstring: with a ones column, r is first moved by one of its values)."""
     p = X.shape[1]
     if p == 0:
         return r, np.zeros(0)
-    j = ones_column(X)
-    c = response_level(r, w) if j is not None else 0.0
-    rc = r - c if c != 0.0 else r
+    rc, j, c = remove_level(X, r, w)
     if w is None:
         b = np.linalg.lstsq(X, rc, rcond=None)[0]
     else:
@@ -80,6 +86,15 @@ def ols_shift(X: np.ndarray, r: np.ndarray, w: np.ndarray | None = None) -> tupl
     if j is not None:
         b[j] += c
     return yt, b
+
+
+def response_shift(y: np.ndarray, X: np.ndarray, offset: np.ndarray | None = None,
+                   w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ỹ, b, r) of a response: r = y − offset and :func:`ols_shift`'s ỹ = r − X b, as every path
+    (in memory, refit, fit_many) forms its cross-products and checks for an exact fit."""
+    r = y - offset if offset is not None else y
+    yt, b = ols_shift(X, r, w)
+    return yt, b, r
 
 
 def shift_residual(r: np.ndarray, X: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -12,7 +12,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
+import nlopt
 import numpy as np
+from scipy.optimize import minimize
 
 from ._exceptions import ConvergenceWarning
 
@@ -62,8 +64,6 @@ def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: 
         if grad is None:
             raise ValueError("optimizer 'lbfgsb' needs a backend with an analytic gradient (backend='blocked')")
         return _minimize_lbfgsb(f, grad, theta0, lower, maxeval)
-    import nlopt
-
     algo = {"bobyqa": nlopt.LN_BOBYQA, "nelder_mead": nlopt.LN_NELDERMEAD, "cobyla": nlopt.LN_COBYLA}
     if optimizer not in algo:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
@@ -124,8 +124,6 @@ def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: 
 
 
 def _minimize_lbfgsb(f, grad, theta0, lower, maxeval) -> OptSummary:
-    from scipy.optimize import minimize
-
     theta0 = np.asarray(theta0, dtype=float)
     summ = OptSummary(optimizer="lbfgsb", theta_initial=theta0.copy(), lower=np.asarray(lower, float).copy(),
                       maxeval=maxeval)

@@ -17,18 +17,19 @@ and the interval is {c : |ζ(c)| ≤ z_{(1+level)/2}}, found here by root findin
 """
 from __future__ import annotations
 
-import pickle
-import threading
 import warnings
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 
+import nlopt
 import numpy as np
 import pandas as pd
 import scipy.linalg as la
 from scipy import optimize, stats
 
-from ._inference import _format_pct, confint_row_names
+from ._parallel import n_workers, run_tasks
+from ._params import Cv_to_Sv, Sv_to_Cv, theta_kinds
+from ._pls import deviance_at_sigma, profiled_criterion
+from ._progress import Progress
+from ._summary import confint_row_names, format_pct
 from ._threads import bundled_blas_single_thread
 
 __all__ = ["Profiler", "profile_confint", "profile_table"]
@@ -38,75 +39,23 @@ class Profiler:
     """ML profile of every parameter of a fitted model (see module docstring)."""
 
     def __init__(self, res):
-        from ._model import LinearMixedModel
-
-        m = res.model
+        m = res.model.ml_twin()
         if res.REML:
-            m = LinearMixedModel._from_backend(m.structure, False, m.ordering, m.backend)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 res = m.fit(check_conv=False)
         self.res, self.model, self.s = res, m, m.structure
         self.n = self.s.n
         self.backend = m.backend
-        self.sum_log_w = m._sum_log_w
+        self.sum_log_w = m.backend.sum_log_w
         self.theta_hat = np.asarray(res.theta, dtype=float)
         self.sigma_hat = float(res.sigma)
         self.dev_hat = float(res.criterion)
-        self.psi_hat = self.theta_to_psi(self.theta_hat, self.sigma_hat)
+        # A correlation whose SD is 0 is undefined (NaN, see _params); its profile starts at 0.
+        self.psi_hat = np.nan_to_num(Cv_to_Sv(self.s.terms, self.theta_hat, self.sigma_hat), nan=0.0)
         self.nsig = self.s.ntheta
         self.names = confint_row_names(self.s)
-        self.kinds = []  # "sd" | "cor" for each .sig
-        for t in self.s.terms:
-            for j in range(t.k):
-                for i in range(j, t.k):
-                    self.kinds.append("sd" if i == j else "cor")
-
-    # ------------------------------------------------------------------ scales
-    def theta_to_psi(self, theta, sigma) -> np.ndarray:
-        """θ, σ → (SDs and correlations per term, in θ's positions)."""
-        out = []
-        for t in self.s.terms:
-            T = t.T(theta)
-            S = T @ T.T
-            sd = np.sqrt(np.diag(S))
-            for j in range(t.k):
-                for i in range(j, t.k):
-                    if i == j:
-                        out.append(sigma * sd[i])
-                    else:
-                        out.append(S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else 0.0)
-        return np.array(out)
-
-    def psi_to_theta(self, psi, sigma) -> np.ndarray:
-        """Inverse of :meth:`theta_to_psi`: T = chol(D C D)/σ, with a semidefinite fallback."""
-        theta = np.empty(self.nsig)
-        pos = 0
-        for t in self.s.terms:
-            k = t.k
-            sd = np.zeros(k)
-            C = np.eye(k)
-            p0 = pos
-            for j in range(k):
-                for i in range(j, k):
-                    if i == j:
-                        sd[i] = psi[pos]
-                    else:
-                        C[i, j] = C[j, i] = psi[pos]
-                    pos += 1
-            S = (sd[:, None] * C * sd[None, :]) / sigma ** 2
-            try:
-                T = np.linalg.cholesky(S)
-            except np.linalg.LinAlgError:
-                w, V = np.linalg.eigh(S)
-                T = la.qr((V * np.sqrt(np.maximum(w, 0.0))).T, mode="r")[0].T
-                T = T * np.sign(np.diag(T) + (np.diag(T) == 0))[None, :]
-            q = p0
-            for j in range(k):
-                for i in range(j, k):
-                    theta[q] = T[i, j]
-                    q += 1
-        return theta
+        self.kinds = theta_kinds(self.s.terms)   # "sd" | "cor" for each .sig
 
     # ------------------------------------------------------------------ deviances
     def _pieces(self, theta):
@@ -114,22 +63,13 @@ class Profiler:
         return st
 
     def _ld_pwrss(self, theta):
-        """log|L_θ|² and r²(θ), straight from the compiled kernel when there is one."""
-        theta = np.maximum(np.asarray(theta, dtype=float), self.s.lower)
-        update = getattr(self.backend, "_update", None)
-        if update is not None:
-            # Through the backend, which records the θ of the kernel's factor: a factor updated
-            # behind its back would be taken for the one at its last θ by the next state().
-            update(theta)
-            kernel = self.backend.kernel
-            return kernel.ldL2, kernel.pwrss
-        st = self.backend.state(theta)
-        return st.ldL2, st.pwrss
+        """log|L_θ|² and r²(θ), without the modes (``Backend.pls_terms``)."""
+        return self.backend.pls_terms(np.maximum(np.asarray(theta, dtype=float), self.s.lower))
 
     def dev_sigma_theta(self, theta, sigma) -> float:
         """D(θ, σ, β̂_θ)."""
         ldL2, pwrss = self._ld_pwrss(theta)
-        return float(ldL2 - self.sum_log_w + self.n * np.log(2 * np.pi * sigma ** 2) + pwrss / sigma ** 2)
+        return deviance_at_sigma(ldL2, 0.0, pwrss, sigma, self.n, self.s.p, False, self.sum_log_w)
 
     def dev_beta(self, theta, j, b) -> float:
         """min over σ and β_{−j} of D(θ, σ, β) with β_j = b."""
@@ -137,10 +77,9 @@ class Profiler:
         Rinv = la.solve_triangular(st.RX, np.eye(self.s.p), lower=False)
         vjj = float(Rinv[j] @ Rinv[j])
         r2 = st.pwrss + (b - st.beta[j]) ** 2 / vjj
-        return float(st.ldL2 - self.sum_log_w + self.n * (1.0 + np.log(2 * np.pi * r2 / self.n)))
+        return profiled_criterion(st.ldL2, 0.0, r2, self.n, self.s.p, False, self.sum_log_w)
 
     def _minimize(self, f, x0, lower, upper):
-        import nlopt
         x0 = np.clip(np.asarray(x0, float), lower, upper)
         if x0.size == 0:
             return f(x0)
@@ -171,7 +110,7 @@ class Profiler:
                 psi[m] = c
                 psi[free] = x[1:]
                 sigma = max(x[0], 1e-12)
-                return self.dev_sigma_theta(self.psi_to_theta(psi, sigma), sigma)
+                return self.dev_sigma_theta(Sv_to_Cv(self.s.terms, psi, sigma), sigma)
             return self._minimize(f, x0, lo, hi)
         if m == nsig:  # σ fixed: θ free on its own scale
             return self._minimize(lambda th: self.dev_sigma_theta(th, c), self.theta_hat,
@@ -234,86 +173,38 @@ def profile_confint(res, level: float = 0.95, parm=None, n_jobs: int = 1, progre
     """lme4's ``confint(fit, method="profile")``: rows .sig01.., .sigma, fixed effects.
 
     Each row needs two root searches (lower and upper bound), each many constrained ML fits;
-    they are independent, so ``n_jobs > 1`` (``-1``: all cores) runs them in a process pool
-    whose workers get the (ML) fit pickled once and profile it with their own kernel, falling
-    back to threads (one unpickled copy of the fit each) where processes cannot be used.  The
-    bounds are the same as the serial ones (the same arithmetic on the same inputs).
-    ``progress``: True → a tqdm bar on stderr; None → one only on a terminal once the run has
-    taken more than 2 s; False → never."""
-    from ._many import _n_workers
-    from ._predict import _Progress
-
+    they are independent, so ``n_jobs > 1`` (``-1``: all cores) runs them with ``_parallel``:
+    in a process pool whose workers get the (ML) fit pickled once and profile it with their own
+    kernel, or in threads (one unpickled copy of the fit each) where processes cannot be used.
+    The bounds are the same as the serial ones (the same arithmetic on the same inputs).
+    ``progress``: True → shown on stderr; None → only on a terminal once the run has taken more
+    than 2 s; False → never (``_progress``)."""
     a = (1.0 - level) / 2.0
     z = float(stats.norm.ppf(1.0 - a))
-    bar = None
     # The wheels' BLAS at one thread, as in the fit (_threads): their spinning threads and
     # CHOLMOD's would take turns on every small call (sleepstudy on 2 cores: 13 s → 1.1 s).
-    try:
-        with bundled_blas_single_thread():
-            prof = Profiler(res)
-            names = prof.names
-            idx = range(len(names)) if parm is None else \
-                [names.index(q) for q in ([parm] if isinstance(parm, str) else parm)]
-            tasks = [(m, side) for m in idx for side in (-1, +1)]
-            workers = min(_n_workers(n_jobs, None), len(tasks))
-            bar = _Progress(len(tasks), progress, desc="profile")
-            if workers > 1:
-                bounds = _parallel_bounds(prof, z, tasks, workers, bar)
-            else:
-                bounds = {}
-                for m, side in tasks:
-                    bounds[m, side] = prof.bound(m, z, side)
-                    bar.update(1)
-    finally:
-        if bar is not None:
+    with bundled_blas_single_thread():
+        prof = Profiler(res)
+        names = prof.names
+        idx = range(len(names)) if parm is None else \
+            [names.index(q) for q in ([parm] if isinstance(parm, str) else parm)]
+        tasks = [(m, z, side) for m in idx for side in (-1, +1)]
+        bar = Progress(progress, "profile", "bounds", total=len(tasks))
+        try:
+            # The ML fit (for a REML fit, its refit) goes to the workers, so that they need not refit.
+            found, _ = run_tasks(Profiler, _bound, tasks, prof.res, n_workers(n_jobs, len(tasks)), bar, local=prof)
+        finally:
             bar.close()
-    cols = _format_pct([a, 1.0 - a])
+    bounds = {(m, side): b for (m, _, side), b in zip(tasks, found)}
+    cols = format_pct([a, 1.0 - a])
     return pd.DataFrame({cols[0]: [bounds[m, -1] for m in idx], cols[1]: [bounds[m, +1] for m in idx]},
                         index=[names[m] for m in idx])
 
 
-# ----------------------------------------------------------------------------- parallel bounds
-
-_WORKER: list = []   # the Profiler of a pool process, built by _init_worker
-
-
-def _init_worker(payload: bytes) -> None:
-    """Process-pool initializer: unpickle the ML fit and build its Profiler, once per worker."""
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(1)      # one BLAS thread per worker: the pool already fills the cores
-    _WORKER[:] = [Profiler(pickle.loads(payload))]
-
-
-def _worker_bound(m: int, z: float, side: int) -> float:
-    return _WORKER[0].bound(m, z, side)
-
-
-def _parallel_bounds(prof: Profiler, z: float, tasks: list, workers: int, bar) -> dict:
-    """{(m, side): bound} computed by ``workers`` processes (or threads, if processes fail)."""
-    # The ML fit (for a REML fit, its refit), so that the workers need not refit.
-    payload = pickle.dumps(prof.res, protocol=pickle.HIGHEST_PROTOCOL)
-    out: dict = {}
-    try:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(payload,)) as ex:
-            futs = {ex.submit(_worker_bound, m, z, side): (m, side) for m, side in tasks}
-            for f in as_completed(futs):
-                out[futs[f]] = f.result()
-                bar.update(1)
-        return out
-    except (BrokenProcessPool, OSError, NotImplementedError, pickle.PicklingError, AttributeError, ImportError):
-        pass
-    local = threading.local()   # a kernel is not shared between threads: one copy of the fit each
-
-    def run(m: int, side: int) -> float:
-        if getattr(local, "prof", None) is None:
-            local.prof = Profiler(pickle.loads(payload))
-        return local.prof.bound(m, z, side)
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        futs = {ex.submit(run, m, side): (m, side) for m, side in tasks if (m, side) not in out}
-        for f in as_completed(futs):
-            out[futs[f]] = f.result()
-            bar.update(1)
-    return out
+def _bound(prof: Profiler, task: tuple[int, float, int]) -> float:
+    """One root search (a ``_parallel`` task): parameter m's bound on ``side`` at ζ = ±z."""
+    m, z, side = task
+    return prof.bound(m, z, side)
 
 
 def profile_table(res, npoints: int = 13, level: float = 0.99) -> pd.DataFrame:

@@ -28,9 +28,11 @@ import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
 
+from ._crossprod import log_weight_sum
 from ._design import ModelStructure
 from ._exceptions import NotPositiveDefiniteError
-from ._ols import ones_column, response_level
+from ._ols import remove_level
+from ._pls import profiled_criterion
 
 __all__ = ["ReferencePLS"]
 
@@ -45,10 +47,8 @@ class ReferencePLS:
         r = s.y - (0.0 if s.offset is None else s.offset)
         # With an intercept column, a value c of y − o is moved into β̂'s intercept: y − o − c is
         # exact for a large common level (10¹² + ...), which X β̂ would otherwise round (_ols).
-        self.icpt = ones_column(s.X)
-        self.level = response_level(r, s.weights) if self.icpt is not None else 0.0
-        self.y = r - self.level
-        self.sum_log_w = float(np.sum(np.log(self.w[self.w > 0])))
+        self.y, self.icpt, self.level = remove_level(s.X, r, s.weights)
+        self.sum_log_w = log_weight_sum(s.weights)
 
     def solve(self, theta: np.ndarray) -> dict:
         s, w, y, X = self.s, self.w, self.y, self.s.X
@@ -82,8 +82,6 @@ class ReferencePLS:
                 "RX": RX, "L": L}
 
     def objective(self, theta: np.ndarray, reml: bool) -> float:
+        """Profiled criterion, eq. (34) / (41), from the PLS solution (``_pls``)."""
         st = self.solve(theta)
-        n, p = self.s.n, self.s.p
-        df = n - p if reml else n
-        val = st["ldL2"] - self.sum_log_w + df * (1.0 + np.log(2.0 * np.pi * st["pwrss"] / df))
-        return float(val + st["ldRX2"]) if reml else float(val)
+        return profiled_criterion(st["ldL2"], st["ldRX2"], st["pwrss"], self.s.n, self.s.p, reml, self.sum_log_w)

@@ -20,7 +20,7 @@ import numpy as np
 from ._crossprod import CrossProducts
 from ._design import ModelStructure
 from ._exceptions import DataError
-from ._ols import ols_shift, raise_if_exact_rows
+from ._ols import raise_if_exact_rows, response_shift
 
 __all__ = ["check_not_exact", "response_crossproducts"]
 
@@ -46,7 +46,7 @@ def response_crossproducts(s: ModelStructure, cp: CrossProducts, Y) -> list[Cros
     Yt = np.empty_like(Y)
     B = np.zeros((s.p, m))
     for j in range(m):
-        Yt[:, j], B[:, j], r = _ols_residual(s, Y[:, j])
+        Yt[:, j], B[:, j], r = response_shift(Y[:, j], s.X, s.offset, w)
         raise_if_exact_rows(Yt[:, j], r, w, "response" if m == 1 else f"response {j + 1} of {m}", s.p)
     WYt = Yt if w is None else Yt * w[:, None]
     ZtWY = np.asarray(s.Z.T @ WYt).reshape(s.q, m)       # the one sparse-dense product
@@ -60,16 +60,8 @@ def response_crossproducts(s: ModelStructure, cp: CrossProducts, Y) -> list[Cros
 
 def check_not_exact(s: ModelStructure, y) -> None:
     """DataError if ``y`` minus the offset is a linear function of X."""
-    yt, _, r = _ols_residual(s, np.asarray(y, dtype=np.float64).ravel())
+    yt, _, r = response_shift(np.asarray(y, dtype=np.float64).ravel(), s.X, s.offset, s.weights)
     raise_if_exact_rows(yt, r, s.weights, "response", s.p)
-
-
-def _ols_residual(s: ModelStructure, y: np.ndarray):
-    """(ỹ, b, r): r = y − offset, b its weighted least-squares coefficients on X, ỹ = r − X b
-    (``_ols.ols_shift``, as ``CrossProducts.from_structure`` forms them)."""
-    r = y - (s.offset if s.offset is not None else 0.0)
-    yt, b = ols_shift(s.X, r, s.weights)
-    return yt, b, r
 
 
 def _one(cp: CrossProducts, p: int, zty: np.ndarray, G: np.ndarray, b: np.ndarray) -> CrossProducts:

@@ -6,24 +6,30 @@ At the optimum θ̂ (lme4's conventions):
     Var(b) = σ̂² Λ_θ̂ Λ_θ̂ᵀ  (per term: σ̂² T Tᵀ)
     b̂ = Λ_θ̂ û  (conditional modes),  Var(b | y) ≈ σ̂² Λ (ΛᵀZᵀWZΛ + I)⁻¹ Λᵀ  (lme4's condVar)
     logLik = −criterion / 2;  AIC = −2 logLik + 2 k;  BIC = −2 logLik + k log n,  k = p + dim θ + 1
+    residuals (lme4's residuals.merMod): response y − ŷ, Pearson √w (y − ŷ), scaled ones / σ̂
+
+The result's other methods live with their ideas: ``predict`` (``_predict``), ``simulate``
+(``_simulate``), ``bootstrap`` (``_bootstrap``), tests and intervals (``_inference``), the summary
+text (``_summary``), statsmodels' names (``_aliases``).  Derived models (an ML twin, a refit to a
+new response) are asked of ``model``.
 """
 from __future__ import annotations
 
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.linalg as la
 
+from . import _bootstrap, _simulate
 from ._aliases import StatsmodelsMixin
-from ._backends import PLSState
+from ._bootstrap import BootstrapResult
 from ._inference import InferenceMixin
 from ._optimize import OptSummary
+from ._params import sd_cor
+from ._pls import PLSState, profiled_criterion, residual_df
 from ._predict import PredictMixin
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ._model import LinearMixedModel
+from ._summary import format_summary
 
 __all__ = ["LmerResult"]
 
@@ -68,7 +74,7 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         The model (for ``objective(θ)``, ``refit``) and its design.
     """
 
-    def __init__(self, model: "LinearMixedModel", state: PLSState, optsummary: OptSummary,
+    def __init__(self, model, state: PLSState, optsummary: OptSummary,
                  criterion: float, singular: bool, messages: list[str], conv_info: dict | None = None):
         s = model.structure
         self.model = model
@@ -86,8 +92,7 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         self.theta: np.ndarray = np.asarray(state.theta, dtype=float).copy()
         self.nobs: int = s.n
         self.n_dropped: int = s.n_dropped
-        df = s.n - s.p if self.REML else s.n
-        self.sigma: float = float(np.sqrt(state.pwrss / df))
+        self.sigma: float = float(np.sqrt(state.pwrss / residual_df(s.n, s.p, self.REML)))
         self.fixef = pd.Series(state.beta, index=list(s.fixef_names), name="Estimate", dtype=float)
         if s.p:
             # (R_XᵀR_X)⁻¹ through two triangular solves with the factor, not an explicit inverse of R_XᵀR_X.
@@ -101,7 +106,8 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         self.aic: float = self.criterion + 2.0 * self.npar
         self.bic: float = self.criterion + np.log(s.n) * self.npar
         # lme4's deviance(fit, REML = FALSE): the ML deviance at these estimates.
-        self.deviance: float = float(state.ldL2 - model._sum_log_w + s.n * (1.0 + np.log(2.0 * np.pi * state.pwrss / s.n)))
+        self.deviance: float = profiled_criterion(state.ldL2, state.ldRX2, state.pwrss, s.n, s.p, False,
+                                                      model.backend.sum_log_w)
         self.ngrps: dict[str, int] = {}
         for t in s.terms:
             self.ngrps.setdefault(t.factor, t.nlevels)
@@ -134,13 +140,12 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         rows = []
         for t in self.structure.terms:
             S = self.term_covariances()[t.name]
-            sd = np.sqrt(np.diag(S))
+            sd, C = sd_cor(t.T(self.theta), self.sigma)
             for i in range(t.k):
                 rows.append((t.name, t.cnms[i], None, S[i, i], sd[i]))
             for i in range(t.k):
                 for j in range(i + 1, t.k):
-                    corr = S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
-                    rows.append((t.name, t.cnms[i], t.cnms[j], S[i, j], corr))
+                    rows.append((t.name, t.cnms[i], t.cnms[j], S[i, j], C[i, j]))
         rows.append(("Residual", None, None, self.sigma ** 2, self.sigma))
         cols = list(zip(*rows))
         # object columns keep None for "no second variable", as R's NA (pandas would make it NaN)
@@ -154,19 +159,9 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
     def ranef(self) -> dict[str, pd.DataFrame]:
         """Conditional modes b̂ = Λû per grouping factor: levels × term columns (terms that share
         a factor, e.g. (1|g) + (0+x|g), are combined as lme4's ranef() does)."""
-        out: dict[str, pd.DataFrame] = {}
         b = self._state.b
-        for t in self.structure.terms:
-            vals = b[t.col_offset:t.col_offset + t.q].reshape(t.nlevels, t.k)
-            df = pd.DataFrame(vals, index=pd.Index(list(t.levels), name=t.factor), columns=list(t.cnms))
-            if t.factor in out:
-                prev = out[t.factor]
-                df = df.reindex(prev.index)
-                new = [c for c in df.columns if c not in prev.columns]
-                out[t.factor] = pd.concat([prev, df[new]], axis=1)
-            else:
-                out[t.factor] = df
-        return out
+        return _by_factor(self.structure, [b[t.col_offset:t.col_offset + t.q].reshape(t.nlevels, t.k)
+                                           for t in self.structure.terms])
 
     @cached_property
     def condvar(self) -> dict[str, np.ndarray]:
@@ -182,16 +177,8 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
     @cached_property
     def ranef_condsd(self) -> dict[str, pd.DataFrame]:
         """Conditional standard deviations of the modes, laid out like :attr:`ranef`."""
-        out: dict[str, pd.DataFrame] = {}
-        for t in self.structure.terms:
-            sd = np.sqrt(np.maximum(np.einsum("lii->li", self.condvar[t.name]), 0.0))
-            df = pd.DataFrame(sd, index=pd.Index(list(t.levels), name=t.factor), columns=list(t.cnms))
-            if t.factor in out:
-                prev = out[t.factor]
-                out[t.factor] = pd.concat([prev, df.reindex(prev.index)[[c for c in df.columns if c not in prev.columns]]], axis=1)
-            else:
-                out[t.factor] = df
-        return out
+        return _by_factor(self.structure, [np.sqrt(np.maximum(np.einsum("lii->li", self.condvar[t.name]), 0.0))
+                                           for t in self.structure.terms])
 
     # ------------------------------------------------------------------ fitted values
     def fitted(self) -> np.ndarray:
@@ -201,9 +188,84 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         mu = s.X @ self._state.beta + s.Z @ self._state.b
         return mu + (s.offset if s.offset is not None else 0.0)
 
+    # ------------------------------------------------------------------ residuals
+    def residuals(self, type: str = "response", scaled: bool = False) -> np.ndarray:
+        """Residuals as lme4's ``residuals(fit, type, scaled)`` for a linear mixed model.
+
+        ŷ = Xβ̂ + Zb̂ + offset.  ``"response"`` (= ``"working"``): y − ŷ;  ``"pearson"``
+        (= ``"deviance"``): √w (y − ŷ), lme4's weighted residuals (equal to y − ŷ without
+        weights; lme4 does not divide Pearson residuals of an LMM by σ̂).  ``scaled=True``:
+        √w (y − ŷ)/σ̂ whatever ``type`` (the summary's scaled residuals, lme's Pearson residuals;
+        as this method always did — lme4 would give (y − ŷ)/σ̂ for a weighted ``"response"``)."""
+        kind = str(type).lower()
+        if kind not in ("response", "working", "pearson", "deviance"):
+            raise ValueError(f"unknown residual type {type!r}; choose 'response' or 'pearson'")
+        s = self.structure
+        s.require_rows("residuals()")
+        r = s.y - self.fitted()
+        w = s.weights
+        if w is not None and (scaled or kind in ("pearson", "deviance")):
+            r = r * np.sqrt(w)
+        if scaled:
+            r = r / self.sigma
+        return r
+
+    def ranef_table(self) -> pd.DataFrame:
+        """Conditional modes with conditional SDs in long form, as R's
+        ``as.data.frame(ranef(fit, condVar = TRUE))``: columns grpvar, term, grp, condval, condsd;
+        rows by grouping factor (the order of :attr:`ranef`), then term, then level.
+        condval = b̂ = Λ_θ̂ û;  condsd = √diag of σ̂² T [(ΛᵀZᵀWZΛ + I)⁻¹]_aa Tᵀ per level."""
+        parts = []
+        condsd = self.ranef_condsd
+        for f, df in self.ranef.items():
+            sd = condsd[f].reindex(index=df.index, columns=df.columns)
+            nl = len(df.index)
+            for term in df.columns:
+                parts.append(pd.DataFrame({
+                    "grpvar": [f] * nl, "term": [str(term)] * nl, "grp": [str(g) for g in df.index],
+                    "condval": df[term].to_numpy(dtype=float), "condsd": sd[term].to_numpy(dtype=float)}))
+        if not parts:
+            return pd.DataFrame({"grpvar": [], "term": [], "grp": [], "condval": [], "condsd": []})
+        return pd.concat(parts, ignore_index=True)
+
+    # ------------------------------------------------------------------ simulation, bootstrap
+    def simulate(self, nsim: int = 1, seed=None, re_form="~0") -> pd.DataFrame:
+        """New responses from the fitted model, as lme4's ``simulate(fit, nsim, seed)``.
+
+        y* = Xβ̂ + offset + Z Λ_θ̂ u* σ̂ + ε* σ̂/√w,  u* ~ N(0, I_q),  ε* ~ N(0, I_n)
+        (zero-weight rows get no noise).  ``re_form="~0"`` (default, lme4's ``re.form = NA``)
+        draws new random effects for every term; ``re_form=None`` holds all of them at their
+        conditional modes b̂ (y* = ŷ + ε* σ̂/√w); a formula of terms holds only those.
+
+        ``seed`` goes to ``np.random.default_rng``; each column draws u* then ε* from the same
+        stream, so ``simulate(1, seed)`` is the first column of ``simulate(k, seed)``.
+        Returns an n × nsim DataFrame, columns ``sim_1``, ..., indexed by the model's rows."""
+        return _simulate.simulate(self, nsim, seed, re_form)
+
+    def bootstrap(self, nsim: int, seed=None, n_jobs: int = 1, progress=None,
+                  fit_options: dict | None = None) -> BootstrapResult:
+        """Parametric bootstrap, as lme4's ``bootMer(fit, FUN, nsim, seed)`` with lme4's confint
+        quantities: for each replicate r, y*_r is simulated as in :meth:`simulate` (new random
+        effects and noise) and refitted on the same design (``model.refit``), recording
+        the SDs/correlations of each term (``.sig01``, ...), ``.sigma``, the fixed effects and θ.
+
+        * Reproducible: replicate r uses ``np.random.default_rng(SeedSequence(seed).spawn(nsim)[r])``,
+          so results do not depend on ``n_jobs``.
+        * ``n_jobs > 1`` (``-1``: all CPUs) refits with ``_parallel``: in a process pool (the model
+          is pickled once per worker), or in threads where processes cannot be used.
+        * ``progress``: True → shown on stderr; None → only on a terminal once the run has taken
+          more than 2 s; False → never (``_progress``).  Nothing is printed otherwise.
+        * Warnings of the refits (singular fits, convergence) are not shown; they are counted in
+          ``status``.  A refit that fails gives a NaN row and its error message in ``status``.
+        * ``fit_options`` go to every refit (e.g. ``{"check_conv": False}``).
+
+        Returns a :class:`BootstrapResult` (``.replicates``, ``.theta``, ``.estimate``,
+        ``.confint(level, type)``)."""
+        return _bootstrap.bootstrap(self, nsim, seed, n_jobs, progress, fit_options)
+
     # ------------------------------------------------------------------ display
     def summary(self) -> str:
-        from ._summary import format_summary
+        """lme4's ``print(summary(fit))`` layout (``_summary``)."""
         return format_summary(self)
 
     def __repr__(self) -> str:
@@ -218,3 +280,19 @@ class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
         """The same model fitted to a new response (lme4's ``refit(fit, newresp)``): see
         :meth:`LinearMixedModel.refit`; ``new_y`` has one value per used row (:attr:`nobs`)."""
         return self.model.refit(new_y, **fit_options)
+
+
+def _by_factor(s, values: list[np.ndarray]) -> dict[str, pd.DataFrame]:
+    """Per grouping factor, the terms' (levels × columns) ``values`` as one DataFrame: terms that
+    share a factor, e.g. (1|g) + (0+x|g), side by side on the first term's levels, as lme4's
+    ranef() combines them."""
+    out: dict[str, pd.DataFrame] = {}
+    for t, vals in zip(s.terms, values):
+        df = pd.DataFrame(vals, index=pd.Index(list(t.levels), name=t.factor), columns=list(t.cnms))
+        if t.factor in out:
+            prev = out[t.factor]
+            df = df.reindex(prev.index)
+            out[t.factor] = pd.concat([prev, df[[c for c in df.columns if c not in prev.columns]]], axis=1)
+        else:
+            out[t.factor] = df
+    return out

@@ -27,6 +27,7 @@ import math
 import numpy as np
 import pandas as pd
 from formulaic.materializers.types import FactorValues
+from scipy.interpolate import BSpline
 
 from ._data import _label, factor_codes
 from ._exceptions import DataError, FormulaError
@@ -118,7 +119,6 @@ def scale(x, center=True, scale=True, *, _state: dict) -> np.ndarray:
 def spline_design(knots: np.ndarray, x: np.ndarray, order: int, deriv: int = 0) -> np.ndarray:
     """R's ``splineDesign(knots, x, ord, derivs)``: the len(knots) − ord B-splines of order ``ord``
     on ``knots`` (or their ``deriv``-th derivative) at x, x within the boundary knots."""
-    from scipy.interpolate import BSpline
     nb = len(knots) - order
     return np.asarray(BSpline(knots, np.eye(nb), order - 1, extrapolate=False)(x, nu=deriv)).reshape(x.size, nb)
 

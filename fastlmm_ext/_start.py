@@ -29,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._crossprod import CrossProducts, level_blocks
-from ._design import ModelStructure, _lower_tri_colwise
+from ._design import ModelStructure
+from ._params import theta_from_T
 
 __all__ = ["moment_theta0"]
 
@@ -50,7 +51,7 @@ def moment_theta0(s: ModelStructure, cp: CrossProducts) -> np.ndarray:
         if t.k != 1:
             T = _vector_start(t, cp, yz, tss, n)
             if T is not None:
-                theta[t.theta_offset:t.theta_offset + t.ntheta] = T[_lower_tri_colwise(t.k)]
+                theta[t.theta_offset:t.theta_offset + t.ntheta] = theta_from_T(T)
             continue
         sl = slice(t.col_offset, t.col_offset + t.q)
         nl, S = level_blocks(cp, t)[:, 0, 0], yz[sl]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._crossprod import CrossProducts, lower_csc, sum_duplicates, ztz_triplets
+from ._crossprod import CrossProducts, log_weight_sum, lower_csc, sum_duplicates, ztz_triplets
 from ._design import ReTerm, assemble_Z, rank_deficient_keep
 from ._ols import centred_ss, ols_shift, response_level, shift_residual
 
@@ -101,7 +101,7 @@ class SuffStats:
         self.s1 += float(np.sum(wd))
         self.s2 += float(d @ wd)
         if w is not None:
-            self.sum_log_w += float(np.sum(np.log(w[w > 0])))
+            self.sum_log_w += log_weight_sum(w)
         bt = [_BlockTerm(t, c, Xi) for t, c, Xi in zip(self.terms, term_codes, term_Xi)]
         if bt:
             Z = assemble_Z(bt, n)

@@ -1,13 +1,19 @@
-"""Text summary laid out like lme4's ``print(summary(fit))``."""
+"""Text and tables laid out as lme4 prints them: the ``print(summary(fit))`` text, and the row
+names, labels and column headers of ``confint`` tables."""
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
+import pandas as pd
 
+from ._design import _unique_names
 from ._optimize import SINGULAR_MESSAGE
+from ._params import sd_cor, tri_indices
 
-__all__ = ["format_summary", "abbreviate", "random_effects_rows", "correlation_rows", "COR_MAX"]
+__all__ = ["format_summary", "abbreviate", "random_effects_rows", "correlation_rows", "COR_MAX", "confint_row_names",
+           "confint_row_labels", "select_parm", "format_pct"]
 
 
 def abbreviate(name: str, minlength: int = 6) -> str:
@@ -75,12 +81,9 @@ def random_effects_rows(res, fmt) -> list[list[str]]:
     covs = res.term_covariances()
     for t in res.structure.terms:
         S = covs[t.name]
-        sd = np.sqrt(np.diag(S))
+        sd, C = sd_cor(t.T(res.theta), res.sigma)
         for i in range(t.k):
-            corr = []
-            for j in range(i):
-                c = S[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
-                corr.append("NaN" if np.isnan(c) else f"{c:.2f}")
+            corr = ["NaN" if np.isnan(C[i, j]) else f"{C[i, j]:.2f}" for j in range(i)]
             rows.append([t.name if i == 0 else "", t.cnms[i], fmt(S[i, i]), fmt(sd[i]), " ".join(corr)])
     rows.append(["Residual", "", fmt(res.sigma ** 2), fmt(res.sigma), ""])
     return rows
@@ -149,3 +152,57 @@ def format_summary(res) -> str:
             lines.append(m)
     lines.append("")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- confint tables
+
+def confint_row_names(structure) -> list[str]:
+    """lme4's confint rows: .sig01, .sig02, ... (random-effect SDs and correlations, in θ's
+    positions), .sigma, then the fixed effects."""
+    nsig = structure.ntheta
+    width = max(2, len(str(nsig)))
+    return [f".sig{i + 1:0{width}d}" for i in range(nsig)] + [".sigma"] + list(structure.fixef_names)
+
+
+def confint_row_labels(structure) -> dict[str, str]:
+    """lme4's ``oldNames = FALSE`` labels of the variance-parameter rows of ``confint``, keyed
+    by the default names: per term, in θ's order, ``.sigNN`` → ``sd_<column>|<factor>`` for the
+    SD of a column of the term's model matrix and ``cor_<column i>.<column j>|<factor>`` for the
+    correlation of columns i > j (e.g. ``sd_(Intercept)|Subject``, ``cor_Days.(Intercept)|Subject``,
+    ``sd_Days|Subject``), then ``.sigma`` → ``sigma``.  A label that would repeat (the same
+    term twice) gets R's make.unique suffix ``.1``."""
+    labels = []
+    for t in structure.terms:
+        for i, j in zip(*tri_indices(t.k)):
+            labels.append(f"sd_{t.cnms[i]}|{t.factor}" if i == j else f"cor_{t.cnms[i]}.{t.cnms[j]}|{t.factor}")
+    old = confint_row_names(structure)[:structure.ntheta + 1]
+    return dict(zip(old, _unique_names(labels) + ["sigma"]))
+
+
+def select_parm(table: pd.DataFrame, parm) -> pd.DataFrame:
+    """Rows ``parm`` (a name or names) of a confint table; KeyError naming unknown ones."""
+    if parm is None:
+        return table
+    parm = [parm] if isinstance(parm, str) else list(parm)
+    missing = [q for q in parm if q not in table.index]
+    if missing:
+        raise KeyError(f"unknown parameter(s) {missing}; available: {list(table.index)}")
+    return table.loc[parm]
+
+
+def format_pct(probs) -> list[str]:
+    """R's confint column labels: 100·prob formatted as R's format(digits = 3) (3 significant
+    digits, trailing zeros dropped, common number of decimals), then ' %'."""
+    vals = [100.0 * float(p) for p in probs]
+    decs = []
+    for v in vals:
+        if v == 0.0:
+            decs.append(0)
+            continue
+        r = round(v, 2 - math.floor(math.log10(abs(v))))
+        k = 0
+        while k < 15 and abs(round(r, k) - r) > 1e-9 * abs(r):
+            k += 1
+        decs.append(k)
+    dec = max(decs)
+    return [f"{v:.{dec}f} %" for v in vals]

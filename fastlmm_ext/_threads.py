@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+from threadpoolctl import ThreadpoolController
+
 __all__ = ["bundled_blas_single_thread"]
 
 _BUNDLED = ("libscipy_openblas", "libopenblas64_", "libscipy_openblas64_")
@@ -52,11 +54,6 @@ def _bundled() -> list:
     loaded library, ~3 ms; NumPy's and SciPy's copies are loaded before any fit can start)."""
     global _bundled_libs
     if _bundled_libs is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-            _bundled_libs = []
-            return _bundled_libs
         ctl = ThreadpoolController()
         _bundled_libs = [lib for lib in ctl.lib_controllers
                          if lib.internal_api == "openblas" and any(lib.prefix.startswith(p) for p in _BUNDLED)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 
+import numpy as np
 import pandas as pd
 
 __all__ = ["load", "names", "simulate_crossed", "simulate_nested"]
@@ -42,7 +43,6 @@ def simulate_crossed(n: int, la: int, lb: int, seed: int = 1, slope_sd: float = 
     """Synthetic crossed design (the speed issue's benchmark):
     y = 1 + 0.5 x + a_i (sd 1) + b_j (sd 0.5) [+ s_i x (sd ``slope_sd``)] + ε (sd 1), x ~ N(0, 1),
     with a (``la`` levels) and b (``lb`` levels) drawn uniformly; numpy ``default_rng(seed)``."""
-    import numpy as np
     rng = np.random.default_rng(seed)
     a = rng.integers(0, la, n)
     b = rng.integers(0, lb, n)
@@ -57,7 +57,6 @@ def simulate_crossed(n: int, la: int, lb: int, seed: int = 1, slope_sd: float = 
 def simulate_nested(n: int, la: int, per: int, seed: int = 2) -> pd.DataFrame:
     """Pastes-like nested design: ``per`` levels of c inside each of ``la`` levels of a,
     y = 60 + a_i (sd 2) + (c in a)_ij (sd 3) + ε (sd 1); fit with ``y ~ 1 + (1|a/c)``."""
-    import numpy as np
     rng = np.random.default_rng(seed)
     a = rng.integers(0, la, n)
     c = rng.integers(0, per, n)
@@ -71,7 +70,6 @@ def simulate_ratings(n: int = 1_000_000, n_users: int = 6040, n_items: int = 370
     lognormal user activity, Zipf-like item popularity (weight ∝ rank^-0.9),
     rating = clip(round(3.6 + user (sd 0.45) + item (sd 0.5) + ε (sd 0.9)), 1, 5);
     fit with ``rating ~ 1 + (1|user) + (1|item)``.  Integer level codes, as read from a file."""
-    import numpy as np
     rng = np.random.default_rng(seed)
     pu = rng.lognormal(0.0, 1.0, n_users)
     pm = 1.0 / np.arange(1, n_items + 1) ** 0.9

@@ -24,6 +24,8 @@ import textwrap
 import numpy as np
 from scipy import stats
 
+from ._profile import profile_table
+
 __all__ = ["caterpillar", "resid_fitted", "qq_resid", "qq_ranef", "save_all"]
 
 #: Above this many levels the level names are not written on the axis.
@@ -193,9 +195,6 @@ def profile(res, level: float = 0.99, npoints: int = 13, table=None):
     deviance change, ζ(ψ) = sign(ψ − ψ̂) √(D(ψ) − D̂), against ψ, with horizontal lines at the
     ±z of the 95 % and 99 % intervals. ``table`` reuses a :func:`fastlmm_ext._profile.profile_table`.
     Returns the Figure."""
-    from scipy import stats
-
-    from ._profile import profile_table
     plt = _pyplot()
     tab = profile_table(res, npoints=npoints, level=level) if table is None else table
     params = list(dict.fromkeys(tab["parameter"]))

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import pathlib
+import warnings
 
 import pandas as pd
 import pytest
@@ -47,6 +48,15 @@ def all_reference_fits() -> list[tuple[str, dict]]:
 
 _cache: dict = {}
 
+BACKEND_NAMES = ("compiled", "blocked", "reference")
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request) -> str:
+    """Each criterion backend in turn: a test that takes ``backend`` runs once per implementation
+    of ``_backends.Backend`` (as tabmat's tests run once per matrix type)."""
+    return request.param
+
 
 @pytest.fixture(scope="session")
 def fitted_reference():
@@ -56,12 +66,35 @@ def fitted_reference():
     def get(key: str, fit: dict):
         if key not in _cache:
             df = load_reference_data(fit)
-            import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 _cache[key] = (df, fl.lmer(fit["formula"], df, REML=fit["REML"]))
         return _cache[key]
     return get
+
+
+def quiet_lmer(formula, data, **kw):
+    """fl.lmer with its warnings (singular fits, dropped rows) silenced."""
+    import fastlmm_ext as fl
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fl.lmer(formula, data, **kw)
+
+
+@pytest.fixture(scope="module")
+def sleep():
+    """sleepstudy and its REML fit of ``Reaction ~ Days + (Days|Subject)``."""
+    import fastlmm_ext as fl
+    df = fl.datasets.load("sleepstudy")
+    return df, quiet_lmer("Reaction ~ Days + (Days|Subject)", df)
+
+
+@pytest.fixture(scope="module")
+def dyestuff():
+    """lme4's Dyestuff reference data and its REML fit."""
+    fit = next(f for k, f in all_reference_fits() if k == "Dyestuff" and f["REML"])
+    df = load_reference_data(fit)
+    return df, quiet_lmer(fit["formula"], df)
 
 
 @contextlib.contextmanager

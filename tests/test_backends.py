@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import fastlmm_ext as fl
 import fastlmm_ext.datasets  # noqa: F401  (fl.datasets in tests)
+from conftest import raises_named
 from fastlmm_ext._exceptions import FastLMMError
 
 FORMULAS = [
@@ -104,13 +105,35 @@ def test_ldL2_against_scikit_sparse():
     assert m.backend.kernel.ldL2 == pytest.approx(cholesky(A).logdet(), rel=1e-11)
 
 
+# CHOLMOD's codes for the ordering it used (cholmod.h: CHOLMOD_NATURAL 0, CHOLMOD_AMD 2); "default"
+# lets CHOLMOD choose among AMD, METIS and nested dissection.
+USED_ORDERING = {"default": (2, 3, 4), "amd": (2,), "natural": (0,)}
+
+
 @pytest.mark.parametrize("ordering", ["default", "amd", "natural"])
 def test_orderings_agree(ordering):
+    """Every CHOLMOD ordering gives the reference path's criterion, and the factor was really
+    computed with the ordering asked for (also when backend="auto" is given one)."""
     df = make_data(3, 300, 30, 10)
     ref = fl.LinearMixedModel("y ~ x + (1|g1) + (1|g2)", df, backend="reference")
-    m = fl.LinearMixedModel("y ~ x + (1|g1) + (1|g2)", df, ordering=ordering)
-    for th in ([1.0, 1.0], [0.3, 2.0], [0.0, 0.5]):
-        assert m.objective(th) == pytest.approx(ref.objective(th), rel=1e-10)
+    for backend in ("compiled", "auto"):
+        m = fl.LinearMixedModel("y ~ x + (1|g1) + (1|g2)", df, ordering=ordering, backend=backend)
+        if backend == "auto" and ordering == "default":
+            assert m.backend_name == "blocked"      # this crossed design fills its Schur complement
+            continue
+        assert m.backend_name == "compiled" and m.ordering == ordering
+        for th in ([1.0, 1.0], [0.3, 2.0], [0.0, 0.5]):
+            assert m.objective(th) == pytest.approx(ref.objective(th), rel=1e-10)
+        assert m.backend.kernel.factor_info["ordering"] in USED_ORDERING[ordering]
+
+
+@pytest.mark.parametrize("backend", ["blocked", "reference"])
+def test_ordering_without_cholmod_is_refused(backend):
+    df = make_data(3, 300, 30, 10)
+    with raises_named(fl.ArgumentError, "ordering", "'amd'", backend):
+        fl.LinearMixedModel("y ~ x + (1|g1) + (1|g2)", df, ordering="amd", backend=backend)
+    with raises_named(fl.ArgumentError, "ordering", "'metis'"):
+        fl.LinearMixedModel("y ~ x + (1|g1) + (1|g2)", df, ordering="metis")
 
 
 def test_large_mean_response_is_stable():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastlmm_ext as fl
-from fastlmm_ext import _profile, datasets
+from fastlmm_ext import _parallel, _profile, datasets
 
 SLEEP = datasets.load("sleepstudy")
 
@@ -36,7 +36,7 @@ def test_profile_threads_fallback_equals_serial(sleep_fit, serial, monkeypatch):
     unpickled copy of the fit (a kernel is not shared between threads)."""
     def no_processes(*args, **kwargs):
         raise OSError("no process pools here")
-    monkeypatch.setattr(_profile, "ProcessPoolExecutor", no_processes)
+    monkeypatch.setattr(_parallel, "ProcessPoolExecutor", no_processes)
     par = sleep_fit.confint(method="profile", n_jobs=2, parm=[".sig02", ".sigma", "Days"])
     np.testing.assert_allclose(par.to_numpy(), serial.loc[[".sig02", ".sigma", "Days"]].to_numpy(), rtol=1e-9)
 

@@ -12,7 +12,9 @@ from conftest import all_reference_fits, load_reference_data
 from scipy import stats
 
 import fastlmm_ext as fl
-from fastlmm_ext._inference import SatterthwaiteInfo, anova, hessian_richardson, jacobian_richardson
+from fastlmm_ext._derivatives import hessian_richardson, jacobian_richardson
+from fastlmm_ext._inference import anova
+from fastlmm_ext._satterthwaite import SatterthwaiteInfo
 
 FITS = all_reference_fits()
 IDS = [f"{ds}:{f['formula']}:{'REML' if f['REML'] else 'ML'}" for ds, f in FITS]   # as test_reference (shared cache)

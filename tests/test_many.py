@@ -13,6 +13,7 @@ import fastlmm_ext as fl
 from fastlmm_ext import datasets
 from fastlmm_ext._crossprod import CrossProducts, kernel_layout
 from fastlmm_ext._kernel import PLSKernel
+from fastlmm_ext._pls import profiled_criterion
 from fastlmm_ext._response import response_crossproducts
 
 SLEEP = "~ Days + (Days|Subject)"
@@ -78,6 +79,13 @@ def _assert_row_matches(row, res, tol_crit=1e-8):
 
 # ----------------------------------------------------------------------------- kernel
 
+def _criterion(k, theta, n, reml, p=2):
+    """The kernel's profiled criterion at θ for sleepstudy's design (n = 180, p = 2, no weights):
+    its PLS pieces through ``_pls``, as the compiled backend evaluates it."""
+    k.update(theta)
+    return profiled_criterion(k.ldL2, k.ldRX2, k.pwrss, n, p, reml)
+
+
 def _kernel_and_two_responses():
     df = datasets.load("sleepstudy")
     m1 = fl.LinearMixedModel("Reaction ~ Days + (Days|Subject)", df)
@@ -91,21 +99,21 @@ def _kernel_and_two_responses():
 def test_set_response_gives_the_new_responses_criterion_and_state():
     k, cp1, cp2, m1, m2 = _kernel_and_two_responses()
     th = np.array([0.9, 0.1, 0.3])
-    assert k.objective(th, 180, True) == pytest.approx(m1.objective(th), abs=1e-10)
+    assert _criterion(k, th, 180, True) == pytest.approx(m1.objective(th), abs=1e-10)
     k.set_response(cp2.ZtXy, cp2.XyXy)
     assert not k.has_state
     with pytest.raises(RuntimeError, match="update"):
         k.state()
     for reml in (True, False):
         m2.REML = reml
-        assert k.objective(th, 180, reml) == pytest.approx(m2.objective(th), abs=1e-10)
+        assert _criterion(k, th, 180, reml) == pytest.approx(m2.objective(th), abs=1e-10)
     np.testing.assert_allclose(k.state()["beta"] + cp2.beta_shift, m2.backend.state(th).beta, rtol=1e-12)
     # read-only arrays are accepted (the kernel never writes them)
     ro = cp1.ZtXy.copy(order="F")
     ro.flags.writeable = False
     k.set_response(ro, cp1.XyXy)
     m1.REML = True
-    assert k.objective(th, 180, True) == pytest.approx(m1.objective(th), abs=1e-10)
+    assert _criterion(k, th, 180, True) == pytest.approx(m1.objective(th), abs=1e-10)
 
 
 def test_set_response_validates_its_arguments():
@@ -124,7 +132,7 @@ def test_set_response_validates_its_arguments():
     th = np.array([0.9, 0.1, 0.3])
     k2 = PLSKernel(cp1.Ap, cp1.Ai, cp1.Mx, *kernel_layout(_kernel_and_two_responses()[3].structure),
                    cp1.ZtXy, cp1.XyXy, "default")
-    assert k.objective(th, 180, True) == pytest.approx(k2.objective(th, 180, True), abs=1e-12)
+    assert _criterion(k, th, 180, True) == pytest.approx(_criterion(k2, th, 180, True), abs=1e-12)
 
 
 def test_set_response_releases_old_arrays_and_memory_stays_flat():
@@ -156,13 +164,13 @@ def test_set_response_releases_old_arrays_and_memory_stays_flat():
 def test_response_crossproducts_equal_those_of_a_fresh_structure(peni, extra):
     Y = _peni_responses(peni, 3)
     m = fl.LinearMixedModel("diameter" + PENI, peni, **extra)
-    cps = response_crossproducts(m.structure, m.backend.cp, Y)
+    cps = response_crossproducts(m.structure, m.backend.crossprod, Y)
     for j, cp in enumerate(cps):
-        fresh = fl.LinearMixedModel("y" + PENI, peni.assign(y=Y[:, j]), **extra).backend.cp
+        fresh = fl.LinearMixedModel("y" + PENI, peni.assign(y=Y[:, j]), **extra).backend.crossprod
         np.testing.assert_allclose(cp.ZtXy, fresh.ZtXy, rtol=1e-12, atol=1e-10)
         np.testing.assert_allclose(cp.XyXy, fresh.XyXy, rtol=1e-12, atol=1e-10)
         np.testing.assert_allclose(cp.beta_shift, fresh.beta_shift, rtol=1e-12)
-        assert cp.Mx is m.backend.cp.Mx and cp.ZtXy.flags.f_contiguous and cp.XyXy.flags.f_contiguous
+        assert cp.Mx is m.backend.crossprod.Mx and cp.ZtXy.flags.f_contiguous and cp.XyXy.flags.f_contiguous
 
 
 # ----------------------------------------------------------------------------- refit

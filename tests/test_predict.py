@@ -1,19 +1,19 @@
-"""predict / residuals / simulate / bootstrap / ranef_table (fastlmm_ext._predict) against lme4."""
+"""predict (fastlmm_ext._predict, the new-data design of _newdata), fitted, residuals and
+ranef_table against lme4."""
 from __future__ import annotations
 
 import inspect
-import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 
 import fastlmm_ext as fl
-from fastlmm_ext import _predict, datasets
-from fastlmm_ext._predict import BootstrapResult, PredictMixin
+from fastlmm_ext import datasets
+from fastlmm_ext._predict import PredictMixin
 from fastlmm_ext._results import LmerResult
 
-from conftest import all_reference_fits, load_reference_data, reference_dir
+from conftest import all_reference_fits, load_reference_data, quiet_lmer, reference_dir
 
 
 def test_result_has_prediction_methods():
@@ -24,35 +24,17 @@ REF_FITS = [(k, f) for k, f in all_reference_fits() if "fitted" in f or "ranef" 
 REF_IDS = [f"{k}-{f['formula']}-{'REML' if f['REML'] else 'ML'}" for k, f in REF_FITS]
 
 
-def _fit(formula, df, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fl.lmer(formula, df, **kw)
-
-
-@pytest.fixture(scope="module")
-def sleep():
-    df = datasets.load("sleepstudy")
-    return df, _fit("Reaction ~ Days + (Days|Subject)", df)
-
 
 @pytest.fixture(scope="module")
 def pastes():
     df = datasets.load("Pastes")
-    return df, _fit("strength ~ 1 + (1|batch/cask)", df)
-
-
-@pytest.fixture(scope="module")
-def dyestuff():
-    fit = next(f for k, f in all_reference_fits() if k == "Dyestuff" and f["REML"])
-    df = load_reference_data(fit)
-    return df, _fit(fit["formula"], df)
+    return df, quiet_lmer("strength ~ 1 + (1|batch/cask)", df)
 
 
 @pytest.fixture(scope="module")
 def cake():
     fit = next(f for k, f in all_reference_fits() if k == "cake" and f["REML"])
-    return fit, load_reference_data(fit), _fit(fit["formula"], load_reference_data(fit))
+    return fit, load_reference_data(fit), quiet_lmer(fit["formula"], load_reference_data(fit))
 
 
 # ----------------------------------------------------------------------------- predict
@@ -63,7 +45,7 @@ def cake():
                                           ("Pastes", "strength ~ 1 + (1|batch/cask)")])
 def test_predict_training_data_is_fitted(backend, name, formula):
     df = datasets.load(name)
-    res = _fit(formula, df, backend=backend)
+    res = quiet_lmer(formula, df, backend=backend)
     fitted = res.fitted()
     np.testing.assert_allclose(res.predict(df).to_numpy(), fitted, rtol=1e-12, atol=1e-10)
     np.testing.assert_allclose(res.predict().to_numpy(), fitted, rtol=1e-12, atol=1e-10)
@@ -168,7 +150,7 @@ def test_predict_nested_and_interaction_grouping(pastes):
     bA = b["batch"].loc["A", "(Intercept)"]
     np.testing.assert_allclose(p, [mu + bA + b["cask:batch"].loc["a:A", "(Intercept)"], mu + bA, mu], rtol=1e-12)
     # an explicit interaction grouping a:b labels levels "a_level:b_level"
-    res2 = _fit("strength ~ 1 + (1|batch) + (1|batch:cask)", df)
+    res2 = quiet_lmer("strength ~ 1 + (1|batch) + (1|batch:cask)", df)
     assert res2.structure.terms[0].factor == "batch:cask"
     np.testing.assert_allclose(res2.predict(df.astype(str)).to_numpy(), res2.fitted(), rtol=1e-12)
     np.testing.assert_allclose(res2.fitted(), res.fitted(), rtol=1e-6)
@@ -197,14 +179,14 @@ def test_predict_ordered_factor_fixed_part(cake):
 def test_predict_rank_deficient_and_offsets(sleep):
     df, _ = sleep
     d = df.assign(Days2=2.0 * df["Days"], base=0.5 * df["Days"], half=np.where(df["Days"] >= 5, "late", "early"))
-    res = _fit("Reaction ~ Days + Days2 + half + offset(base) + (1|Subject)", d)
+    res = quiet_lmer("Reaction ~ Days + Days2 + half + offset(base) + (1|Subject)", d)
     assert "Days2" not in res.fixef.index
     np.testing.assert_allclose(res.predict(d).to_numpy(), res.fitted(), rtol=1e-12)
     sub = d.iloc[[5, 0, 17]]
     np.testing.assert_allclose(res.predict(sub, re_form="~0").to_numpy(),
                                (res.structure.X @ res.beta + res.structure.offset)[[5, 0, 17]], rtol=1e-12)
     # an offset given as an argument must be given again for new data
-    res2 = _fit("Reaction ~ Days + (1|Subject)", d, offset="base")
+    res2 = quiet_lmer("Reaction ~ Days + (1|Subject)", d, offset="base")
     with pytest.raises(fl.DataError, match="offset="):
         res2.predict(d)
     np.testing.assert_allclose(res2.predict(d, offset="base").to_numpy(), res2.fitted(), rtol=1e-12)
@@ -214,7 +196,7 @@ def test_predict_rank_deficient_and_offsets(sleep):
 def test_predict_factor_in_random_part_only(sleep):
     df, _ = sleep
     d = df.assign(half=np.where(df["Days"] >= 5, "late", "early"))
-    res = _fit("Reaction ~ Days + (1|Subject) + (0 + half|Subject)", d)
+    res = quiet_lmer("Reaction ~ Days + (1|Subject) + (0 + half|Subject)", d)
     np.testing.assert_allclose(res.predict(d).to_numpy(), res.fitted(), rtol=1e-12)
     late = d[d["half"] == "late"].head(4)
     full = pd.Series(res.fitted(), index=d.index)
@@ -237,152 +219,10 @@ def test_residual_types(sleep):
     with pytest.raises(ValueError, match="residual type"):
         res.residuals(type="partial")
     w = np.linspace(0.5, 2.0, len(df))
-    rw = _fit("Reaction ~ Days + (Days|Subject)", df, weights=w)
+    rw = quiet_lmer("Reaction ~ Days + (Days|Subject)", df, weights=w)
     e = df["Reaction"].to_numpy() - rw.fitted()
     np.testing.assert_allclose(rw.residuals(), e)
     np.testing.assert_allclose(rw.residuals(type="pearson"), np.sqrt(w) * e)
     np.testing.assert_allclose(rw.residuals(type="pearson", scaled=True), np.sqrt(w) * e / rw.sigma)
     np.testing.assert_allclose(rw.residuals(scaled=True), np.sqrt(w) * e / rw.sigma)   # as before
     assert "Scaled residuals" in rw.summary()
-
-
-# ----------------------------------------------------------------------------- simulate
-
-def test_simulate_reproducible(sleep):
-    df, res = sleep
-    a = res.simulate(3, seed=11)
-    assert a.shape == (len(df), 3) and list(a.columns) == ["sim_1", "sim_2", "sim_3"]
-    assert a.index.equals(res.structure.row_index)
-    pd.testing.assert_frame_equal(a, res.simulate(3, seed=11))
-    np.testing.assert_array_equal(res.simulate(1, seed=11)["sim_1"], a["sim_1"])
-    assert not np.allclose(a["sim_1"], res.simulate(1, seed=12)["sim_1"])
-    # conditional on the modes: y* − ŷ is pure noise with SD σ̂
-    c = res.simulate(200, seed=1, re_form=None).to_numpy() - res.fitted()[:, None]
-    assert np.std(c) == pytest.approx(res.sigma, rel=0.03)
-    with pytest.raises(ValueError, match="nsim"):
-        res.simulate(0)
-
-
-def test_simulate_moments_random_intercept(dyestuff):
-    df, res = dyestuff
-    nsim = 4000
-    Y = res.simulate(nsim, seed=2024).to_numpy()
-    sb2 = res.varcorr.set_index("grp").loc["Batch", "vcov"]
-    s2 = res.sigma ** 2
-    mu = res.fixef["(Intercept)"]
-    # grand mean: each simulated data set's mean has variance σ_b²/6 + σ²/30 (6 batches of 5)
-    se = np.sqrt((sb2 / 6 + s2 / 30) / nsim)
-    assert abs(Y.mean() - mu) < 4 * se
-    v = Y.var(axis=1, ddof=1)
-    assert v.mean() == pytest.approx(sb2 + s2, rel=0.05)
-    codes = res.structure.terms[0].codes
-    C = np.cov(Y)
-    same = (codes[:, None] == codes[None, :]) & ~np.eye(len(codes), dtype=bool)
-    diff = codes[:, None] != codes[None, :]
-    assert C[same].mean() == pytest.approx(sb2, rel=0.1)
-    assert abs(C[diff].mean()) < 0.1 * sb2
-
-
-# ----------------------------------------------------------------------------- bootstrap
-
-def test_bootstrap_reproducible_and_layout(dyestuff):
-    df, res = dyestuff
-    b1 = res.bootstrap(12, seed=5)
-    assert isinstance(b1, BootstrapResult) and len(b1) == 12 and b1.parallel == "serial"
-    assert list(b1.replicates.columns) == [".sig01", ".sigma", "(Intercept)"]
-    assert list(b1.theta.columns) == res.theta_names
-    pd.testing.assert_frame_equal(b1.replicates, res.bootstrap(12, seed=5, progress=False).replicates)
-    assert not np.allclose(b1.replicates.to_numpy(), res.bootstrap(12, seed=6).replicates.to_numpy())
-    # .sig01 = σ·θ for a scalar term; the replicate's response is simulate(1, seed=child seed)
-    np.testing.assert_allclose(b1.replicates[".sig01"], b1.theta.iloc[:, 0] * b1.replicates[".sigma"], rtol=1e-12)
-    child = np.random.SeedSequence(5).spawn(12)[3]
-    y3 = res.simulate(1, seed=child)["sim_1"].to_numpy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r3 = res.model.refit(y3)
-    assert b1.replicates[".sigma"].iloc[3] == pytest.approx(r3.sigma, rel=1e-12)
-    assert b1.estimate[".sigma"] == pytest.approx(res.sigma) and b1.estimate["(Intercept)"] == res.fixef.iloc[0]
-    assert b1.status["error"].isna().all() and b1.n_failed == 0
-    b0 = res.bootstrap(3)                                   # seed=None: the entropy drawn repeats it
-    pd.testing.assert_frame_equal(b0.replicates, res.bootstrap(3, seed=b0.seed).replicates)
-    with pytest.raises(ValueError, match="n_jobs"):
-        res.bootstrap(3, n_jobs=0)
-
-
-def test_bootstrap_parallel_matches_serial(dyestuff, monkeypatch):
-    df, res = dyestuff
-    serial = res.bootstrap(10, seed=99)
-    procs = res.bootstrap(10, seed=99, n_jobs=2)
-    assert procs.parallel == "processes"
-    np.testing.assert_allclose(procs.replicates.to_numpy(), serial.replicates.to_numpy(), rtol=1e-12, atol=0)
-    np.testing.assert_allclose(procs.theta.to_numpy(), serial.theta.to_numpy(), rtol=1e-12, atol=0)
-
-    def no_pickle(*a, **k):
-        raise TypeError("cannot pickle")
-    monkeypatch.setattr(_predict.pickle, "dumps", no_pickle)
-    threads = res.bootstrap(10, seed=99, n_jobs=2)
-    assert threads.parallel == "threads"
-    np.testing.assert_allclose(threads.replicates.to_numpy(), serial.replicates.to_numpy(), rtol=1e-12, atol=0)
-
-
-def test_bootstrap_progress_output(dyestuff, capfd):
-    df, res = dyestuff
-    res.bootstrap(3, seed=1)                       # stderr is not a terminal under pytest: silent
-    res.bootstrap(3, seed=1, progress=False)
-    out, err = capfd.readouterr()
-    assert out == "" and err == ""
-    res.bootstrap(3, seed=1, progress=True)
-    out, err = capfd.readouterr()
-    assert out == "" and "bootstrap" in err
-
-
-def test_progress_bar_only_on_a_terminal_after_the_delay(monkeypatch, capfd):
-    monkeypatch.setattr(_predict, "_isatty", lambda stream: True)
-    bar = _predict._Progress(5, None, delay=3600.0)
-    bar.update(1)
-    assert bar.bar is None                       # a quick run shows nothing
-    bar = _predict._Progress(5, None, delay=0.0)
-    bar.update(1)
-    assert bar.bar is not None                   # a slow one on a terminal gets a bar
-    bar.update(1)
-    bar.close()
-    monkeypatch.setattr(_predict, "_isatty", lambda stream: False)
-    bar = _predict._Progress(5, None, delay=0.0)
-    bar.update(1)
-    assert bar.bar is None
-    capfd.readouterr()
-
-
-def test_bootstrap_sleepstudy_intervals(sleep):
-    """lme4 1.1.31: sigma = 25.59, profile interval [22.90, 28.86]."""
-    df, res = sleep
-    boot = res.bootstrap(200, seed=20240601)
-    ci = boot.confint()
-    assert list(ci.columns) == ["2.5 %", "97.5 %"]
-    assert list(ci.index) == [".sig01", ".sig02", ".sig03", ".sigma", "(Intercept)", "Days"]
-    lo, hi = ci.loc[".sigma"]
-    assert 21.5 < lo < 24.3 and 27.5 < hi < 30.3
-    assert lo < 28.86 and hi > 22.90
-    est = boot.estimate
-    for kind in ("perc", "basic", "norm"):
-        c = boot.confint(type=kind)
-        inside = (c.iloc[:, 0] <= est) & (est <= c.iloc[:, 1])
-        assert inside.all(), (kind, c)
-    assert -1.0 <= ci.loc[".sig02"].min() and ci.loc[".sig02"].max() <= 1.0
-    # Days: close to the Wald interval 10.47 ± 1.96·1.55
-    assert ci.loc["Days"].tolist() == pytest.approx([7.44, 13.50], abs=1.0)
-    c90 = boot.confint(level=0.9)
-    assert list(c90.columns) == ["5 %", "95 %"]
-    assert (c90.iloc[:, 0] >= ci.iloc[:, 0]).all() and (c90.iloc[:, 1] <= ci.iloc[:, 1]).all()
-    assert boot.confint(parm=".sigma").shape == (1, 2)
-
-
-def test_norm_inter_matches_boot():
-    """boot's norm.inter: integer (R+1)α picks an order statistic; otherwise normal-scale interpolation."""
-    t = np.arange(1.0, 40.0)            # R = 39: (R+1)·0.025 = 1 and (R+1)·0.975 = 39
-    np.testing.assert_allclose(_predict._norm_inter(t, np.array([0.025, 0.975])), [1.0, 39.0])
-    t = np.arange(1.0, 101.0)           # R = 100: rk = 2.525 → between t(2) = 2 and t(3) = 3
-    v = _predict._norm_inter(t, np.array([0.025]))[0]
-    from scipy.stats import norm
-    z, z2, z3 = norm.ppf(0.025), norm.ppf(2 / 101), norm.ppf(3 / 101)
-    assert v == pytest.approx(2 + (z - z2) / (z3 - z2))

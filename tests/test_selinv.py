@@ -16,8 +16,9 @@ import pytest
 import fastlmm_ext as fl
 from conftest import REFERENCE
 from fastlmm_ext import datasets
+from fastlmm_ext._backends import _blocks_by_solves
 from fastlmm_ext._crossprod import CrossProducts, kernel_layout
-from fastlmm_ext import _kernel
+from fastlmm_ext import _selinv
 from fastlmm_ext._kernel import PLSKernel
 
 TOL = 1e-10
@@ -54,11 +55,11 @@ def _check(model, theta, kernel=None):
     theta = np.ascontiguousarray(theta, dtype=float)
     k.update(theta)
     Ainv = _dense_inverse(s, theta)
-    d = k.inverse_diag()
+    d = _selinv.inverse_diag(k)
     assert d.shape == (s.q,)
     assert _rel(d, np.diag(Ainv)) < TOL
     for t in s.terms:
-        B = k.inverse_blocks(t.col_offset, t.k, t.nlevels)
+        B = _selinv.inverse_blocks(k, t.col_offset, t.k, t.nlevels)
         assert B.shape == (t.nlevels, t.k, t.k)
         idx = t.col_offset + np.arange(t.nlevels)[:, None] * t.k + np.arange(t.k)[None, :]
         want = Ainv[idx[:, :, None], idx[:, None, :]]
@@ -148,13 +149,17 @@ def test_both_factor_kinds_covered():
 
 
 def test_matches_solve_based_blocks():
+    """The selected inverse's blocks, also through the backend, equal the blocks from triangular
+    solves with the factor (L X = P E; the test compared the backend with the kernel it calls)."""
     df = _crossed(6_000, 500, 100, slope=True)
     m = cholmod_model("y ~ x + (x|a) + (1|b)", df)
     th = np.array([0.7, 0.2, 0.5, 0.8])
     k = m.backend.kernel
     for i, t in enumerate(m.structure.terms):
-        want = m.backend.inverse_blocks(th, i)
-        assert _rel(k.inverse_blocks(t.col_offset, t.k, t.nlevels), want) < TOL
+        k.update(th)
+        want = _blocks_by_solves(m.structure, i, k.solve_L)
+        assert _rel(_selinv.inverse_blocks(k, t.col_offset, t.k, t.nlevels), want) < TOL
+        assert _rel(m.backend.inverse_blocks(th, i), want) < TOL
 
 
 def test_cache_follows_update():
@@ -164,13 +169,13 @@ def test_cache_follows_update():
     k, s = m.backend.kernel, m.structure
     th1, th2 = np.array([0.9, 0.45]), np.array([0.3, 1.2])
     k.update(th1)
-    d1 = k.inverse_diag()
+    d1 = _selinv.inverse_diag(k)
     k.update(th2)
-    d2 = k.inverse_diag()
+    d2 = _selinv.inverse_diag(k)
     assert _rel(d2, np.diag(_dense_inverse(s, th2))) < TOL
     k.update(th1)
-    assert np.array_equal(k.inverse_diag(), d1)
-    assert np.array_equal(k.inverse_diag(), d1)   # reused
+    assert np.array_equal(_selinv.inverse_diag(k), d1)
+    assert np.array_equal(_selinv.inverse_diag(k), d1)   # reused
 
 
 def test_errors():
@@ -178,17 +183,17 @@ def test_errors():
     cp = CrossProducts.from_structure(m.structure)
     k = PLSKernel(cp.Ap, cp.Ai, cp.Mx, *kernel_layout(m.structure), cp.ZtXy, cp.XyXy, "default")
     with pytest.raises(RuntimeError, match="update"):
-        k.inverse_diag()
+        _selinv.inverse_diag(k)
     with pytest.raises(RuntimeError, match="update"):
-        k.inverse_blocks(0, 2, 18)
+        _selinv.inverse_blocks(k, 0, 2, 18)
     k.update(np.array([1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="outside"):
-        k.inverse_blocks(0, 2, 19)
+        _selinv.inverse_blocks(k, 0, 2, 19)
     with pytest.raises(ValueError, match="outside"):
-        k.inverse_blocks(-1, 1, 1)
+        _selinv.inverse_blocks(k, -1, 1, 1)
     with pytest.raises(ValueError, match="outside"):
-        k.inverse_blocks(0, 0, 1)
-    assert k.inverse_blocks(0, 2, 0).shape == (0, 2, 2)
+        _selinv.inverse_blocks(k, 0, 0, 1)
+    assert _selinv.inverse_blocks(k, 0, 2, 0).shape == (0, 2, 2)
 
 
 def test_no_memory_growth():
@@ -201,10 +206,10 @@ def test_no_memory_growth():
     def work(reps):
         for i in range(reps):
             k.update(np.array([0.9, 0.45 + 1e-3 * (i % 5)]))
-            k.inverse_diag()
-            k.inverse_blocks(0, 1, 300)
+            _selinv.inverse_diag(k)
+            _selinv.inverse_blocks(k, 0, 1, 300)
             k2.update(np.array([0.9, 0.1 + 1e-3 * (i % 5), 0.3]))
-            k2.inverse_blocks(0, 2, 18)
+            _selinv.inverse_blocks(k2, 0, 2, 18)
     work(100)
     gc.collect()
     before = _rss_mb()
@@ -218,7 +223,7 @@ def test_threads_give_same_values():
     models = [cholmod_model("y ~ x + (1|a) + (1|b)", df) for _ in range(2)]
     th = np.array([0.8, 0.6])
     models[0].backend.kernel.update(th)
-    want = models[0].backend.kernel.inverse_diag()
+    want = _selinv.inverse_diag(models[0].backend.kernel)
     out = [None, None]
 
     def work(i):
@@ -226,7 +231,7 @@ def test_threads_give_same_values():
         for j in range(20):
             kk.update(th * (1 + 1e-3 * (j % 2)))
             kk.update(th)
-            out[i] = kk.inverse_diag()
+            out[i] = _selinv.inverse_diag(kk)
     ts = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     [t.start() for t in ts]
     [t.join() for t in ts]
@@ -236,7 +241,7 @@ def test_threads_give_same_values():
 @pytest.mark.parametrize("nb", [1, 2, 3, 7])
 def test_narrow_panels(nb):
     """Wide supernodes are swept in panels; tiny panel widths exercise every panel branch."""
-    old = _kernel._selinv_options(nb=nb)
+    old = _selinv._selinv_options(nb=nb)
     try:
         df = _crossed(8_000, 300, 120, slope=True)
         m = cholmod_model("y ~ x + (x|a) + (1|b)", df)
@@ -244,36 +249,35 @@ def test_narrow_panels(nb):
         m2 = cholmod_model("Reaction ~ Days + (Days|Subject)", datasets.load("sleepstudy"))
         _check(m2, [0.9667, 0.0152, 0.2309])
     finally:
-        _kernel._selinv_options(nb=old[0])
+        _selinv._selinv_options(nb=old[0])
 
 
 def test_scipy_blas_fallback():
     """The large products use CHOLMOD's BLAS when found, SciPy's otherwise: both agree."""
-    assert _kernel.selinv_blas() in ("cholmod", "scipy")
+    assert _selinv.selinv_blas() in ("cholmod", "scipy")
     df = _crossed(20_000, 1_200, 250)
     m = cholmod_model("y ~ x + (1|a) + (1|b)", df)
     k = m.backend.kernel
     th = np.array([0.9, 0.45])
     k.update(th)
-    d1 = k.inverse_diag()
-    old = _kernel._selinv_options(blas="scipy")
+    d1 = _selinv.inverse_diag(k)
+    old = _selinv._selinv_options(blas="scipy")
     try:
-        assert _kernel.selinv_blas() == "scipy"
-        d2 = k.inverse_diag()            # option change invalidates the cache
+        assert _selinv.selinv_blas() == "scipy"
+        d2 = _selinv.inverse_diag(k)            # option change invalidates the cache
         assert _check(m, th)["is_super"]
     finally:
-        _kernel._selinv_options(blas=old[1])
+        _selinv._selinv_options(blas=old[1])
     assert _rel(d2, d1) < 1e-13
     with pytest.raises(ValueError):
-        _kernel._selinv_options(blas="mkl")
+        _selinv._selinv_options(blas="mkl")
     with pytest.raises(ValueError):
-        _kernel._selinv_options(nb=0)
+        _selinv._selinv_options(nb=0)
 
 
 def test_insteval_blocks_match_solves():
     """On the real InstEval factor (supernodal, q = 4128) the selected inverse equals the blocks
     obtained by triangular solves for the dept:service term."""
-    from fastlmm_ext._backends import _blocks_by_solves
     df = pd.read_csv(INSTEVAL, usecols=["s", "d", "dept", "service", "y"])
     for col in ("s", "d", "dept", "service"):
         df[col] = pd.Categorical(df[col])
@@ -283,7 +287,7 @@ def test_insteval_blocks_match_solves():
     k.update(th)
     assert k.factor_info["is_super"]
     want = _blocks_by_solves(m.structure, 2, k.solve_L, 20_000_000)
-    assert _rel(k.inverse_blocks(t2.col_offset, t2.k, t2.nlevels), want) < TOL
+    assert _rel(_selinv.inverse_blocks(k, t2.col_offset, t2.k, t2.nlevels), want) < TOL
 
 
 @pytest.mark.parametrize("formula", ["y ~ x + (1|a)", "y ~ x + (1 + x|a)", "y ~ x + (1 + x + z|a)"])
@@ -295,6 +299,6 @@ def test_single_term_closed_form_equals_selected_inverse(formula):
     m = cholmod_model(formula, df)
     theta = m.theta0 * 0.8 + 0.05
     t = m.structure.terms[0]
-    m.backend._update(theta)
-    selinv = m.backend.kernel.inverse_blocks(t.col_offset, t.k, t.nlevels).sum(axis=0)
+    m.backend._factor(theta)
+    selinv = _selinv.inverse_blocks(m.backend.kernel, t.col_offset, t.k, t.nlevels).sum(axis=0)
     np.testing.assert_allclose(m.backend._single_term_inverse_sum(t, theta), selinv, rtol=1e-12, atol=1e-12)
