@@ -65,6 +65,7 @@ def test_hat_matrix_dense(backend):
     H = G @ np.linalg.solve(A, G.T * w)
     np.testing.assert_allclose(H @ s.y, res.fitted(), rtol=1e-9)
     np.testing.assert_allclose(res.hatvalues(), np.diag(H), rtol=1e-9, atol=1e-14)
+    assert res.hatvalues().sum() == pytest.approx(np.trace(H), rel=1e-10)       # effective df
     assert res.hatvalues()[[3, 50]].tolist() == [0.0, 0.0]
 
 

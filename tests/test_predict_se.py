@@ -239,3 +239,18 @@ def test_re_form_errors(sleep):
         res.predict(df.head(2), interval="prediction", weights=[1.0, -1.0])
     with pytest.raises(fl.MissingColumnError, match="wt"):
         res.predict(df.head(2), interval="prediction", weights="wt")
+
+
+def test_model_from_cross_products(sleep):
+    """A model fitted from chunks keeps no rows, but its cross-products carry everything the
+    standard errors need: at the same θ they equal the in-memory model's."""
+    df, res = sleep
+    chunked = fl.lmer_chunked("Reaction ~ Days + (Days|Subject)", [df.iloc[:90], df.iloc[90:]])
+    at = chunked.model.result_at(res.theta)
+    nd = pd.DataFrame({"Subject": ["308", "309", "999"], "Days": [9.0, 4.5, 3.0]})
+    for se_type in SE_NAMES:
+        for re_form in (None, "~(1|Subject)", "NA"):
+            kw = dict(re_form=re_form, allow_new_levels=True, interval="prediction", se_type=se_type)
+            np.testing.assert_allclose(at.predict(nd, **kw), res.predict(nd, **kw), rtol=1e-10)
+    with pytest.raises(fl.DataError, match="rows"):
+        at.predict(se_fit=True)
