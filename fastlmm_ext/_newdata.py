@@ -130,6 +130,8 @@ def _re_form_column_names(s: ModelStructure, expr: str, where: str) -> list[str]
                               if c in factors else np.linspace(1.0, 2.0, m) for c in tr.columns},
                              index=range(m))
         mm = model_matrix(tr, frame, where, default_contrasts(frame, tr.variables), s.allow_python)
+    except FormulaError:
+        raise                       # a refused formula stays a FormulaError, naming its part
     except FastLMMError as e:
         raise ArgumentError(f"cannot build the columns of {where}: {e}") from e
     return r_column_names(mm.model_spec)
