@@ -1,30 +1,33 @@
 """What one evaluation of the criterion and its gradient, (f, g), costs on each backend.
 
 ``backend="auto"`` takes the backend with the lower estimate (``_backends.choose_backend``).  The
-estimates are operation counts read off the structure, converted to seconds with rates measured
-on the development machine (2 cores, AVX-512, OpenBLAS 0.3; they matter only as ratios of one
-path to the other, which other machines share to a good approximation):
+estimates are operation counts read off the structure, converted to seconds by rates fitted (least
+squares on relative error) to the CPU time of one (f, g) at one thread on 29 designs of the
+benchmarks (crossed uniform and Zipf-skewed, nested, vector terms, 10³ to 10⁶ rows; 2-core AVX-512
+machine, OpenBLAS 0.3, CHOLMOD 3): fitted within 25 % on most, and the cheaper path picked on every
+one.  They matter only as the ratio of one path to the other, which other machines share to a good
+approximation (both paths spend their time in the same kinds of loop and the same BLAS calls).
 
 * CHOLMOD (``"compiled"``), from CHOLMOD's own symbolic analysis of ZᵀZ's pattern
   (:func:`~fastlmm_ext._kernel.symbolic_facts`):
-    - the factorization's flops fl = Σⱼ cⱼ² (cⱼ the entries of column j of L, CHOLMOD's count),
-      in BLAS-3 calls when L is supernodal, in scalar loops when it is simplicial;
-    - the gradient's selected inverse: for each supernode of ``nc`` columns and ``r`` rows below
-      them, 2·nc·r² flops of products with the block of the inverse already computed, and r²
-      entries gathered into that block;
-    - per entry of L (the solves of [ZᵀX Zᵀy] and of the modes) and of ZᵀZ (forming ΛᵀZᵀZΛ, the
-      gradient's residual ρ).
+    - supernodal L (supernodes of ``nc`` columns with ``r`` rows below them): Σ nc³ for the dense
+      diagonal blocks (their Cholesky factors and, for the gradient, their inverses: nc³/3 + 2nc³/3
+      flops), Σ nc·r² for the selected inverse's products with the ancestors' block of the inverse,
+      Σ r² entries gathered into that block, and per stored entry of L (the solves of [ZᵀX Zᵀy],
+      the modes, the assembly) and of ZᵀZ (forming ΛᵀZᵀZΛ, the gradient's residual ρ);
+    - simplicial L (column by column, scalar loops): its flop count fl = Σⱼ cⱼ² (cⱼ the entries of
+      column j of L, CHOLMOD's count) and its entries lnz.
 * The two-block path (``"blocked"``), from the layout (first term: ℓ₁ levels of k columns; q₂
   columns of later scalar terms; cₐ the entries of first-term column a below its block):
-    - the dense q₂ × q₂ Schur complement: q₂³/3 flops to factor it (dpotrf), 2q₂³/3 to invert it
-      for the gradient (dpotri), and a few passes over its q₂² entries;
-    - the sparse Gram products L₂₁L₂₁ᵀ into it and the gradient's trace ⟨S₂₂⁻¹, ·⟩ against them:
-      Σₐ cₐ² multiply-adds each (k(k+1)/2 traces for a vector first term), in scalar loops;
-    - per level of the first term (its k × k factors, NumPy over (ℓ₁, k, k) arrays) and per entry
-      of M₂₁.
+    - the dense q₂ × q₂ Schur complement: q₂³ flops (:func:`dense_flops`: dpotrf's q₂³/3 and, for
+      the gradient, dpotri's 2q₂³/3), and passes over its q₂² entries;
+    - the sparse Gram products L₂₁L₂₁ᵀ into it and the gradient's traces ⟨S₂₂⁻¹, ·⟩ against them:
+      Σₐ cₐ² multiply-adds each (1 + k(k+1)/2 of them), in scalar loops;
+    - per entry of ZᵀZ and of M₂₁, and per level of the first term (its k × k factors, NumPy over
+      (ℓ₁, k, k) arrays).
 
-Threads (``threads`` of the fit) divide the BLAS-3 parts by the parallel speed-up measured for
-them; the scalar and per-entry parts run on one thread.
+Threads (``threads`` of the fit) divide the dense BLAS-3 parts (Σ nc³, q₂³) by the parallel
+speed-up assumed for large dense LAPACK calls; the rest runs on one thread.
 """
 from __future__ import annotations
 
@@ -37,22 +40,23 @@ from ._design import ModelStructure
 
 __all__ = ["PathCost", "compiled_cost", "blocked_cost", "blocked_counts", "dense_flops"]
 
-# Seconds per unit at one thread (development machine, min of repeated (f, g) evaluations).
-DENSE_FLOP = 1.0 / 50e9          # dpotrf / dpotri of a large dense block (OpenBLAS)
-SUPER_FLOP = 1.0 / 20e9          # CHOLMOD's supernodal factorization and the selected inverse's products
-SIMPLICIAL_FLOP = 1.0 / 1.0e9    # CHOLMOD's simplicial (column by column) factorization
-GRAM_MADD = 1.0 / 0.8e9          # one multiply-add of the sparse Gram kernels (_gram.pyx)
-GATHER = 2.0e-9                  # one entry of a supernode's ancestor block gathered (selected inverse)
-DENSE_ENTRY = 2.0e-9             # one entry of the dense q₂ × q₂ block touched by NumPy (a pass)
-DENSE_PASSES = 6                 # passes over the dense block per (f, g): S₂₂ built, scaled, copied, ...
-L_ENTRY = 6.0e-9                 # one entry of L per (f, g): solves, assembly, the selected inverse's reads
-M_ENTRY = 4.0e-9                 # one entry of ZᵀZ per (f, g): Λᵀ M Λ, ρ
-LEVEL = 1.5e-7                   # one level of the first term per (f, g), blocked path (per k³)
-CALL = 3.0e-4                    # fixed cost of one (f, g): Python, NumPy calls
-# Parallel speed-up of the BLAS-3 parts on n threads: dense LAPACK scales well, CHOLMOD's many
-# small supernodes less.
+# Seconds per unit at one thread (fitted, see the module docstring).
+DENSE_FLOP = 1.0 / 55e9          # a flop of a large dense Cholesky factor or inverse (either path)
+SELINV_MADD = 1.1e-10            # a product of the selected inverse (Σ nc·r²), CHOLMOD path
+GATHER = 5.5e-10                 # an entry of a supernode's ancestor block gathered (Σ r²)
+SUPER_ENTRY = 1.8e-8             # a stored entry of a supernodal L per (f, g)
+M_ENTRY = 5.5e-8                 # an entry of ZᵀZ per (f, g), CHOLMOD path
+SUPER_CALL = 8.5e-4              # fixed cost of one (f, g), supernodal CHOLMOD path
+SIMPLICIAL_FLOP = 2.0e-9         # a flop of CHOLMOD's simplicial factorization (fl), and its inverse
+SIMPLICIAL_ENTRY = 4.1e-8        # an entry of a simplicial L per (f, g)
+SIMPLICIAL_CALL = 1.0e-4         # fixed cost of one (f, g), simplicial CHOLMOD path
+DENSE_ENTRY = 1.1e-8             # an entry of the dense q₂ × q₂ block per (f, g) (its passes)
+GRAM_MADD = 3.6e-10              # a multiply-add of the sparse Gram kernels (_gram.pyx)
+BLOCKED_ENTRY = 2.0e-8           # an entry of ZᵀZ or of M₂₁ per (f, g), blocked path
+LEVEL = 1.35e-7                  # a level of the first term per (f, g), blocked path (per k³)
+BLOCKED_CALL = 1.6e-4            # fixed cost of one (f, g), blocked path
+# Parallel efficiency of the large dense LAPACK calls on n threads (speed-up 1 + 0.9 (n − 1)).
 DENSE_SPEEDUP = 0.9
-SUPER_SPEEDUP = 0.6
 
 
 @dataclass(frozen=True)
@@ -92,10 +96,11 @@ def blocked_counts(s: ModelStructure, cp: CrossProducts) -> dict:
 def blocked_cost(counts: dict, threads: int = 1) -> PathCost:
     """Seconds per (f, g) on the two-block path (module docstring), from :func:`blocked_counts`."""
     k, q2 = counts["k"], counts["q2"]
-    dense = dense_flops(q2) * DENSE_FLOP / _speedup(threads, DENSE_SPEEDUP) if q2 else 0.0
+    dense = dense_flops(q2) * DENSE_FLOP / _speedup(threads, DENSE_SPEEDUP)
     traces = 1 + k * (k + 1) // 2                    # the S₂₂ update and the gradient's traces
-    seconds = (dense + DENSE_PASSES * DENSE_ENTRY * float(q2) ** 2 + traces * GRAM_MADD * counts["sum_c2"]
-               + M_ENTRY * (counts["nnzM"] + 2 * counts["nnz21"]) + LEVEL * counts["l1"] * k ** 3 + CALL)
+    seconds = (dense + DENSE_ENTRY * float(q2) ** 2 + traces * GRAM_MADD * counts["sum_c2"]
+               + BLOCKED_ENTRY * (counts["nnzM"] + 2 * counts["nnz21"]) + LEVEL * counts["l1"] * k ** 3
+               + BLOCKED_CALL)
     return PathCost("blocked", seconds, dict(counts))
 
 
@@ -106,13 +111,11 @@ def compiled_cost(facts: dict, counts: dict, threads: int = 1) -> PathCost:
     if facts["is_super"]:
         nc = facts["super_ncols"].astype(float)
         r = facts["super_nrows"].astype(float) - nc
-        blas = (fl + 2.0 * float(np.sum(nc * r * r))) * SUPER_FLOP / _speedup(threads, SUPER_SPEEDUP)
-        gather = GATHER * float(np.sum(r * r))
-        entries = float(np.sum(nc * (nc + r)))        # stored entries of the supernodal L
+        dense = float(np.sum(nc ** 3)) * DENSE_FLOP / _speedup(threads, DENSE_SPEEDUP)
+        seconds = (dense + SELINV_MADD * float(np.sum(nc * r * r)) + GATHER * float(np.sum(r * r))
+                   + SUPER_ENTRY * float(np.sum(nc * (nc + r))) + M_ENTRY * counts["nnzM"] + SUPER_CALL)
     else:
-        blas = 3.0 * fl * SIMPLICIAL_FLOP             # factorization, and the selected inverse's recurrences
-        gather, entries = 0.0, lnz
-    seconds = blas + gather + L_ENTRY * entries + M_ENTRY * counts["nnzM"] + CALL
+        seconds = SIMPLICIAL_FLOP * fl + SIMPLICIAL_ENTRY * lnz + SIMPLICIAL_CALL
     out = {"fl": fl, "lnz": lnz, "is_super": bool(facts["is_super"]), "nsuper": int(facts.get("nsuper", 0)),
            "ordering": int(facts["ordering"])}
     return PathCost("compiled", seconds, out)
