@@ -99,22 +99,37 @@ def _cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
+_quota_cache: list = []     # [(monotonic time, quota)]: a quota changes rarely, its lookup costs ~0.3 ms
+QUOTA_TTL = 30.0
+
+
 def _cgroup_cores() -> float | None:
     """The CPU quota of this process's cgroup in cores (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``),
-    None without a quota."""
+    None without a quota; looked up again after QUOTA_TTL seconds."""
+    now = time.monotonic()
+    if not _quota_cache or now - _quota_cache[0][0] > QUOTA_TTL:
+        _quota_cache[:] = [(now, _read_cgroup_quota())]
+    return _quota_cache[0][1]
+
+
+def _read_cgroup_quota(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """The quota in cores from the cgroup files under ``root`` (this process's cgroup first, as
+    ``self_cgroup`` names it, then the root's)."""
     paths = ["/"]
     try:
-        with open("/proc/self/cgroup") as fh:
+        with open(self_cgroup) as fh:
             for line in fh:
                 _, controllers, path = line.rstrip("\n").split(":", 2)
                 if controllers in ("", "cpu", "cpu,cpuacct", "cpuacct,cpu"):
                     paths.insert(0, path)
-    except OSError:
+    except (OSError, ValueError):
         pass
     for path in paths:
-        for quota_file, period_file in ((f"/sys/fs/cgroup{path}/cpu.max", None),
-                                        (f"/sys/fs/cgroup/cpu{path}/cpu.cfs_quota_us",
-                                         f"/sys/fs/cgroup/cpu{path}/cpu.cfs_period_us")):
+        path = path.rstrip("/")
+        candidates = [(f"{root}{path}/cpu.max", None)]                       # v2: "quota period" or "max period"
+        candidates += [(f"{root}/{d}{path}/cpu.cfs_quota_us", f"{root}/{d}{path}/cpu.cfs_period_us")
+                       for d in ("cpu", "cpu,cpuacct")]                         # v1: quota -1 when unlimited
+        for quota_file, period_file in candidates:
             try:
                 with open(quota_file) as fh:
                     fields = fh.read().split()

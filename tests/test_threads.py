@@ -251,3 +251,20 @@ def test_fit_many_threads_equal_lmer():
         ref = [fl.lmer(SLEEP, sleep.assign(Reaction=Y[:, j]), threads=2).criterion for j in range(4)]
     np.testing.assert_allclose(one["criterion"], ref, rtol=1e-9)
     np.testing.assert_allclose(two["criterion"], ref, rtol=1e-9)
+
+
+@pytest.mark.parametrize("layout, want", [
+    ({"cpu.max": "150000 100000\n"}, 1.5),                                  # v2, root cgroup
+    ({"app/cpu.max": "200000 100000\n", "cpu.max": "max 100000\n"}, 2.0),   # v2, this process's cgroup first
+    ({"cpu.max": "max 100000\n"}, None),                                     # v2, no quota
+    ({"cpu/app/cpu.cfs_quota_us": "50000\n", "cpu/app/cpu.cfs_period_us": "100000\n"}, 0.5),   # v1
+    ({"cpu,cpuacct/app/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/app/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),                                                               # no cgroup files
+])
+def test_cgroup_quota_files(tmp_path, layout, want):
+    for rel, text in layout.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    own = tmp_path / "self_cgroup"
+    own.write_text("12:cpu,cpuacct:/app\n0::/app\n")
+    assert _threads._read_cgroup_quota(str(tmp_path), str(own)) == want
