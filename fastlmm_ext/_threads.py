@@ -18,14 +18,15 @@ one thread count n per fit (:func:`fit_threads`), at most the cores free when th
 * n is the user's ``threads`` when given, else :func:`available_cores`: the CPUs this process may
   run on (its affinity mask and cgroup CPU quota) less the share of them other processes kept
   busy since the last look (``/proc/stat``, this process's own CPU time subtracted), rounded down:
-  one thread when one core is free.  A read of a few small files, no waiting; made once per fit.
+  one thread when one core is free.  A read of a few small files (~0.2 ms), no waiting; made once
+  per fit.
 * CHOLMOD's OpenBLAS and OpenMP get n.  The bundled copies stay at one thread (their small calls
   in the optimisation loop would otherwise wake spinning threads: InstEval's gradient took 110 ms
   with both pools threaded, 25 ms with the bundled pools at one thread) except around the blocked
   path's large LAPACK calls (:func:`bundled_blas_all_threads`), where they get n as well.
 
-Switching a count is one C call (about a microsecond); finding the libraries (~3 ms, threadpoolctl
-reads every loaded library) is done once per process.  A worker of a process pool (``_parallel``)
+Switching a count is one C call (~6 µs through threadpoolctl, measured); finding the libraries
+(~3 ms, threadpoolctl reads every loaded library) is done once per process.  A worker of a process pool (``_parallel``)
 is one of several processes that fill the cores, so its fits default to one thread
 (:func:`limit_process_threads`).
 """
