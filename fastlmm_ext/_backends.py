@@ -102,8 +102,7 @@ class _SharedKernel:
         self._kernel, self.owner, self.M, self._threads = None, None, None, None
 
     def kernel_for(self, cp: CrossProducts, token: int) -> PLSKernel:
-        """The kernel holding ``cp``'s response (built from the design on first use), its
-        OpenMP teams capped at the fit's thread count (``_threads``; CHOLMOD ≥ 4)."""
+        """The kernel holding ``cp``'s response (built from the design on first use)."""
         if self._kernel is None:
             openmp_dynamic()
             Ap, Ai, Mx, (bstart, bsize, toff, Tflat, theta_pos), ordering = self._design
@@ -111,7 +110,7 @@ class _SharedKernel:
         elif self.owner != token:
             self._kernel.set_response(cp.ZtXy, cp.XyXy)    # drops the factor of the other response
         self.owner = token
-        n = active_threads()
+        n = active_threads()             # CHOLMOD's OpenMP teams at the fit's thread count (CHOLMOD >= 4)
         if n is not None and n != self._threads:
             self._kernel.set_threads(n)
             self._threads = n
