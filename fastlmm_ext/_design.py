@@ -239,8 +239,12 @@ def independent_columns(M: np.ndarray, tol: float = 1e-7) -> list[int]:
     stays if its residual on the columns kept before it has norm above ``tol`` times its own norm.
     The residual comes from Gram–Schmidt against an orthonormal basis of the kept columns, done
     twice, so it is not the difference of two nearly equal squares (the Gram rule's cancellation
-    decides a column whose residual is about 1e-7 of its norm by rounding)."""
+    decides a column whose residual is about 1e-7 of its norm by rounding).  A tall M is first
+    reduced to the triangle R of M = QR (LAPACK's Householder QR, whose backward error is small
+    column by column): R's columns have M's relations and norms."""
     M = np.asarray(M, dtype=float)
+    if M.shape[0] > M.shape[1]:
+        M = la.qr(M, mode="r", overwrite_a=False, check_finite=False)[0][:M.shape[1]]
     Q = np.zeros((M.shape[0], 0))
     keep: list[int] = []
     for j in range(M.shape[1]):
@@ -257,18 +261,18 @@ def independent_columns(M: np.ndarray, tol: float = 1e-7) -> list[int]:
     return keep
 
 
-def basis_rows(X: np.ndarray, G: np.ndarray, tol: float = 1e-7) -> np.ndarray:
+def basis_rows(X: np.ndarray, G: np.ndarray, tol: float = 1e-7, rank: int | None = None) -> np.ndarray:
     """Sorted indices of a few rows of X on which X has its full rank r (the number of columns
     :func:`independent_columns` keeps; G = XᵀX gives the columns' norms): a linear relation among
     X's columns that holds on these rows holds on all.  A seeded sample of 2r + 8 rows; while the rank falls short, the rows farthest
     from the span of those chosen are added (pivoted QR of their residuals).  Columns are scaled
-    to unit norm first, which changes no relation between rows."""
+    to unit norm first, which changes no relation between rows.  ``rank``: r, when known."""
     n, p = X.shape
     if p == 0 or n == 0:
         return np.zeros(0, dtype=np.intp)
     d = np.sqrt(np.diag(G))
     Xs = X / np.where(d > 0, d, 1.0)
-    r = len(independent_columns(Xs, tol))
+    r = len(independent_columns(Xs, tol)) if rank is None else rank
     if r == 0:
         return np.zeros(0, dtype=np.intp)
     S = np.sort(np.random.default_rng(0).choice(n, size=min(n, 2 * r + 8), replace=False))
@@ -431,11 +435,11 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
                     frame=frame)
 
 
-def fixed_basis_rows(block: RowBlock, G: np.ndarray, columns) -> pd.DataFrame:
+def fixed_basis_rows(block: RowBlock, G: np.ndarray, columns, rank: int | None = None) -> pd.DataFrame:
     """The data columns of the fixed part at the rows :func:`basis_rows` picks from the block's
     X (G its XᵀX): what ``ModelStructure.fixed_rows`` keeps for the ANOVA hypotheses."""
     cols = [c for c in block.frame.columns if c in set(columns)]
-    return block.frame.iloc[basis_rows(block.X, G)][cols]
+    return block.frame.iloc[basis_rows(block.X, G, rank=rank)][cols]
 
 
 def _from_spec(spec, frame: pd.DataFrame, what: str):
@@ -564,7 +568,7 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
         Z=assemble_Z(terms, n), offset=rows.offset, weights=w_all, n_dropped=n_dropped,
         row_index=df2.index, fixed_spec=rows.fixed_spec, factor_levels=factor_levels,
         variable_levels=variable_levels_of(frame), allow_python=bool(allow_python), contrasts=rows.contrasts,
-        fixed_rows=fixed_basis_rows(rows, G, mv.fixed), fixed_gram=G[np.ix_(keep, keep)])
+        fixed_rows=fixed_basis_rows(rows, G, mv.fixed, len(keep)), fixed_gram=G[np.ix_(keep, keep)])
 
 
 def variable_levels_of(frame: pd.DataFrame) -> dict:
