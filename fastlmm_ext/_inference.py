@@ -171,7 +171,7 @@ class InferenceMixin:
         row = contrast_ftest(L, self.fixef.to_numpy(), self.sigma, dm)
         return pd.DataFrame([row], columns=_ANOVA_COLUMNS)
 
-    def anova_hypotheses(self, type=3) -> dict[str, np.ndarray]:
+    def anova_hypotheses(self, type: int | str = 3) -> dict[str, np.ndarray]:
         """The contrast matrix L of every fixed-effect term that ``anova_table(type)`` tests
         (lmerTest's ``attr(anova(fit, type = ), "hypotheses")``), rows × p in the fit's
         coefficient order; 0 rows for a term with nothing testable (see ``_hypotheses``)."""
@@ -194,7 +194,7 @@ class InferenceMixin:
             tab["NumDF"] = tab["NumDF"].astype(int)
         return tab
 
-    def anova_table(self, type=3, ddf: str = "satterthwaite") -> pd.DataFrame:
+    def anova_table(self, type: int | str = 3, ddf: str = "satterthwaite") -> pd.DataFrame:
         """ANOVA table of the fixed-effect terms, like lmerTest's ``anova(fit, type = , ddf = )``.
 
         ``type``: 3 (default), 2 or 1 (also "III", "II", "I"), the hypotheses of
@@ -209,7 +209,7 @@ class InferenceMixin:
         untestable = tab["NumDF"].isna().to_numpy()
         return pd.concat([tab[~untestable], tab[untestable]]) if untestable.any() else tab
 
-    def drop1(self, scope=None, ddf: str = "satterthwaite") -> pd.DataFrame:
+    def drop1(self, scope: str | list[str] | None = None, ddf: str = "satterthwaite") -> pd.DataFrame:
         """F tests of dropping each marginal fixed-effect term, like lmerTest's ``drop1(fit)``
         (no refits: tests of contrasts of this fit).
 
@@ -289,7 +289,7 @@ class InferenceMixin:
 
 # ----------------------------------------------------------------------------- likelihood-ratio tests
 
-def anova(*results, names=None, type=3, ddf: str = "satterthwaite") -> pd.DataFrame:
+def anova(*results, names=None, type: int | str = 3, ddf: str = "satterthwaite") -> pd.DataFrame:
     """Likelihood-ratio tests of nested models, like lme4's ``anova(m1, m2, ...)``.
 
     REML fits are refitted by ML first (``LinearMixedModel.ml_twin``).  Models are sorted by their number of parameters
