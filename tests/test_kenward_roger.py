@@ -96,7 +96,7 @@ def dense_kr(s, theta, sigma: float, weighted: bool = True, Phi: np.ndarray | No
 
 
 def kr_ddf_dense(L, Phi, P, W) -> tuple[float, float]:
-    """Kenward and Roger's (1997, section 4) denominator df m and F scaling λ of Lβ = 0 by their
+    """Kenward and Roger's (1997) denominator df m and F scaling λ of Lβ = 0 by their
     formulas: Θ = Lᵀ(LΦLᵀ)⁻¹L, A₁ = Σ W_rs tr(ΘΦP_rΦ) tr(ΘΦP_sΦ), A₂ = Σ W_rs tr(ΘΦP_rΦΘΦP_sΦ),
     E* = (1 − A₂/ℓ)⁻¹, V* = (2/ℓ)(1 + c₁B)/((1 − c₂B)²(1 − c₃B)), ρ = V*/(2E*²),
     m = 4 + (ℓ + 2)/(ℓρ − 1), λ = m/(E*(m − 2))."""
