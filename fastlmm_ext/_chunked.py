@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import pandas as pd
 
 from ._contrasts import check_contrast_names
@@ -221,7 +222,8 @@ class ChunkPlan:
     def add_block(self, stats: SuffStats, block, w) -> None:
         """Add an evaluated block of rows (terms in formula order) to ``stats``."""
         stats.add(block.y, block.X, [block.term_codes[i] for i in self.order],
-                  [block.term_Xi[i] for i in self.order], offset=block.offset, weights=w)
+                  [block.term_Xi[i] for i in self.order], offset=block.offset, weights=w,
+                  rows=block.frame[[c for c in block.frame.columns if c in self.mv.fixed]])
 
     # -- at the end
     def structure(self, stats: SuffStats):
@@ -245,6 +247,7 @@ class ChunkPlan:
         raise_if_exact(float(cp.XyXy[-1, -1]), *stats.response_spread(), f"response {self.parsed.response!r}",
                        len(keep))
         lv = self.levels
+        G = stats.unweighted_gram()
         s = ModelStructure(
             formula=self.formula, parsed=self.parsed, response=self.parsed.response, y=None, X=None,
             fixef_names=tuple(names), dropped_fixef=tuple(dropped), terms=tuple(self.terms), Z=None,
@@ -254,7 +257,9 @@ class ChunkPlan:
             variable_levels={c: (list(lv.columns[c].labels), lv.columns[c].ordered)
                              for c in self.mv.frame_columns if c in lv.non_numeric},
             nobs=n, prior_weights=self.weights is not None, allow_python=self.allow_python,
-            contrasts=dict(self.contrasts or {}))
+            contrasts=dict(self.contrasts or {}),
+            fixed_rows=None if stats.basis is None else stats.basis.reset_index(drop=True),
+            fixed_gram=G[np.ix_(keep, keep)].copy())
         return s, cp
 
 

@@ -31,7 +31,7 @@ from ._formula import ParsedFormula, parse_formula
 from ._ols import raise_if_exact_rows, response_shift
 from ._rformula import RExpr, evaluate_vector, model_matrix, parse_expr, r_column_names, translate
 
-__all__ = ["ReTerm", "ModelStructure", "build_structure"]
+__all__ = ["ReTerm", "ModelStructure", "build_structure", "basis_rows", "independent_columns"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,10 @@ class ModelStructure:
     prior_weights: bool = False    # weights were given (for a structure without rows)
     allow_python: bool = False     # the formula's terms were evaluated as Python (see _rformula)
     contrasts: dict = field(default_factory=dict)   # factor column -> RContrasts of the fixed part (non-treatment)
+    # For the ANOVA hypotheses (lmerTest builds them from the data): the fixed part's data columns
+    # at a few rows on which X has its full rank (basis_rows), and the unweighted XᵀX.
+    fixed_rows: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    fixed_gram: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def has_rows(self) -> bool:
@@ -230,6 +234,63 @@ def rank_deficient_keep(G: np.ndarray, tol: float = 1e-7) -> list[int]:
     return keep
 
 
+def independent_columns(M: np.ndarray, tol: float = 1e-7) -> list[int]:
+    """:func:`rank_deficient_keep`'s rule on the columns of M itself rather than on MᵀM: column j
+    stays if its residual on the columns kept before it has norm above ``tol`` times its own norm.
+    The residual comes from Gram–Schmidt against an orthonormal basis of the kept columns, done
+    twice, so it is not the difference of two nearly equal squares (the Gram rule's cancellation
+    decides a column whose residual is about 1e-7 of its norm by rounding).  A tall M is first
+    reduced to the triangle R of M = QR (LAPACK's Householder QR, whose backward error is small
+    column by column): R's columns have M's relations and norms."""
+    M = np.asarray(M, dtype=float)
+    if M.shape[0] > M.shape[1]:
+        M = la.qr(M, mode="r", overwrite_a=False, check_finite=False)[0][:M.shape[1]]
+    Q = np.zeros((M.shape[0], 0))
+    keep: list[int] = []
+    for j in range(M.shape[1]):
+        m = M[:, j]
+        norm = np.linalg.norm(m)
+        if norm == 0.0:
+            continue
+        r = m - Q @ (Q.T @ m)
+        r -= Q @ (Q.T @ r)
+        rn = np.linalg.norm(r)
+        if rn > tol * norm:
+            Q = np.column_stack([Q, r / rn])
+            keep.append(j)
+    return keep
+
+
+def basis_rows(X: np.ndarray, G: np.ndarray, tol: float = 1e-7, rank: int | None = None) -> np.ndarray:
+    """Sorted indices of a few rows of X on which X has its full rank r (the number of columns
+    :func:`independent_columns` keeps; G = XᵀX gives the columns' norms): a linear relation among
+    X's columns that holds on these rows holds on all.  A seeded sample of 2r + 8 rows; while the rank falls short, the rows farthest
+    from the span of those chosen are added (pivoted QR of their residuals).  Columns are scaled
+    to unit norm first, which changes no relation between rows.  ``rank``: r, when known."""
+    n, p = X.shape
+    if p == 0 or n == 0:
+        return np.zeros(0, dtype=np.intp)
+    d = np.sqrt(np.diag(G))
+    Xs = X / np.where(d > 0, d, 1.0)
+    r = len(independent_columns(Xs, tol)) if rank is None else rank
+    if r == 0:
+        return np.zeros(0, dtype=np.intp)
+    S = np.sort(np.random.default_rng(0).choice(n, size=min(n, 2 * r + 8), replace=False))
+    while len(S) < n:
+        XS = Xs[S]
+        have = len(independent_columns(XS, tol))
+        if have >= r:
+            break
+        Q = la.orth(XS.T, rcond=tol)
+        R = Xs - (Xs @ Q) @ Q.T
+        far = np.flatnonzero(np.linalg.norm(R, axis=1) > tol * np.linalg.norm(Xs, axis=1))
+        if not far.size:
+            break
+        piv = la.qr(R[far].T, mode="r", pivoting=True)[1]
+        S = np.union1d(S, far[piv[:max(r - have, 1)]])
+    return S
+
+
 def warn_rank_deficient(dropped: list[str]) -> None:
     if dropped:
         warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
@@ -301,6 +362,7 @@ class RowBlock:
     term_codes: list[np.ndarray]
     term_specs: list = field(default_factory=list)
     contrasts: dict = field(default_factory=dict)    # the fixed part's factor contrasts
+    frame: pd.DataFrame | None = field(default=None, repr=False)   # the rows it was evaluated from
 
 
 def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offset_arg=None,
@@ -369,7 +431,15 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
         specs.append(Zmm.model_spec)
         codes.append(group_codes(group))
     return RowBlock(y=y, X=X, fixef_names=names, fixed_spec=fixed_spec, offset=off_total,
-                    term_cnms=cnms, term_Xi=Xis, term_codes=codes, term_specs=specs, contrasts=fixed_contrasts)
+                    term_cnms=cnms, term_Xi=Xis, term_codes=codes, term_specs=specs, contrasts=fixed_contrasts,
+                    frame=frame)
+
+
+def fixed_basis_rows(block: RowBlock, G: np.ndarray, columns, rank: int | None = None) -> pd.DataFrame:
+    """The data columns of the fixed part at the rows :func:`basis_rows` picks from the block's
+    X (G its XᵀX): what ``ModelStructure.fixed_rows`` keeps for the ANOVA hypotheses."""
+    cols = [c for c in block.frame.columns if c in set(columns)]
+    return block.frame.iloc[basis_rows(block.X, G, rank=rank)][cols]
 
 
 def _from_spec(spec, frame: pd.DataFrame, what: str):
@@ -477,7 +547,8 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
 
     rows = evaluate_rows(parsed, frame, group_codes, offset_arg=o_all, allow_python=allow_python,
                          contrasts=user_contrasts)
-    keep = rank_deficient_keep(rows.X.T @ rows.X) if rows.X.shape[1] else []
+    G = rows.X.T @ rows.X
+    keep = independent_columns(rows.X)          # lme4 decides on X itself (pivoted QR, tol 1e-7)
     dropped = [nm for j, nm in enumerate(rows.fixef_names) if j not in keep]
     X, fixef_names = rows.X[:, keep], [rows.fixef_names[j] for j in keep]
     warn_rank_deficient(dropped)
@@ -496,7 +567,8 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
         fixef_names=tuple(fixef_names), dropped_fixef=tuple(dropped), terms=tuple(terms),
         Z=assemble_Z(terms, n), offset=rows.offset, weights=w_all, n_dropped=n_dropped,
         row_index=df2.index, fixed_spec=rows.fixed_spec, factor_levels=factor_levels,
-        variable_levels=variable_levels_of(frame), allow_python=bool(allow_python), contrasts=rows.contrasts)
+        variable_levels=variable_levels_of(frame), allow_python=bool(allow_python), contrasts=rows.contrasts,
+        fixed_rows=fixed_basis_rows(rows, G, mv.fixed, len(keep)), fixed_gram=G[np.ix_(keep, keep)])
 
 
 def variable_levels_of(frame: pd.DataFrame) -> dict:

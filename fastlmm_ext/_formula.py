@@ -22,7 +22,7 @@ from formulaic import Formula
 
 from ._exceptions import FormulaError
 
-__all__ = ["RandomTerm", "ParsedFormula", "parse_formula", "split_terms"]
+__all__ = ["RandomTerm", "ParsedFormula", "parse_formula", "split_terms", "findbars"]
 
 _OPEN = {"(": ")", "[": "]", "{": "}"}
 _CLOSE = {v: k for k, v in _OPEN.items()}
@@ -283,7 +283,9 @@ def _elements(rest: list[tuple[str, str]], expr: str, term: str) -> list[str]:
     return out
 
 
-def _random_terms(inner: str) -> list[RandomTerm]:
+def _bar_parts(inner: str) -> tuple[list[str], list[str], list[tuple[str, ...]]]:
+    """The inside of a bar term split into its effects (formulaic right-hand sides, one per
+    element of a ``||`` term), their lhs as R deparses them, and its grouping factors."""
     term = _quote(f"({inner})")
     bars = _top(inner, "|")
     double = len(bars) == 2 and bars[1] == bars[0] + 1
@@ -304,10 +306,34 @@ def _random_terms(inner: str) -> list[RandomTerm]:
         if icpt is None and rest[0][0] == "-":
             icpt = True  # "-a" alone would leave nothing for formulaic to remove from
         e = _join(rest) if icpt is None else _join([("+", "1" if icpt else "0"), *rest])
-        return [RandomTerm(e, g) for g in groups]
+        return [e], [_join(_signed_terms(expr))], groups
     exprs = ["1"] if icpt is not False else []
     exprs += ["0 + " + t for t in _elements(rest, expr, term)]
+    return exprs, exprs, groups
+
+
+def _random_terms(inner: str) -> list[RandomTerm]:
+    exprs, _, groups = _bar_parts(inner)
     return [RandomTerm(e, g) for g in groups for e in exprs]
+
+
+def findbars(formula: str) -> list[tuple[str, RandomTerm]]:
+    """lme4's ``findbars``: the random-effects terms of ``formula`` in lme4's order, each as R
+    deparses it (``"1 + x | g"``) with its :class:`RandomTerm`.  The order is the formula's, a
+    ``||`` term expanded first ((1|g), then (0 + x|g)) and a nesting after it (``(1|a/b)``:
+    ``1 | b:a`` before ``1 | a``)."""
+    parse_formula(formula)           # the checks and messages of the parser
+    rhs = formula[_top(formula, "~")[0] + 1:]
+    out = []
+    for _, text in _signed_terms(rhs):
+        inner = _bar_inside(text)
+        if inner is None:
+            continue
+        exprs, labels, groups = _bar_parts(inner)
+        for e, lab in zip(exprs, labels):
+            for g in reversed(groups):
+                out.append((f"{lab} | {':'.join(g)}", RandomTerm(e, g)))
+    return out
 
 
 # ----------------------------------------------------------------------------- formula

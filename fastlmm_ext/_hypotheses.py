@@ -1,34 +1,68 @@
-"""The hypotheses of the ANOVA table of the fixed effects: type III (SAS "type III estimable
-functions", as lmerTest builds them), and type I (sequential) for a model with a single term.
+"""The hypotheses of lmerTest's ANOVA tables and of its ``drop1``: for every fixed-effect term a
+contrast matrix L (rows × p, in the fit's coefficients) whose F test of L β = 0 is the term's row.
 
-In the over-parameterised model (an indicator for every level, and every combination of levels in
-an interaction) with parameters γ, the treatment-coded coefficients are β_T = G γ with
-G = X_T⁺ X_over.  The columns of Gᵀ (one per coefficient, as functions of γ) of every term are
-made orthogonal, in γ-space, to those of the terms containing it (higher-order terms first;
-"contains" = all its variables and more, with the same numeric covariates).  The rows of the
-result at the coefficients' own γ coordinates give each term's hypothesis in treatment coding;
-they are mapped to the model's own coding (e.g. polynomial contrasts) by X_T⁺ X.  These
-hypotheses depend on the model's terms and codings only, so they are computed on a small
-synthetic design (every cell, generic numeric values) rather than the data.  Models with a single
-term use type I (sequential) hypotheses, as lmerTest does.
+Notation: X is the fitted design (n × p, aliased columns dropped), G = XᵀX (unweighted, as
+lmerTest), t a term in R's term order, cols(t) its columns of X and C(t) the terms containing t.
 
-Type I hypotheses are the rows of the Doolittle factor of XᵀX (its Cholesky factor U scaled to a
-unit diagonal) at each term's columns.
+* **Containment** (SAS's, lmerTest's ``containment``): F2 contains F1 when F2 has every variable of
+  F1 and more, and the same covariates.  A covariate is what R's ``dataClasses`` calls "numeric", a
+  plain number column; factors, logicals and matrix-valued terms (poly, ns, bs, scale) are not.
+* **Type I** (sequential): the Doolittle factorisation G = Λ D Λᵀ, Λ unit lower triangular; the
+  hypothesis of t is the rows cols(t) of Λᵀ = diag(R)⁻¹R (R the Cholesky factor of G).
+* **Type II**: for t contained in other terms, the type I hypothesis of t with X's columns
+  reordered as [other terms, t, C(t)] (t adjusted for every term but those containing it); for t
+  contained in none, the identity rows cols(t) (the marginal hypothesis).
+* **Type III** (SAS's type III estimable functions, lmerTest's ``get_contrasts_type3``): X_T is the
+  design coded with treatment contrasts (aliased columns dropped as lme4 drops them) and D the
+  complete, over-parameterised design: for every term the indicator of each cell of its factors
+  (times its covariates), all cells kept, an empty one as a column of zeros.  Γ = X_T⁺ D expresses
+  every cell parameter through the treatment coefficients; in Λ = Γᵀ (rows: cells) the columns of
+  each term are replaced by their residual on the columns of the terms containing it
+  (higher-order terms first).  The rows of Λ at X_T's own cells, columns cols(t), are t's
+  hypothesis in treatment coding; X_T⁺X maps it to the fit's coding.  The hypotheses are
+  estimable when cells are empty, and they do not depend on the contrasts of the fit.
+* A model with a single term gets its type I hypotheses for every type, as lmerTest's.
+* **drop1**: R's ``drop.scope`` (the terms whose variables are in no other term), each with the
+  marginal hypothesis (a single term: type I); when X is rank deficient, the directions of span(X)
+  that the design X₀ without t lacks: with R = X − P_{X₀}X, L = orth(XᵀR)ᵀ (lmerTest's
+  ``get_Ldiffmat2``), none when X₀ spans X.
+
+**Rows.**  X_T, D and X₀ are the data's, but they are needed only through linear relations
+between design columns and through G.  The structure keeps the fixed part's data columns at a few
+rows S on which X has its full rank (``_design.basis_rows``): every column of X_T, D or X₀ lies in
+span(X) (R's codings), so on the data it is X·A for a unique A, and X_S A = (its value on S)
+identifies A.  Hence X_T⁺D = A_T⁻¹A_D and X_T⁺X = A_T⁻¹ are computed on S exactly, and the
+quantities that need all rows (which treatment columns lme4's rule drops, XᵀR) come from G
+through its Cholesky factor R_G (X = Q R_G, Q orthonormal): X_T = Q (R_G A_T) has the column
+relations of R_G A_T, and XᵀR = R_Gᵀ E with E the residual of R_G on span(R_G A₀).
+
+lmerTest rounds its intermediate matrices to 7 significant digits (R's ``zapsmall``) and sets
+entries of Λ below 10⁻⁶ to zero; both are mirrored (the latter on Λ scaled by the columns'
+norms, so that it does not depend on the covariates' units).
 """
 from __future__ import annotations
 
-import itertools
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.linalg as la
+from formulaic import SimpleFormula
 
+from ._design import independent_columns
+from ._exceptions import ArgumentError, DataError, FormulaError
 from ._rformula import factor_label, r_column_names
 
-__all__ = ["anova_hypotheses"]
+__all__ = ["FixedTerm", "FixedTerms", "spec_terms", "fixed_terms", "fixed_gram", "anova_hypotheses", "drop1_hypotheses",
+           "check_anova_type"]
+
+# R's functions whose value is a matrix: a term of them is not a covariate in lmerTest's containment
+_MATRIX_FUNCTIONS = frozenset({"poly", "ns", "bs", "scale"})
+_TYPES = {"1": 1, "2": 2, "3": 3, "I": 1, "II": 2, "III": 3}
+DOOLITTLE_EPS = 1e-6        # lmerTest's doolittle(): |Λ| below this is 0
+NONZERO_ROW = 1e-8          # lmerTest keeps the rows of a type III matrix with Σ|l| above this
+RANK_TOL = 1e-7             # lme4's (and lmerTest's) tolerance of the rank decisions
 
 
 def _zapsmall(x: np.ndarray, digits: int = 7) -> np.ndarray:
@@ -42,213 +76,320 @@ def _zapsmall(x: np.ndarray, digits: int = 7) -> np.ndarray:
     return np.round(x, max(0, digits - math.ceil(math.log10(mx))))
 
 
-@dataclass
-class _FixedTerm:
-    label: str                 # R-style label ("recipe:temperature")
-    factors: tuple[str, ...]   # formulaic factor expressions
-    columns: list[int]         # columns of the fitted X
-    full_columns: list[int]    # columns of formulaic's full model matrix
+def check_anova_type(type) -> int:
+    """lmerTest's ``type``: 1, 2, 3 or "I", "II", "III" (also "1", "2", "3") → 1, 2 or 3."""
+    ok = isinstance(type, (str, int, np.integer)) and not isinstance(type, bool)
+    key = str(type).strip().upper() if ok else None
+    if key not in _TYPES:
+        hint = "; the denominator df method is the argument ddf=" if isinstance(type, str) else ""
+        raise ArgumentError(f"type must be 1, 2 or 3 (or 'I', 'II', 'III'), got {type!r}{hint}")
+    return _TYPES[key]
 
 
-def _fixed_terms(structure) -> tuple[list[_FixedTerm], bool, list[int]]:
-    """Terms of the fixed part (without the intercept), whether there is an intercept, and the
-    columns of formulaic's full model matrix that the fit kept (rank-deficient ones dropped)."""
-    spec = structure.fixed_spec
-    if spec is None:
-        raise NotImplementedError("the fixed-effects model spec is not available; cannot map columns to terms")
-    full_names = r_column_names(spec)
-    kept_names = list(structure.fixef_names)
-    if len(full_names) == len(kept_names):
-        kept = list(range(len(full_names)))
-    else:
-        pos = {nm: i for i, nm in enumerate(full_names)}
-        if not all(nm in pos for nm in kept_names):
-            raise NotImplementedError("cannot match the fitted columns to the model spec's columns")
-        kept = [pos[nm] for nm in kept_names]
+# ----------------------------------------------------------------------------- the terms
+
+@dataclass(frozen=True)
+class FixedTerm:
+    """One term of the fixed part: R's label ("recipe:temperature"), its variables (formulaic's
+    factor expressions), those that are covariates, and its columns of the fitted X."""
+    label: str
+    factors: tuple[str, ...]
+    numeric: frozenset[str]
+    columns: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FixedTerms:
+    """The terms of a model matrix (the fixed part's, or a random-effects term's) in R's order,
+    whether it has an intercept, the columns of the full model matrix the fit kept, and p."""
+    terms: tuple[FixedTerm, ...]
+    intercept: bool
+    kept: tuple[int, ...]
+    p: int
+
+    def containment(self) -> dict[str, list[str]]:
+        """For each term, the terms containing it (module docstring), in term order."""
+        return {t1.label: [t2.label for t2 in self.terms if set(t1.factors) < set(t2.factors)
+                           and t1.numeric == t2.numeric] for t1 in self.terms}
+
+    def drop_scope(self) -> list[str]:
+        """R's ``drop.scope``: the terms whose variables are not all in another term."""
+        return [t.label for t in self.terms
+                if not any(u is not t and set(t.factors) <= set(u.factors) for u in self.terms)]
+
+    def columns_of(self, labels) -> list[int]:
+        by = {t.label: t.columns for t in self.terms}
+        return [j for lab in labels for j in by[lab]]
+
+
+def _calls(node: tuple, names) -> bool:
+    """Whether a resolved expression tree (``_rformula``) calls one of ``names``."""
+    kind = node[0]
+    if kind == "call":
+        return node[1] in names or any(_calls(a, names) for _, a in node[2])
+    if kind in ("op", "unary"):
+        return any(_calls(x, names) for x in node[2:])
+    if kind == "paren":
+        return _calls(node[1], names)
+    if kind == "list":
+        return any(_calls(x, names) for x in node[1])
+    return False
+
+
+def _is_covariate(spec, expr: str) -> bool:
+    """R's dataClass "numeric": a numerical factor that is not matrix-valued (poly(x, 2), scale(x))."""
+    st = spec.encoder_state.get(expr)
+    if st is None or getattr(st[0], "value", str(st[0])) != "numerical":
+        return False
+    e = (spec.materializer_params or {}).get("exprs", {}).get(expr)
+    return e is None or e.tree is None or not _calls(e.tree, _MATRIX_FUNCTIONS)
+
+
+def _factors(es) -> tuple[str, ...]:
+    return tuple(str(f) for f in es.term.factors if str(f) != "1")
+
+
+def spec_terms(spec, names) -> FixedTerms:
+    """The terms of a model spec (formulaic's order, which is R's), with their columns among the
+    model matrix's columns ``names`` (R's names; those not kept after a rank check are absent)."""
+    pos = {nm: i for i, nm in enumerate(r_column_names(spec))}
+    if any(nm not in pos for nm in names):
+        raise DataError("cannot match the fitted fixed-effect columns to the model spec's columns")
+    kept = [pos[nm] for nm in names]
     where = {fc: j for j, fc in enumerate(kept)}
-    terms, has_intercept = [], False
+    terms, intercept = [], False
     for es in spec.structure:
-        factors = tuple(str(f) for f in es.term.factors if str(f) != "1")
-        idx = list(spec.term_indices[es.term])
+        factors = _factors(es)
         if not factors:
-            has_intercept = has_intercept or any(i in where for i in idx)
+            intercept = True
             continue
         label = ":".join(factor_label(spec, f) for f in factors)
-        terms.append(_FixedTerm(label, factors, [where[i] for i in idx if i in where], idx))
-    return terms, has_intercept, kept
+        terms.append(FixedTerm(label, factors, frozenset(f for f in factors if _is_covariate(spec, f)),
+                               tuple(where[i] for i in spec.term_indices[es.term] if i in where)))
+    return FixedTerms(tuple(terms), intercept, tuple(kept), len(kept))
 
 
-def _is_categorical(spec, expr: str) -> bool:
-    st = spec.encoder_state.get(expr)
-    return st is not None and getattr(st[0], "value", str(st[0])) == "categorical"
+def fixed_terms(structure) -> FixedTerms:
+    """The terms of the fixed part of ``structure``."""
+    if structure.fixed_spec is None:
+        raise DataError("the fixed-effects model spec is not available, so the ANOVA hypotheses cannot be built")
+    return spec_terms(structure.fixed_spec, structure.fixef_names)
 
 
-def _containment(spec, terms: list[_FixedTerm]) -> dict[str, list[str]]:
-    """For each term, the terms containing it (SAS): all of its variables and more, and the same
-    numeric covariates."""
-    out = {}
-    for t1 in terms:
-        v1 = set(t1.factors)
-        n1 = {f for f in v1 if not _is_categorical(spec, f)}
-        out[t1.label] = []
-        for t2 in terms:
-            v2 = set(t2.factors)
-            n2 = {f for f in v2 if not _is_categorical(spec, f)}
-            if v1 <= v2 and len(v2 - v1) > 0 and n1 == n2:
-                out[t1.label].append(t2.label)
+def fixed_gram(structure) -> np.ndarray:
+    """G = XᵀX of the fitted columns, unweighted (lmerTest's hypotheses ignore prior weights)."""
+    G = getattr(structure, "fixed_gram", None)
+    if G is not None:
+        return np.asarray(G, dtype=float)
+    if structure.X is not None:
+        return structure.X.T @ structure.X
+    raise DataError("this model keeps neither its rows nor XᵀX, so its ANOVA hypotheses cannot be built")
+
+
+# ----------------------------------------------------------------------------- types I, II, marginal
+
+def doolittle_t(G: np.ndarray) -> np.ndarray:
+    """Λᵀ of the Doolittle factorisation G = Λ D Λᵀ (Λ unit lower triangular): diag(R)⁻¹R with R
+    the Cholesky factor of G, computed on G scaled to a unit diagonal; entries of the scaled Λ
+    below ``DOOLITTLE_EPS`` are set to 0 (lmerTest's doolittle)."""
+    if G.shape[0] == 0:
+        return np.zeros((0, 0))
+    d = np.sqrt(np.diag(G))
+    R = la.cholesky(G / np.outer(d, d), lower=False)
+    Lt = R / np.diag(R)[:, None]
+    Lt[np.abs(Lt) < DOOLITTLE_EPS] = 0.0
+    return Lt * d[None, :] / d[:, None]
+
+
+def type1_hypotheses(G: np.ndarray, ft: FixedTerms) -> dict[str, np.ndarray]:
+    """Sequential hypotheses: the rows cols(t) of Λᵀ (module docstring)."""
+    Lt = doolittle_t(G)
+    return {t.label: Lt[list(t.columns), :] for t in ft.terms}
+
+
+def marginal_hypotheses(ft: FixedTerms) -> dict[str, np.ndarray]:
+    """The identity rows cols(t): the test that the term's coefficients are zero."""
+    eye = np.eye(ft.p)
+    return {t.label: eye[list(t.columns), :] for t in ft.terms}
+
+
+def type2_hypotheses(G: np.ndarray, ft: FixedTerms) -> dict[str, np.ndarray]:
+    """Type II: marginal for a term contained in no other, else type I of the reordered design."""
+    contains = ft.containment()
+    out = marginal_hypotheses(ft)
+    for t in ft.terms:
+        if not contains[t.label]:
+            continue
+        own, outer = list(t.columns), ft.columns_of(contains[t.label])
+        order = [j for j in range(ft.p) if j not in set(own) | set(outer)] + own + outer
+        start = ft.p - len(own) - len(outer)
+        L = np.zeros((len(own), ft.p))
+        L[:, order] = doolittle_t(G[np.ix_(order, order)])[start:start + len(own), :]
+        out[t.label] = L
     return out
 
 
-def _type1_contrasts(XtX: np.ndarray, terms: list[_FixedTerm]) -> dict[str, np.ndarray]:
-    """Sequential (type I) hypotheses: rows of the Cholesky factor U of XᵀX scaled to a unit
-    diagonal (the Doolittle factor of XᵀX), taken at each term's columns."""
-    p = XtX.shape[0]
-    U = la.cholesky(XtX, lower=False) if p > 1 else np.ones((1, 1))
-    Lt = U / np.diag(U)[:, None] if p > 1 else U
-    Lt[np.abs(Lt) < 1e-6] = 0.0
-    return {t.label: Lt[t.columns, :] for t in terms}
+# ----------------------------------------------------------------------------- designs on the kept rows
+
+def _matrix(spec, frame: pd.DataFrame, what: str) -> tuple[np.ndarray, list[frozenset]]:
+    """A model spec's matrix on ``frame`` and, per column, its term (the set of its factors)."""
+    try:
+        mm = spec.get_model_matrix(frame)
+    except (FormulaError, DataError):
+        raise
+    except Exception as e:
+        raise DataError(f"cannot build {what} for the ANOVA hypotheses: {type(e).__name__}: {e}") from e
+    keys = [frozenset(_factors(es)) for es in mm.model_spec.structure for _ in es.columns]
+    return np.asarray(mm.to_numpy(dtype=float), dtype=float).reshape(len(frame), -1), keys
 
 
-def _synthetic_design(structure, terms: list[_FixedTerm]):
-    """A small data frame with every combination of the categorical variables' levels, each
-    repeated with generic values of the numeric variables; returns formulaic's model matrix there
-    and, per factor expression, its values (category index, or the numeric columns)."""
-    spec = structure.fixed_spec
-    data_vars = set(spec.variables_by_source.get("data", set()))
-    fvars = {str(k): set(map(str, v)) for k, v in spec.factor_variables.items()}
-    all_factors = sorted({f for t in terms for f in t.factors})
-    cat_var: dict[str, str] = {}      # categorical factor expr -> its raw variable
-    levels_of: dict[str, list] = {}   # raw variable -> levels
-    for f in all_factors:
-        if _is_categorical(spec, f):
-            raw = fvars.get(f, set()) & data_vars
-            if len(raw) != 1:
-                raise NotImplementedError(f"type III hypotheses: cannot trace factor {f!r} to one data column")
-            v = raw.pop()
-            levs = list(spec.encoder_state[f][1]["categories"])
-            if v in levels_of and levels_of[v] != levs:
-                raise NotImplementedError(f"type III hypotheses: column {v!r} is coded in two ways")
-            cat_var[f], levels_of[v] = v, levs
-    num_factors = [f for f in all_factors if f not in cat_var]
-    num_vars = sorted(data_vars - set(levels_of))
-    for f in num_factors:
-        if fvars.get(f, set()) & set(levels_of):
-            raise NotImplementedError(f"type III hypotheses: numeric factor {f!r} uses a categorical column")
-    cat_vars = sorted(levels_of)
-    cells = list(itertools.product(*[range(len(levels_of[v])) for v in cat_vars])) or [()]
-    reps = 1 if not num_vars else len(terms) + 3
-    n_over = 1 + sum(math.prod(len(levels_of[cat_var[f]]) if f in cat_var else 1 for f in t.factors) for t in terms)
-    if len(cells) * reps * n_over > 50_000_000:
-        raise NotImplementedError(f"type III hypotheses: the complete design ({len(cells)} cells x {n_over} "
-                                  "over-parameterised columns) is too large")
-    rng = np.random.default_rng(20240613)
-    idx = np.array([c for _ in range(reps) for c in cells], dtype=np.int64).reshape(len(cells) * reps, len(cat_vars))
-    n = idx.shape[0]
-    frame = {}
-    for k, v in enumerate(cat_vars):
-        frame[v] = pd.Categorical.from_codes(idx[:, k], categories=pd.Index(levels_of[v], dtype=object))
-    for v in num_vars:
-        frame[v] = rng.uniform(0.5, 1.5, size=n)
-    syn = pd.DataFrame(frame)
-    Xfull = np.asarray(spec.get_model_matrix(syn).to_numpy(dtype=float), dtype=float)
-    values: dict[str, np.ndarray] = {}
-    for f in all_factors:
-        if f in cat_var:
-            values[f] = idx[:, cat_vars.index(cat_var[f])]
-        else:
-            sub = spec.update(formula="0 + " + (f if f.isidentifier() else f"`{f}`"), structure=None)
-            values[f] = np.asarray(sub.get_model_matrix(syn).to_numpy(dtype=float)).reshape(n, -1)
-    return Xfull, values, {f: len(levels_of[v]) for f, v in cat_var.items()}
+class _KeptRows:
+    """The model's designs on its kept rows S (``ModelStructure.fixed_rows``) and the relations
+    that carry them to all rows (module docstring): ``relation(M_S)`` is the A with M = X A."""
+
+    def __init__(self, structure, ft: FixedTerms):
+        frame = getattr(structure, "fixed_rows", None)
+        if frame is None:
+            raise DataError("this model keeps no rows of its fixed-effects data (its structure was built without "
+                            "them), so its ANOVA hypotheses cannot be built")
+        self.spec, self.frame, self.ft = structure.fixed_spec, frame, ft
+        X, _ = _matrix(self.spec, frame, "the fixed effects")
+        self.X = X[:, list(ft.kept)]
+        self.G = fixed_gram(structure)
+        d = np.sqrt(np.diag(self.G))
+        # X = Q R with R the Cholesky factor of G: X A = Q (R A), so R A has X A's column relations
+        self.R = la.cholesky(self.G / np.outer(d, d), lower=False) * d[None, :]
+        if len(independent_columns(self.X)) < ft.p:
+            raise DataError("the rows kept for the ANOVA hypotheses do not span the design; "
+                            "please report this with the model")
+
+    def design(self, spec, what: str):
+        return _matrix(spec, self.frame, what)
+
+    def relation(self, M: np.ndarray) -> np.ndarray:
+        """A with M = X A on all rows, from M on the kept rows (where X has full column rank).
+        Every column must be in span(X) there: to lme4's rank tolerance, up to rounding."""
+        A = np.linalg.lstsq(self.X, M, rcond=None)[0]
+        err = np.abs(self.X @ A - M).max(axis=0, initial=0.0)
+        if np.any(err > 10 * RANK_TOL * np.abs(M).max(axis=0, initial=0.0)):
+            raise DataError("a design of the ANOVA hypotheses is not in the span of the model's fixed effects")
+        return A
 
 
-def _product_columns(parts: list[np.ndarray]) -> np.ndarray:
-    """Row-wise products of every combination of columns of the parts (first part varying fastest)."""
-    out = np.ones((parts[0].shape[0], 1))
-    for P in parts:
-        out = np.einsum("ni,nj->nji", out, P).reshape(out.shape[0], -1)
-    return out
+def _treatment_spec(spec):
+    """The fit's model spec with every factor coded by treatment contrasts (lmerTest's remake)."""
+    params = dict(spec.materializer_params or {})
+    params["contrasts"] = {}
+    state = {k: (kind, {kk: vv for kk, vv in st.items() if kk != "contrasts"})
+             for k, (kind, st) in spec.encoder_state.items()}
+    return spec.update(materializer_params=params, encoder_state=state, structure=None)
 
 
-def _type3_contrasts(structure, terms: list[_FixedTerm], has_intercept: bool, kept: list[int]) -> dict[str, np.ndarray]:
-    """Type III hypotheses for every term (see the module docstring), in the fit's coding."""
-    spec = structure.fixed_spec
-    Xfull, values, nlev = _synthetic_design(structure, terms)
-    n = Xfull.shape[0]
-    Xorig = Xfull[:, kept]
+def _complete_design(rows: _KeptRows) -> tuple[np.ndarray, list[frozenset]]:
+    """D on the kept rows: the intercept, then per term every cell of its factors (indicators,
+    times its covariates), R's ``model.matrix(~ 0 + term)`` (lmerTest's get_rdX)."""
+    blocks, keys = [], []
+    if rows.ft.intercept:
+        blocks.append(np.ones((len(rows.frame), 1)))
+        keys.append(frozenset())
+    for es in rows.spec.structure:
+        if _factors(es):
+            B, k = rows.design(rows.spec.update(formula=SimpleFormula([es.term]), structure=None),
+                               f"the cells of {es.term}")
+            blocks.append(B)
+            keys += k
+    return np.hstack(blocks), keys
 
-    def indicators(f, reduced):
-        M = np.zeros((n, nlev[f]))
-        M[np.arange(n), values[f]] = 1.0
-        return M[:, 1:] if reduced else M
 
-    # Treatment-coded X with the same scoped terms (reduced or full coding per factor) and the
-    # over-parameterised X: every term, every level (combination).
-    XT_blocks, XT_term, rd_blocks, rd_term = [], [], [], []
-    if has_intercept:
-        rd_blocks.append(np.ones((n, 1)))
-        rd_term.append("(Intercept)")
-    for es in spec.structure:
-        factors = tuple(str(f) for f in es.term.factors if str(f) != "1")
-        label = ":".join(factor_label(spec, f) for f in factors) if factors else "(Intercept)"
-        for st in es.scoped_terms:
-            parts = [indicators(str(sf.factor), sf.reduced) if str(sf.factor) in nlev else values[str(sf.factor)]
-                     for sf in st.factors]
-            B = _product_columns(parts) if parts else np.ones((n, 1))
-            XT_blocks.append(B)
-            XT_term += [label] * B.shape[1]
-        if factors:
-            B = _product_columns([indicators(f, False) if f in nlev else values[f] for f in factors])
-            rd_blocks.append(B)
-            rd_term += [label] * B.shape[1]
-    XT_full = np.hstack(XT_blocks)
-    if XT_full.shape[1] != Xfull.shape[1]:
-        raise NotImplementedError("type III hypotheses: could not rebuild the treatment-coded design")
-    XT = XT_full[:, kept]
-    XT_term = [XT_term[i] for i in kept]
-    rdX = np.hstack(rd_blocks)
-    p = XT.shape[1]
-    if np.linalg.matrix_rank(XT) < p or np.linalg.matrix_rank(Xorig) < p:
-        raise NotImplementedError("type III hypotheses: the synthetic design is rank deficient")
-    G, *_ = np.linalg.lstsq(XT, rdX, rcond=None)            # rdX = XT G
-    if np.abs(XT @ G - rdX).max() > 1e-8 * max(1.0, np.abs(rdX).max()):
-        warnings.warn("type III hypotheses: some coefficients were dropped as aliased, so the hypotheses "
-                      "are those of the remaining coefficients on a complete design; interpret with care",
-                      RuntimeWarning, stacklevel=3)
-    L = _zapsmall(G.T)                                       # rows: γ coordinates, columns: coefficients
-    # γ coordinate of each treatment-coded coefficient (the over-parameterised column equal to it)
-    row_of = []
-    for j in range(p):
-        cand = [r for r in range(rdX.shape[1]) if rd_term[r] == XT_term[j] and np.allclose(rdX[:, r], XT[:, j])]
+def _match_cells(XT: np.ndarray, keysT: list, D: np.ndarray, keysD: list) -> list[int]:
+    """For each column of X_T, the column of D that is the same cell of the same term (treatment
+    coding's columns are cells), by their relations to X (equal columns have equal relations)."""
+    rows = []
+    for j in range(XT.shape[1]):
+        cand = [c for c in range(D.shape[1]) if keysD[c] == keysT[j]
+                and np.allclose(D[:, c], XT[:, j], rtol=1e-10, atol=1e-12 * (np.abs(XT[:, j]).max() + 1.0))]
         if not cand:
-            raise NotImplementedError("type III hypotheses: a treatment-coded column has no over-parameterised match")
-        row_of.append(cand[0])
-    cols = {t.label: [j for j in range(p) if XT_term[j] == t.label] for t in terms}
-    contains = _containment(spec, terms)
-    order = sorted(range(len(terms)), key=lambda i: -len(terms[i].factors))   # stable
-    for i in order:
-        t = terms[i]
-        if contains[t.label] and cols[t.label]:
-            C = [j for c in contains[t.label] for j in cols[c]]
-            if not C:
-                continue
-            Y = L[:, cols[t.label]]
-            B, *_ = np.linalg.lstsq(L[:, C], Y, rcond=None)
-            L[:, cols[t.label]] = _zapsmall(Y - L[:, C] @ B)
-    Lp = L[row_of, :]
-    Tmap = _zapsmall(np.linalg.lstsq(XT, Xorig, rcond=None)[0])   # β_T = Tmap β
+            raise DataError("type III hypotheses: a treatment-coded column is not a cell of its term (are contrasts "
+                            "set inside the formula, as C(x, ...)? give them as contrasts= instead)")
+        rows.append(cand[0])
+    return rows
+
+
+def type3_hypotheses(structure, ft: FixedTerms) -> dict[str, np.ndarray]:
+    """Type III hypotheses (module docstring)."""
+    rows = _KeptRows(structure, ft)
+    XT_all, keysT_all = rows.design(_treatment_spec(rows.spec), "the treatment-coded design")
+    A_all = rows.relation(XT_all)
+    keepT = independent_columns(rows.R @ A_all)                 # lme4's rule on the data's X_T = X A
+    if len(keepT) != ft.p:
+        raise DataError(f"type III hypotheses: the treatment-coded design has rank {len(keepT)}, the model's {ft.p}")
+    A_T, keysT = A_all[:, keepT], [keysT_all[j] for j in keepT]
+    D, keysD = _complete_design(rows)
+    A_D = rows.relation(D)
+    L = _zapsmall(la.solve(A_T, A_D).T)                          # Λ = (X_T⁺ D)ᵀ: cells × treatment coefficients
+    cols = {t.label: [j for j, k in enumerate(keysT) if k == frozenset(t.factors)] for t in ft.terms}
+    contains = ft.containment()
+    for t in sorted(ft.terms, key=lambda t: -len(t.factors)):    # higher-order terms first
+        outer = [j for c in contains[t.label] for j in cols[c]]
+        if outer and cols[t.label]:
+            Y, C = L[:, cols[t.label]], L[:, outer]
+            L[:, cols[t.label]] = _zapsmall(Y - C @ np.linalg.lstsq(C, Y, rcond=None)[0])
+    L = L[_match_cells(A_T, keysT, A_D, keysD), :]
     out = {}
-    for t in terms:
-        Lt = Lp[:, cols[t.label]].T
-        Lt = Lt[np.abs(Lt).sum(axis=1) > 1e-8]
-        out[t.label] = Lt @ Tmap
+    for t in ft.terms:
+        Lt = L[:, cols[t.label]].T
+        Lt = Lt[np.abs(Lt).sum(axis=1) > NONZERO_ROW]
+        out[t.label] = la.solve(A_T.T, Lt.T).T if Lt.shape[0] else np.zeros((0, ft.p))   # β_T = A_T⁻¹β
     return out
 
 
-def anova_hypotheses(structure, XtX: np.ndarray) -> dict[str, np.ndarray]:
-    """The contrast matrix of every fixed-effect term of lmerTest's ``anova(fit)``: type III, or
-    type I (sequential) when the model has a single term; each rows × p in the fit's coefficient
-    order.  ``XtX``: XᵀX of the fitted columns (type I's Doolittle factor)."""
-    terms, has_intercept, kept = _fixed_terms(structure)
-    if structure.p <= 1 or len(terms) <= 1:
-        return _type1_contrasts(XtX, terms) if structure.p >= 1 else {}
-    return _type3_contrasts(structure, terms, has_intercept, kept)
+def anova_hypotheses(structure, type: int = 3) -> dict[str, np.ndarray]:
+    """The contrast matrix of every fixed-effect term of lmerTest's ``anova(fit, type=)``, each
+    rows × p in the fit's coefficient order (0 rows: nothing testable)."""
+    ft = fixed_terms(structure)
+    if ft.p == 0:
+        return {}
+    if ft.p <= 1 or len(ft.terms) <= 1 or type == 1:
+        return type1_hypotheses(fixed_gram(structure), ft)
+    if type == 2:
+        return type2_hypotheses(fixed_gram(structure), ft)
+    return type3_hypotheses(structure, ft)
+
+
+# ----------------------------------------------------------------------------- drop1
+
+def drop1_hypotheses(structure, scope=None) -> dict[str, np.ndarray | None]:
+    """The hypotheses of lmerTest's ``drop1`` for the terms of ``scope`` (default: R's drop.scope);
+    None for a term whose removal leaves span(X) unchanged (an NA row)."""
+    ft = fixed_terms(structure)
+    marginal = ft.drop_scope()
+    if scope is None:
+        scope = marginal
+    else:
+        scope = [scope] if isinstance(scope, str) else list(scope)
+        if not scope or not all(isinstance(s, str) for s in scope):
+            raise ArgumentError("scope should name the terms to drop: a string or a list of strings")
+        bad = [s for s in scope if s not in marginal]
+        if bad:
+            raise ArgumentError(f"only marginal terms can be dropped from the model, not {bad}; "
+                                f"the marginal terms are {marginal}")
+    if not structure.dropped_fixef:
+        hyp = type1_hypotheses(fixed_gram(structure), ft) if len(ft.terms) <= 1 else marginal_hypotheses(ft)
+        return {s: hyp[s] for s in scope}
+    rows = _KeptRows(structure, ft)
+    G = rows.G
+    out: dict[str, np.ndarray | None] = {}
+    for s in scope:
+        keep = [es.term for es in rows.spec.structure
+                if ":".join(factor_label(rows.spec, f) for f in _factors(es)) != s]
+        X0, _ = rows.design(rows.spec.update(formula=SimpleFormula(keep), structure=None), f"the model without {s}")
+        A0 = rows.relation(X0)
+        k0 = independent_columns(rows.R @ A0)                # X₀'s aliased columns out, by lme4's rule
+        # In X = QR coordinates: X₀ = Q (R A₀), and the residual of X on X₀ is Q E with
+        # E = R − P R (P the projector on span(R A₀)), so ‖(X − P_{X₀}X)_j‖ = ‖E_j‖ and XᵀR = RᵀE.
+        B = la.orth(rows.R @ A0[:, k0], rcond=RANK_TOL) if k0 else np.zeros((ft.p, 0))
+        E = rows.R - B @ (B.T @ rows.R)
+        live = np.linalg.norm(E, axis=0) > RANK_TOL * np.sqrt(np.diag(G))   # columns of the residual not zero
+        L = la.orth((rows.R.T @ E)[:, live], rcond=RANK_TOL).T if live.any() else np.zeros((0, ft.p))
+        out[s] = _zapsmall(L) if L.shape[0] else None
+    return out

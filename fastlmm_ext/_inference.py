@@ -3,12 +3,15 @@ likelihood-ratio tests of nested models (the methods of :class:`LmerResult` that
 lme4 provide).
 
 * ``coef_table`` (lmerTest's ``summary(fit)$coefficients``): t = l β̂ / √(l V lᵀ) for each
-  coefficient; ``contrast_test`` and ``anova_table`` (lmerTest's ``anova(fit)``): for a q-row
-  contrast L, F = (Lβ̂)ᵀ (L V Lᵀ)⁻¹ (Lβ̂) / q, computed along the eigen-directions of L V Lᵀ
-  (:func:`contrast_ftest`); the terms' hypotheses come from ``_hypotheses``.
+  coefficient; ``contrast_test``, ``anova_table`` (lmerTest's ``anova(fit, type = 1 | 2 | 3)``)
+  and ``drop1``: for a q-row contrast L, F = (Lβ̂)ᵀ (L V Lᵀ)⁻¹ (Lβ̂) / q, computed along the
+  eigen-directions of L V Lᵀ (:func:`contrast_ftest`); the terms' hypotheses come from
+  ``_hypotheses``.  ``ranova``: likelihood-ratio tests of the random-effects terms (``_ranova``).
 * The denominator degrees of freedom come from a ddf method (:data:`DDF_METHODS`, a function of
   (result, method) returning the df of a contrast and the covariance of β̂ to use):
-  ``"satterthwaite"`` (``_satterthwaite``), ``"residual"`` (n − p), ``"normal"`` (∞: z and χ²).
+  ``"satterthwaite"`` (``_satterthwaite``), ``"kenward-roger"`` (``_kenward_roger``: the adjusted
+  covariance Φ_A, and its own F test, scaled by λ on one denominator df m), ``"residual"``
+  (n − p), ``"normal"`` (∞: z and χ²).
 * ``confint``: Wald intervals β̂ ± z SE, profile-likelihood intervals (``_profile``) and
   parametric-bootstrap percentile intervals (``_bootstrap``).
 * :func:`anova` of several fits: likelihood-ratio tests, REML fits refitted by ML first.
@@ -23,8 +26,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ._hypotheses import anova_hypotheses
+from ._hypotheses import anova_hypotheses, check_anova_type, drop1_hypotheses
+from ._kenward_roger import KenwardRogerInfo
 from ._profile import profile_confint
+from ._ranova import ranova_table
 from ._satterthwaite import SatterthwaiteInfo, fstat_ddf
 from ._summary import confint_row_labels, confint_row_names, format_pct, select_parm
 from ._threads import fit_threads
@@ -42,26 +47,31 @@ _LRT_COLUMNS = ["npar", "AIC", "BIC", "logLik", "deviance", "Chisq", "Df", "Pr(>
 class DenominatorDF:
     """How the tests of one ddf method get their degrees of freedom: ``df_of(l)``, the df of a
     single contrast l (per eigen-direction of a q-row contrast, combined by ``combine``), or one
-    ``const`` for every contrast; ``vcov``, the Var(β̂) the tests use."""
+    ``const`` for every contrast; ``vcov``, the Var(β̂) the tests use.  A method whose F test is
+    not of that form gives ``ftest(L, beta, sigma)``, the whole row of :func:`contrast_ftest`."""
     df_of: Callable[[np.ndarray], float] | None
     const: float | None
     vcov: np.ndarray
     combine: Callable[[np.ndarray], float] = fstat_ddf
+    ftest: Callable[[np.ndarray, np.ndarray, float], dict] | None = None
 
 
 #: ddf method → its :class:`DenominatorDF` for a fitted result.  A new method (Kenward–Roger, say)
 #: adds an entry: a function of the result returning its df of a contrast and its covariance.
 DDF_METHODS: dict[str, Callable[..., DenominatorDF]] = {
     "satterthwaite": lambda res: DenominatorDF(res.satterthwaite.df_contrast, None, res.vcov.to_numpy()),
+    "kenwardroger": lambda res: DenominatorDF(res.kenward_roger.df_contrast, None, res.kenward_roger.vcov_adj,
+                                              ftest=res.kenward_roger.ftest),
     "residual": lambda res: DenominatorDF(None, float(res.structure.n - res.structure.p), res.vcov.to_numpy()),
     "normal": lambda res: DenominatorDF(None, np.inf, res.vcov.to_numpy()),
 }
-_DDF_ALIASES = {"z": "normal"}
-DDF_OPTIONS = ("satterthwaite", "residual", "normal", "z")
+_DDF_ALIASES = {"z": "normal", "kr": "kenwardroger"}
+DDF_OPTIONS = ("satterthwaite", "kenward-roger", "residual", "normal", "z")
 
 
 def _check_ddf(ddf: str) -> str:
-    """The ddf method's key (case, '-' and '_' ignored; "z" is "normal"); ValueError if unknown."""
+    """The ddf method's key (case, '-' and '_' ignored; "z" is "normal", "KR" "kenward-roger");
+    ValueError if unknown."""
     key = str(ddf).lower().replace("-", "").replace("_", "") if isinstance(ddf, str) else None
     key = _DDF_ALIASES.get(key, key)
     if key not in DDF_METHODS:
@@ -80,12 +90,15 @@ _SQRT_EPS = math.sqrt(np.finfo(float).eps)
 def contrast_ftest(L, beta: np.ndarray, sigma: float, ddf: DenominatorDF, eps: float = _SQRT_EPS) -> dict:
     """Joint test of Lβ = 0 with V = ``ddf.vcov``: L V Lᵀ = P D Pᵀ, q = #{d > eps·d_max},
     F = Σ_m (p_mᵀLβ)²/d_m / q; DenDF from the per-direction df (``ddf.df_of``, combined by
-    ``ddf.combine``) or ``ddf.const``; Mean Sq = F σ̂², Sum Sq = q Mean Sq."""
+    ``ddf.combine``) or ``ddf.const``; Mean Sq = F σ̂², Sum Sq = q Mean Sq.  A method with its own
+    test (``ddf.ftest``, Kenward–Roger's) gives the row instead."""
     L = np.atleast_2d(np.asarray(L, dtype=float))
     nan_row = {"Sum Sq": np.nan, "Mean Sq": np.nan, "NumDF": np.nan, "DenDF": np.nan, "F value": np.nan,
                "Pr(>F)": np.nan}
     if L.shape[0] == 0 or L.shape[1] == 0:
         return nan_row
+    if ddf.ftest is not None:
+        return ddf.ftest(L, beta, sigma)
     if L.shape[0] == 1:
         l = L[0]
         var = float(l @ ddf.vcov @ l)
@@ -121,8 +134,9 @@ def contrast_ftest(L, beta: np.ndarray, sigma: float, ddf: DenominatorDF, eps: f
 # ----------------------------------------------------------------------------- the mixin
 
 class InferenceMixin:
-    """Inference methods of :class:`LmerResult`: ``coef_table``, ``anova_table``, ``confint``,
-    ``contrast_test`` and ``satterthwaite`` (the cached derivative information)."""
+    """Inference methods of :class:`LmerResult`: ``coef_table``, ``anova_table``, ``drop1``,
+    ``ranova``, ``confint``, ``contrast_test``, ``satterthwaite`` (the cached derivative
+    information) and ``kenward_roger`` / ``vcov_kr`` (Kenward–Roger's, cached)."""
 
     # -- Satterthwaite building block (computed once per result)
     @property
@@ -135,11 +149,29 @@ class InferenceMixin:
             self.__dict__["_satterthwaite_info"] = info
         return info
 
+    # -- Kenward–Roger building block (computed once per result)
+    @property
+    def kenward_roger(self) -> KenwardRogerInfo:
+        """Kenward–Roger's adjusted covariance Φ_A of β̂ and its tests (``_kenward_roger``; pbkrtest's
+        ``vcovAdj``, ``KRmodcomp``, ``Lb_ddf``), computed on first use; REML fits only."""
+        info = self.__dict__.get("_kenward_roger_info")
+        if info is None:
+            info = KenwardRogerInfo.from_result(self)
+            self.__dict__["_kenward_roger_info"] = info
+        return info
+
+    @property
+    def vcov_kr(self) -> pd.DataFrame:
+        """Kenward–Roger's adjusted Var(β̂), Φ_A (pbkrtest's ``vcovAdj(fit)``), as :attr:`vcov`."""
+        return pd.DataFrame(self.kenward_roger.vcov_adj, index=self.fixef.index, columns=self.fixef.index)
+
     def coef_table(self, ddf: str = "satterthwaite") -> pd.DataFrame:
         """Fixed-effect estimates with t tests, like ``summary(fit)$coefficients`` of lmerTest.
 
         ``ddf="satterthwaite"`` (default): t = β̂_j / SE_j on Satterthwaite's
-        ν_j = 2 V_jj² / (gᵀ A g), g_k = (∂V/∂φ_k)_jj (module docstring);  ``"residual"``:
+        ν_j = 2 V_jj² / (gᵀ A g), g_k = (∂V/∂φ_k)_jj (module docstring);  ``"kenward-roger"``
+        (or ``"Kenward-Roger"``, ``"KR"``; REML fits): SE_j = √(Φ_A)_jj and Kenward and Roger's df
+        of β_j, as lmerTest's ``summary(fit, ddf = "Kenward-Roger")``;  ``"residual"``:
         ν = n − p;  ``"normal"`` (or ``"z"``): standard normal p-values, df = inf.
         Columns: Estimate, Std. Error, df, t value, Pr(>|t|)."""
         beta = self.fixef.to_numpy()
@@ -160,7 +192,9 @@ class InferenceMixin:
     def contrast_test(self, L, ddf: str = "satterthwaite") -> pd.DataFrame:
         """F test of the hypothesis L β = 0 for a contrast matrix L (rows × p; a vector is one row).
 
-        F = (Lβ̂)ᵀ(L V Lᵀ)⁻¹(Lβ̂)/q (q = rank), DenDF as in ``anova_table``; Sum Sq = q·F·σ̂²."""
+        F = (Lβ̂)ᵀ(L V Lᵀ)⁻¹(Lβ̂)/q (q = rank), DenDF as in ``anova_table``; Sum Sq = q·F·σ̂².
+        ``ddf="kenward-roger"``: F = λ (Lβ̂)ᵀ(L Φ_A Lᵀ)⁻¹(Lβ̂)/q on Kenward and Roger's m df, Sum Sq
+        and Mean Sq from the unscaled F (lmerTest's; pbkrtest's ``KRmodcomp``)."""
         dm = ddf_method(self, ddf)
         L = np.atleast_2d(np.asarray(L, dtype=float))
         if L.shape[1] != self.structure.p:
@@ -168,35 +202,66 @@ class InferenceMixin:
         row = contrast_ftest(L, self.fixef.to_numpy(), self.sigma, dm)
         return pd.DataFrame([row], columns=_ANOVA_COLUMNS)
 
-    def anova_hypotheses(self) -> dict[str, np.ndarray]:
-        """Type III contrast matrix of every fixed-effect term (lmerTest's ``anova(fit)``; type I
-        when the model has a single term), each rows × p in the fit's coefficient order."""
-        cached = self.__dict__.get("_type3_hypotheses")
-        if cached is not None:
-            return cached
-        s = self.structure
-        XtX = s.X.T @ s.X if s.has_rows else self.model.backend.crossprod.XyXy[:s.p, :s.p]
-        out = anova_hypotheses(s, XtX)
-        self.__dict__["_type3_hypotheses"] = out
-        return out
+    def anova_hypotheses(self, type: int | str = 3) -> dict[str, np.ndarray]:
+        """The contrast matrix L of every fixed-effect term that ``anova_table(type)`` tests
+        (lmerTest's ``attr(anova(fit, type = ), "hypotheses")``), rows × p in the fit's
+        coefficient order; 0 rows for a term with nothing testable (see ``_hypotheses``)."""
+        t = check_anova_type(type)
+        cache = self.__dict__.setdefault("_anova_hypotheses", {})
+        if t not in cache:
+            cache[t] = anova_hypotheses(self.structure, t)
+        return cache[t]
 
-    def anova_table(self, ddf: str = "satterthwaite") -> pd.DataFrame:
-        """Type III ANOVA table with F tests per fixed-effect term, like lmerTest's ``anova(fit)``.
-
-        Each term's hypothesis L β = 0 (``anova_hypotheses``) is tested with
-        F = (Lβ̂)ᵀ(L V Lᵀ)⁻¹(Lβ̂)/q; ``"satterthwaite"`` DenDF from the eigen-directions of L V Lᵀ
-        (module docstring), ``"residual"`` n − p, ``"normal"`` inf (χ²_q/q reference).
-        Mean Sq = F·σ̂², Sum Sq = q·Mean Sq.  Columns: Sum Sq, Mean Sq, NumDF, DenDF, F value, Pr(>F)."""
+    def _ftest_table(self, hyp: dict, ddf: str) -> pd.DataFrame:
+        """One F test (:func:`contrast_ftest`) per term of ``hyp`` (an L, or None for an NA row)."""
         _check_ddf(ddf)
-        hyp = self.anova_hypotheses()
-        dm = ddf_method(self, ddf) if hyp else None
+        dm = ddf_method(self, ddf) if any(L is not None and L.shape[0] for L in hyp.values()) else None
         beta = self.fixef.to_numpy()
-        rows = {name: contrast_ftest(L, beta, self.sigma, dm) for name, L in hyp.items()}
+        rows = {name: contrast_ftest(L, beta, self.sigma, dm) if L is not None and L.shape[0]
+                else dict.fromkeys(_ANOVA_COLUMNS, np.nan) for name, L in hyp.items()}
         tab = pd.DataFrame.from_dict(rows, orient="index", columns=_ANOVA_COLUMNS) if rows else \
             pd.DataFrame(columns=_ANOVA_COLUMNS, dtype=float)
         if len(tab) and np.isfinite(tab["NumDF"]).all():
             tab["NumDF"] = tab["NumDF"].astype(int)
         return tab
+
+    def anova_table(self, type: int | str = 3, ddf: str = "satterthwaite") -> pd.DataFrame:
+        """ANOVA table of the fixed-effect terms, like lmerTest's ``anova(fit, type = , ddf = )``.
+
+        ``type``: 3 (default), 2 or 1 (also "III", "II", "I"), the hypotheses of
+        ``anova_hypotheses(type)``: SAS's type III, marginality (type II) or sequential (type I).
+        Each term's L β = 0 is tested with F = (Lβ̂)ᵀ(L V Lᵀ)⁻¹(Lβ̂)/q; ``ddf``: "satterthwaite"
+        (DenDF from the eigen-directions of L V Lᵀ, module docstring), "kenward-roger" (REML fits:
+        Kenward and Roger's scaled F test, as ``contrast_test``; Mean Sq from the unscaled F),
+        "residual" (n − p), "normal" (inf: χ²_q/q).  Mean Sq = F·σ̂², Sum Sq = q·Mean Sq.  Rows in R's term order; a term with nothing testable (its columns
+        aliased) is moved to the end as an all-NaN row, as lmerTest does.  Columns: Sum Sq,
+        Mean Sq, NumDF, DenDF, F value, Pr(>F)."""
+        tab = self._ftest_table(self.anova_hypotheses(type), ddf)
+        untestable = tab["NumDF"].isna().to_numpy()
+        return pd.concat([tab[~untestable], tab[untestable]]) if untestable.any() else tab
+
+    def drop1(self, scope: str | list[str] | None = None, ddf: str = "satterthwaite") -> pd.DataFrame:
+        """F tests of dropping each marginal fixed-effect term, like lmerTest's ``drop1(fit)``
+        (no refits: tests of contrasts of this fit).
+
+        ``scope``: the terms to drop (default: every term in no other term, R's ``drop.scope``;
+        others are refused).  A term's hypothesis is its coefficients = 0; when X is rank
+        deficient, the directions of span(X) the model without the term lacks, and an all-NaN
+        row when its removal leaves the span unchanged.  ``ddf`` and the columns as
+        :meth:`anova_table`; ``table.attrs["hypotheses"]`` holds the contrasts tested."""
+        hyp = drop1_hypotheses(self.structure, scope)
+        tab = self._ftest_table(hyp, ddf)
+        tab.attrs["hypotheses"] = hyp
+        return tab
+
+    def ranova(self, reduce_terms: bool = True) -> pd.DataFrame:
+        """Likelihood-ratio tests of the random-effects terms, like lmerTest's ``ranova(fit)``.
+
+        Each term is reduced (``(1 + x | g)`` → ``(1 | g)``, a row ``x in (1 + x | g)``) or, if
+        it is ``(1 | g)`` or ``reduce_terms=False``, removed, and the model refitted by the same
+        criterion (REML fits by REML).  Columns: npar, logLik, AIC, LRT, Df, Pr(>Chisq); the first
+        row, ``<none>``, is this fit.  See ``_ranova``."""
+        return ranova_table(self, reduce_terms)
 
     @property
     def confint_labels(self) -> dict[str, str]:
@@ -255,7 +320,7 @@ class InferenceMixin:
 
 # ----------------------------------------------------------------------------- likelihood-ratio tests
 
-def anova(*results, names=None) -> pd.DataFrame:
+def anova(*results, names=None, type: int | str = 3, ddf: str = "satterthwaite") -> pd.DataFrame:
     """Likelihood-ratio tests of nested models, like lme4's ``anova(m1, m2, ...)``.
 
     REML fits are refitted by ML first (``LinearMixedModel.ml_twin``).  Models are sorted by their number of parameters
@@ -263,13 +328,14 @@ def anova(*results, names=None) -> pd.DataFrame:
     Df_i = k_i − k_{i−1}, Pr(>Chisq) = P(χ²_{Df} > Chisq).  Also AIC = −2 logLik + 2k,
     BIC = −2 logLik + k log n, deviance = −2 logLik.  All models must have the same number of
     observations.  ``names`` labels the rows (default: "model1", ... in the order given).
-    A single model gives its type III ``anova_table()``."""
+    A single model gives its ``anova_table(type, ddf)`` (type III by default, as lmerTest's
+    ``anova(fit)``); ``type`` and ``ddf`` are ignored for several models."""
     if len(results) == 1 and isinstance(results[0], (list, tuple)):
         results = tuple(results[0])
     if not results:
         raise ValueError("anova() needs at least one fitted model")
     if len(results) == 1:
-        return results[0].anova_table()
+        return results[0].anova_table(type=type, ddf=ddf)
     if names is None:
         names = [f"model{i + 1}" for i in range(len(results))]
     names = list(names)

@@ -25,9 +25,10 @@ variation of r about its weighted mean without cancellation.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from ._crossprod import CrossProducts, log_weight_sum, lower_csc, sum_duplicates, ztz_triplets
-from ._design import ReTerm, assemble_Z, rank_deficient_keep
+from ._design import ReTerm, assemble_Z, basis_rows, rank_deficient_keep
 from ._ols import centred_ss, ols_shift, response_level, shift_residual
 
 __all__ = ["SuffStats"]
@@ -76,11 +77,17 @@ class SuffStats:
         self._trip: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._merged = 0                          # triplets in _trip[0] after the last compaction
         self._pending = 0
+        # The fixed part's data columns (and X) at rows on which X has its rank, for the ANOVA
+        # hypotheses (ModelStructure.fixed_rows): a basis of each block's rows, re-reduced as they pile up.
+        self.basis: pd.DataFrame | None = None
+        self.basis_X = np.zeros((0, p))
 
     # ------------------------------------------------------------------ accumulation
     def add(self, y: np.ndarray, X: np.ndarray, term_codes: list[np.ndarray], term_Xi: list[np.ndarray],
-            offset: np.ndarray | None = None, weights: np.ndarray | None = None) -> None:
-        """Add a block of complete rows; ``term_codes``/``term_Xi`` in the order of ``terms``."""
+            offset: np.ndarray | None = None, weights: np.ndarray | None = None,
+            rows: pd.DataFrame | None = None) -> None:
+        """Add a block of complete rows; ``term_codes``/``term_Xi`` in the order of ``terms``;
+        ``rows``: the block's fixed-part data columns, of which a basis is kept (``basis``)."""
         n = y.shape[0]
         if n == 0:
             return
@@ -92,9 +99,14 @@ class SuffStats:
         yt = shift_residual(y0, X, self.shift)
         Xy = np.column_stack([X, yt])
         WXy = Xy if w is None else Xy * w[:, None]
-        self.XyXy += Xy.T @ WXy
+        block = Xy.T @ WXy
+        self.XyXy += block
+        XtX = block[:self.p, :self.p] if w is None else X.T @ X
         if self.weighted:
-            self.XtX += X.T @ X
+            self.XtX += XtX
+        if rows is not None:
+            idx = basis_rows(X, XtX)
+            self._add_basis(rows.iloc[idx], X[idx])
         d = y0 - self.level
         wd = d if w is None else w * d
         self.sum_w += float(n if w is None else np.sum(w))
@@ -112,6 +124,14 @@ class SuffStats:
             if self._pending > max(self._merged, COMPACT_MIN):
                 self._compact()
         self.n += n
+
+    def _add_basis(self, rows: pd.DataFrame, X: np.ndarray) -> None:
+        """Append rows to the basis; past 4p + 16 rows, keep a basis of them (it spans the same)."""
+        self.basis = rows if self.basis is None else pd.concat([self.basis, rows])
+        self.basis_X = np.vstack([self.basis_X, X])
+        if len(self.basis_X) > 4 * self.p + 16:
+            idx = basis_rows(self.basis_X, self.basis_X.T @ self.basis_X)
+            self.basis, self.basis_X = self.basis.iloc[idx], self.basis_X[idx]
 
     def _compact(self) -> None:
         if len(self._trip) > 1:
@@ -141,6 +161,8 @@ class SuffStats:
         self.s2 += other.s2
         self._trip += other._trip
         self._pending += sum(t[0].size for t in other._trip)
+        if other.basis is not None:
+            self._add_basis(other.basis, other.basis_X)
         if self._pending > max(self._merged, COMPACT_MIN):
             self._compact()
         return self
@@ -174,10 +196,13 @@ class SuffStats:
         return centred_ss(self.sum_w, self.s1, self.s2), max(self.s2 + 2.0 * c * self.s1 + c * c * self.sum_w, 0.0)
 
     # ------------------------------------------------------------------ result
+    def unweighted_gram(self) -> np.ndarray:
+        """XᵀX of all raw fixed-effects columns, unweighted."""
+        return self.XtX if self.weighted else self.XyXy[:self.p, :self.p]
+
     def kept_columns(self) -> list[int]:
         """Fixed-effects columns kept by the same rank rule as the in-memory path (unweighted XᵀX)."""
-        G = self.XtX if self.weighted else self.XyXy[:self.p, :self.p]
-        return rank_deficient_keep(G) if self.p else []
+        return rank_deficient_keep(self.unweighted_gram()) if self.p else []
 
     def finish(self, keep: list[int]) -> CrossProducts:
         """Cross-products over the kept fixed-effects columns, with ỹ the weighted OLS residual

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import fastlmm_ext as fl
 from fastlmm_ext._data import combine_factors, interaction_labels, recode_combinations
-from fastlmm_ext._design import _group_codes, build_structure, rank_deficient_keep
+from fastlmm_ext._design import _group_codes, basis_rows, build_structure, independent_columns, rank_deficient_keep
 from fastlmm_ext._newdata import new_rows, selected_terms
 
 DF = pd.DataFrame({
@@ -87,6 +87,30 @@ def test_rank_rule():
     with pytest.warns(fl.RankDeficiencyWarning):
         s = build_structure("y ~ x + I(2*x) + (1|g)", DF)
     assert s.fixef_names == ("(Intercept)", "x") and s.dropped_fixef == ("I(2 * x)",)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(3, 60), p=st.integers(1, 9), scale=st.sampled_from([1e-3, 1.0, 1e4]))
+def test_independent_columns_and_basis_rows(seed, n, p, scale):
+    """The rank rule on X itself: a planted exact combination of earlier columns, a zero column
+    and columns beyond the rank are dropped (as the Gram rule does on well-conditioned X); the
+    basis rows carry X's rank, so every relation among the columns holds on them."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, p)) * scale ** rng.uniform(0, 1, p)
+    planted = set()
+    for j in range(1, p):
+        if rng.random() < 0.3:
+            X[:, j] = X[:, :j] @ rng.integers(-3, 4, j) if rng.random() < 0.8 else 0.0
+            planted.add(j)
+    X = X[rng.permutation(n) if n > 1 else slice(None)]
+    keep = independent_columns(X)
+    r = np.linalg.matrix_rank(X)
+    assert len(keep) == r and not planted & set(keep)
+    assert keep == [j for j in range(p) if j not in planted][:r]
+    assert keep == rank_deficient_keep(X.T @ X)
+    S = basis_rows(X, X.T @ X)
+    assert np.all(np.diff(S) > 0) and np.linalg.matrix_rank(X[S]) == r
+    assert basis_rows(X, X.T @ X, rank=r).tolist() == S.tolist()
 
 
 def test_structure_pickles_without_Z():
