@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ._exceptions import ArgumentError
 from ._hypotheses import anova_hypotheses, check_anova_type, drop1_hypotheses
 from ._kenward_roger import KenwardRogerInfo
 from ._profile import profile_confint
@@ -71,11 +72,11 @@ DDF_OPTIONS = ("satterthwaite", "kenward-roger", "residual", "normal", "z")
 
 def _check_ddf(ddf: str) -> str:
     """The ddf method's key (case, '-' and '_' ignored; "z" is "normal", "KR" "kenward-roger");
-    ValueError if unknown."""
+    ArgumentError if unknown."""
     key = str(ddf).lower().replace("-", "").replace("_", "") if isinstance(ddf, str) else None
     key = _DDF_ALIASES.get(key, key)
     if key not in DDF_METHODS:
-        raise ValueError(f"unknown ddf {ddf!r}; choose one of {', '.join(repr(o) for o in DDF_OPTIONS)}")
+        raise ArgumentError(f"unknown ddf {ddf!r}; choose one of {', '.join(repr(o) for o in DDF_OPTIONS)}")
     return key
 
 
@@ -198,7 +199,7 @@ class InferenceMixin:
         dm = ddf_method(self, ddf)
         L = np.atleast_2d(np.asarray(L, dtype=float))
         if L.shape[1] != self.structure.p:
-            raise ValueError(f"L must have {self.structure.p} columns (one per fixed effect), got {L.shape[1]}")
+            raise ArgumentError(f"L must have {self.structure.p} columns (one per fixed effect), got {L.shape[1]}")
         row = contrast_ftest(L, self.fixef.to_numpy(), self.sigma, dm)
         return pd.DataFrame([row], columns=_ANOVA_COLUMNS)
 
@@ -291,7 +292,7 @@ class InferenceMixin:
         → only on a terminal once the run has taken more than 2 s; False → never."""
         m = str(method).lower()
         if not (0.0 < float(level) < 1.0):
-            raise ValueError(f"level must be in (0, 1), got {level!r}")
+            raise ArgumentError(f"level must be in (0, 1), got {level!r}")
         labels = confint_row_labels(self.structure)
         if parm is not None:
             back = {new: old for old, new in labels.items()}
@@ -314,7 +315,7 @@ class InferenceMixin:
             hi = np.concatenate([np.full(nsig + 1, np.nan), beta + z * se])
             table = select_parm(pd.DataFrame({cols[0]: lo, cols[1]: hi}, index=names), parm)
         else:
-            raise ValueError(f"unknown method {method!r}; choose 'wald', 'profile' or 'boot'")
+            raise ArgumentError(f"unknown method {method!r}; choose 'wald', 'profile' or 'boot'")
         return table if oldNames else table.rename(index=labels)
 
 
@@ -333,21 +334,21 @@ def anova(*results, names=None, type: int | str = 3, ddf: str = "satterthwaite")
     if len(results) == 1 and isinstance(results[0], (list, tuple)):
         results = tuple(results[0])
     if not results:
-        raise ValueError("anova() needs at least one fitted model")
+        raise ArgumentError("anova() needs at least one fitted model")
     if len(results) == 1:
         return results[0].anova_table(type=type, ddf=ddf)
     if names is None:
         names = [f"model{i + 1}" for i in range(len(results))]
     names = list(names)
     if len(names) != len(results):
-        raise ValueError(f"got {len(names)} names for {len(results)} models")
+        raise ArgumentError(f"got {len(names)} names for {len(results)} models")
     nobs = {int(r.nobs) for r in results}
     if len(nobs) > 1:
-        raise ValueError(f"models were not all fitted to the same number of observations: {sorted(nobs)}")
+        raise ArgumentError(f"models were not all fitted to the same number of observations: {sorted(nobs)}")
     y0 = results[0].structure.y
     if any(r.structure.has_rows and y0 is not None and not np.array_equal(r.structure.y, y0)
            for r in results[1:]):
-        raise ValueError("models were not all fitted to the same response values; "
+        raise ArgumentError("models were not all fitted to the same response values; "
                          "likelihood-ratio tests need the same data")
     fits = []
     for r in results:
