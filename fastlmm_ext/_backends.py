@@ -12,6 +12,8 @@ by ``_pls.profiled_criterion``.
   gradient.
 * ``"reference"`` (:class:`ReferenceBackend`): the dense, equation-by-equation NumPy path of
   ``_reference.py``, on the rows; no gradient.
+* ``"single"`` (``_single.SingleTermBackend``): one random-effects term, A + I block diagonal,
+  closed form per level (compiled, no CHOLMOD), with the gradient.
 
 :class:`Backend` declares every member callers may use, the optional features included as
 explicit members (``crossprod`` is None and ``has_gradient`` False where there are none), so no
@@ -19,7 +21,7 @@ caller probes a backend for attributes or reaches into its kernel.
 
 ``backend="auto"`` picks ``"blocked"`` for filled crossed designs and ``"compiled"`` otherwise
 (:func:`choose_backend`); a non-default ``ordering`` is a CHOLMOD option, so with it ``"auto"``
-means ``"compiled"``.  ``ordering`` with ``"blocked"`` or ``"reference"`` is refused.
+means ``"compiled"``.  ``ordering`` with ``"blocked"``, ``"reference"`` or ``"single"`` is refused.
 """
 from __future__ import annotations
 
@@ -40,23 +42,24 @@ from ._kernel import PLSKernel
 from ._openmp import openmp_dynamic
 from ._pls import PLSState, profiled_criterion, residual_df
 from ._reference import ReferencePLS
+from ._single import SingleTermBackend, single_term_applicable
 
-__all__ = ["Backend", "CompiledBackend", "ReferenceBackend", "BlockedBackend", "make_backend", "choose_backend",
-           "check_backend", "BACKENDS", "ORDERINGS"]
+__all__ = ["Backend", "CompiledBackend", "ReferenceBackend", "BlockedBackend", "SingleTermBackend", "make_backend",
+           "choose_backend", "check_backend", "single_term_applicable", "BACKENDS", "ORDERINGS"]
 
-BACKENDS = ("auto", "compiled", "reference", "blocked")
+BACKENDS = ("auto", "compiled", "reference", "blocked", "single")
 ORDERINGS = ("default", "amd", "natural")
 
 
 class Backend(Protocol):
     """What every criterion backend provides (:class:`CompiledBackend`, ``BlockedBackend``,
-    :class:`ReferenceBackend`).
+    :class:`ReferenceBackend`, ``SingleTermBackend``).
 
     ``theta`` arguments are float arrays of length dim θ within the bounds (the model checks
     them).  The compiled and blocked backends keep the factor of the last θ and reuse it when
     asked for that θ again (the state after a fit, the profile's pieces)."""
 
-    name: str                           # "compiled" | "blocked" | "reference"
+    name: str                           # "compiled" | "blocked" | "reference" | "single"
     crossprod: CrossProducts | None     # the cross-products of [Z X y]; None for the reference path
     sum_log_w: float                    # Σ log wᵢ over rows of positive weight (0 without weights)
     has_gradient: bool                  # whether gradient() is available
@@ -365,7 +368,7 @@ def check_backend(backend: str, ordering: str = "default") -> None:
         raise ArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if ordering not in ORDERINGS:
         raise ArgumentError(f"unknown ordering {ordering!r}; choose one of {', '.join(ORDERINGS)}")
-    if ordering != "default" and backend in ("blocked", "reference"):
+    if ordering != "default" and backend in ("blocked", "reference", "single"):
         raise ArgumentError(f"ordering={ordering!r} is CHOLMOD's fill-reducing ordering, but backend {backend!r} "
                             "does not use CHOLMOD; use backend='compiled' (or 'auto') with it")
 
@@ -386,4 +389,6 @@ def make_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = "d
         backend = "compiled" if ordering != "default" else choose_backend(s, crossprod)
     if backend == "blocked":
         return BlockedBackend(s, crossprod=crossprod)
+    if backend == "single":
+        return SingleTermBackend(s, crossprod=crossprod)
     return CompiledBackend(s, ordering=ordering, crossprod=crossprod)

@@ -48,7 +48,7 @@ def all_reference_fits() -> list[tuple[str, dict]]:
 
 _cache: dict = {}
 
-BACKEND_NAMES = ("compiled", "blocked", "reference")
+BACKEND_NAMES = ("compiled", "blocked", "reference", "single")
 
 
 @pytest.fixture(params=BACKEND_NAMES)
