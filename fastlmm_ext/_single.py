@@ -65,8 +65,10 @@ class SingleTermBackend:
         return self.crossprod.sum_log_w
 
     def with_response(self, s: ModelStructure, crossprod: CrossProducts | None) -> SingleTermBackend:
-        """A backend for another response on the same design (the level blocks M_l are shared)."""
-        return SingleTermBackend(s, crossprod=crossprod, _M=self._M)
+        """A backend for other data on the same design: the level blocks M_l are shared when
+        ``crossprod`` carries this ZᵀWZ (another response), rebuilt from it otherwise (other weights)."""
+        cp = crossprod if crossprod is not None else CrossProducts.from_structure(s)
+        return SingleTermBackend(s, crossprod=cp, _M=self._M if cp.Mx is self.crossprod.Mx else None)
 
     def _at(self, theta: np.ndarray) -> BlockDiagPLS:
         theta = np.ascontiguousarray(theta, dtype=np.float64)
@@ -100,6 +102,11 @@ class SingleTermBackend:
         p = self.s.p
         return PLSState(theta=theta.copy(), beta=beta + self.crossprod.beta_shift, u=u, b=b, pwrss=k.pwrss,
                         ldL2=k.ldL2, ldRX2=k.ldRX2, RX=k.R_factor()[:p, :p].T.copy())
+
+    def solve_L(self, theta: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        """L_θ⁻¹ rhs (P = I) with the per-level factors of Tᵀ M_l T + I, for a q × m ``rhs``."""
+        B = np.ascontiguousarray(np.asarray(rhs, dtype=np.float64).reshape(self.s.q, -1))
+        return self._at(theta).solve_L(B)
 
     def inverse_blocks(self, theta: np.ndarray, term_index: int) -> np.ndarray:
         """(Tᵀ M_l T + I)⁻¹ for every level l: the diagonal blocks of (ΛᵀZᵀWZΛ + I)⁻¹."""

@@ -555,6 +555,35 @@ cdef class BlockDiagPLS:
                                 Gs[i * k + j] += acc
         return beta_arr, u_arr, (PU_arr if want_gradient else None), (Gsum_arr if want_gradient else None)
 
+    def solve_L(self, const double[:, ::1] rhs):
+        """L_θ⁻¹ rhs for a (ℓ·k) × c ``rhs`` at the last update, L_θ = blockdiag_l(L_l D_l^½) the
+        Cholesky factor of A + I (P = I): per level a unit forward solve, then a division by √d."""
+        if not self.updated:
+            raise RuntimeError("BlockDiagPLS.solve_L before update")
+        cdef Py_ssize_t k = self.k, ell = self.nlevels, c = rhs.shape[1], i, s, j, l
+        out_arr = np.array(rhs, dtype=np.float64, order="C", copy=True)
+        cdef double[:, ::1] out = out_arr
+        cdef double *T = &self.T[0, 0]
+        cdef double *sc = &self.scratch[0]
+        cdef double *TM = sc
+        cdef double *A = sc + k * k
+        cdef double *x
+        cdef double sq
+        with nogil:
+            for l in range(ell):
+                _form_A(T, &self.M[l, 0, 0], TM, A, k)
+                _ldl(A, k)
+                x = &out[l * k, 0] if c > 0 else NULL
+                for j in range(c):
+                    for i in range(k):
+                        for s in range(i):
+                            x[i * c + j] -= A[i * k + s] * x[s * c + j]
+                for i in range(k):
+                    sq = sqrt(A[i * k + i])
+                    for j in range(c):
+                        x[i * c + j] /= sq
+        return out_arr
+
     def inverse_blocks(self):
         """The diagonal blocks A_l⁻¹ of (ΛᵀZᵀWZΛ + I)⁻¹ at the last update, (ℓ, k, k)."""
         if not self.updated:

@@ -108,6 +108,21 @@ def test_inverse_blocks_equal_the_dense_inverse(formula):
         m.backend.inverse_blocks(th, 1)
 
 
+@pytest.mark.parametrize("formula", ["y ~ x + (1|g)", "y ~ x + (x|g)", "y ~ x + z + (1 + x + z|g)"])
+def test_solve_L_gives_the_inverse_quadratic_form(formula):
+    """‖L⁻¹v‖² = vᵀ(ΛᵀZᵀWZΛ + I)⁻¹v against the dense inverse, column by column."""
+    m = build(formula, make_data(6, 300, 12), "single", True, "w")
+    s = m.structure
+    th = np.where(s.lower == 0.0, 0.9, 0.3)
+    ZL = (s.Z @ s.Lambda(th)).toarray() * np.sqrt(s.weights)[:, None]
+    V = np.random.default_rng(5).normal(size=(s.q, 3))
+    got = np.asarray(m.backend.solve_L(th, V))
+    want = np.einsum("ij,ji->i", V.T, np.linalg.solve(ZL.T @ ZL + np.eye(s.q), V))
+    np.testing.assert_allclose(np.einsum("ij,ij->j", got, got), want, rtol=1e-10)
+    L = np.linalg.cholesky(ZL.T @ ZL + np.eye(s.q))        # block diagonal, so P = I and L is unique
+    np.testing.assert_allclose(got, np.linalg.solve(L, V), rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_level_crossproducts_equal_the_sparse_products(weighted):
     """The one-pass sums over rows (no Z) against the general path's sparse products of Z."""
