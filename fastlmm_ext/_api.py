@@ -18,7 +18,8 @@ __all__ = ["lmer", "lmer_chunked"]
 
 
 def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weights=None, offset=None,
-         ordering: str = "default", contrasts=None, allow_python: bool = False, **fit_options) -> LmerResult:
+         ordering: str = "default", contrasts=None, allow_python: bool = False, threads: int | None = None,
+         **fit_options) -> LmerResult:
     """Fit a linear mixed model with lme4's formula syntax, as lme4's ``lmer``.
 
     Model::
@@ -57,6 +58,10 @@ def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weight
     allow_python : bool, default False
         Let the formula evaluate arbitrary Python: **it can then run any code** (see
         :class:`LinearMixedModel`).
+    threads : int, optional
+        Threads for the BLAS and OpenMP work of the fit; default None: the cores free when the
+        fit starts (affinity, cgroup quota, other processes' load; see :class:`LinearMixedModel`).
+        The count used is ``res.optsummary.threads``.
     **fit_options
         Options of :meth:`LinearMixedModel.fit`: ``optimizer`` ("auto", "bobyqa", "lbfgsb",
         "nelder_mead", "cobyla"), ``theta0`` (start), ``check_conv`` (lme4's gradient and
@@ -87,13 +92,14 @@ def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weight
     3.2205
     """
     model = LinearMixedModel(formula, data, REML=REML, backend=backend, weights=weights, offset=offset,
-                             ordering=ordering, contrasts=contrasts, allow_python=allow_python)
+                             ordering=ordering, contrasts=contrasts, allow_python=allow_python, threads=threads)
     return model.fit(**fit_options)
 
 
 def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None = None,
                  offset: str | None = None, chunksize: int = DEFAULT_CHUNKSIZE, ordering: str = "default",
-                 progress: bool = False, contrasts=None, allow_python: bool = False, **fit_options):
+                 progress: bool = False, contrasts=None, allow_python: bool = False, threads: int | None = None,
+                 **fit_options):
     """Fit an LMM from data that does not fit in memory, one chunk of rows at a time.
 
     The profiled likelihood needs the data only through n and the cross-products ZᵀWZ, ZᵀW[X y]
@@ -125,7 +131,7 @@ def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None
         CHOLMOD's fill-reducing ordering (see :class:`LinearMixedModel`).
     progress : bool, default False
         Count the chunks of each pass on stderr.
-    contrasts, allow_python
+    contrasts, allow_python, threads
         As for :func:`~fastlmm_ext.lmer`.
     **fit_options
         Options of :meth:`LinearMixedModel.fit` (``optimizer``, ``theta0``, ``check_conv``,
@@ -140,5 +146,5 @@ def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None
         ``DataError`` because the rows are gone."""
     model = LinearMixedModel.from_chunks(formula, chunks, REML, weights=weights, offset=offset, chunksize=chunksize,
                                          ordering=ordering, progress=progress, contrasts=contrasts,
-                                         allow_python=allow_python)
+                                         allow_python=allow_python, threads=threads)
     return model.fit(**fit_options)

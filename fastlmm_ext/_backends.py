@@ -19,13 +19,16 @@ by ``_pls.profiled_criterion``.
 explicit members (``crossprod`` is None and ``has_gradient`` False where there are none), so no
 caller probes a backend for attributes or reaches into its kernel.
 
-``backend="auto"`` picks ``"blocked"`` for filled crossed designs and ``"compiled"`` otherwise
-(:func:`choose_backend`); a non-default ``ordering`` is a CHOLMOD option, so with it ``"auto"``
-means ``"compiled"``.  ``ordering`` with ``"blocked"``, ``"reference"`` or ``"single"`` is refused.
+``backend="auto"`` takes, of ``"compiled"`` and ``"blocked"`` where both apply, the one with the
+lower estimated time per (f, g) evaluation (:func:`choose_backend`, estimates from ``_cost``:
+CHOLMOD's symbolic analysis against the dense block's size); a non-default ``ordering`` is a
+CHOLMOD option, so with it ``"auto"`` means ``"compiled"``.  ``ordering`` with ``"blocked"``,
+``"reference"`` or ``"single"`` is refused.  How the backend was chosen is a :class:`BackendChoice`.
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -34,18 +37,20 @@ import scipy.sparse as sp
 
 from . import _selinv
 from ._blocked import BlockedBackend, blocked_applicable
+from ._cost import PathCost, blocked_cost, blocked_counts, compiled_cost
 from ._crossprod import CrossProducts, kernel_layout, level_blocks
 from ._design import ModelStructure
 from ._exceptions import ArgumentError
 from ._gradient import fd_fallback, theta_gradient
-from ._kernel import PLSKernel
+from ._kernel import PLSKernel, symbolic_facts
 from ._openmp import openmp_dynamic
 from ._pls import PLSState, profiled_criterion, residual_df
 from ._reference import ReferencePLS
 from ._single import SingleTermBackend, single_term_applicable
+from ._threads import active_threads, available_cores
 
 __all__ = ["Backend", "CompiledBackend", "ReferenceBackend", "BlockedBackend", "SingleTermBackend", "make_backend",
-           "choose_backend", "check_backend", "single_term_applicable", "BACKENDS", "ORDERINGS"]
+           "choose_backend", "BackendChoice", "check_backend", "single_term_applicable", "BACKENDS", "ORDERINGS"]
 
 BACKENDS = ("auto", "compiled", "reference", "blocked", "single")
 ORDERINGS = ("default", "amd", "natural")
@@ -100,11 +105,11 @@ class _SharedKernel:
     It keeps what the kernel is built from (ZᵀWZ's arrays, the block layout, the ordering), so
     it pickles without CHOLMOD's factor: a copy builds its kernel, and so redoes the symbolic
     analysis, on first use."""
-    __slots__ = ("M", "owner", "_design", "_kernel")
+    __slots__ = ("M", "owner", "_design", "_kernel", "_threads")
 
     def __init__(self, s: ModelStructure, cp: CrossProducts, ordering: str):
         self._design = (cp.Ap, cp.Ai, cp.Mx, kernel_layout(s), ordering)
-        self._kernel, self.owner, self.M = None, None, None
+        self._kernel, self.owner, self.M, self._threads = None, None, None, None
 
     def kernel_for(self, cp: CrossProducts, token: int) -> PLSKernel:
         """The kernel holding ``cp``'s response and ZᵀWZ values (built from the design on first
@@ -117,6 +122,10 @@ class _SharedKernel:
         elif self.owner != token:
             self._kernel.set_response(cp.ZtXy, cp.XyXy, cp.Mx)    # drops the factor of the other response
         self.owner = token
+        n = active_threads()             # CHOLMOD's OpenMP teams at the fit's thread count (CHOLMOD >= 4)
+        if n is not None and n != self._threads:
+            self._kernel.set_threads(n)
+            self._threads = n
         return self._kernel
 
     @property
@@ -128,7 +137,7 @@ class _SharedKernel:
 
     def __setstate__(self, design) -> None:
         self._design = design
-        self._kernel, self.owner, self.M = None, None, None
+        self._kernel, self.owner, self.M, self._threads = None, None, None, None
 
 
 _tokens = itertools.count()
@@ -356,27 +365,55 @@ def _blocks_by_solves(s: ModelStructure, term_index: int, solve_L, chunk_elems: 
     return out
 
 
-# "auto" takes the blocked path when the scalar later terms' Schur complement is at least this
-# full (counted as Σ over first-term levels of (entries in its column of ZᵀZ's lower-left block)²,
-# against q₂²): there, CHOLMOD's supernodal scatter into one large dense supernode is 2x slower
-# than forming the dense block column by column (MovieLens shape: 0.85 s → 0.38 s per evaluation;
-# crossed 200k: 0.073 → 0.066 s; InstEval 0.020 → 0.015 s).  Nested designs fill nothing: CHOLMOD.
-AUTO_BLOCKED_MIN_FILL = 0.25
+# The dense q₂ × q₂ block of the blocked path (and its inverse) must fit: 6000 columns are 0.3 GB each.
 AUTO_BLOCKED_MAX_Q2 = 6000
 
 
-def choose_backend(s: ModelStructure, cp: CrossProducts) -> str:
-    """``"blocked"`` or ``"compiled"`` for ``backend="auto"`` (see AUTO_BLOCKED_MIN_FILL)."""
-    if not s.terms or len(s.terms) < 2 or not blocked_applicable(s, max_q2=AUTO_BLOCKED_MAX_Q2):
-        return "compiled"
-    q1 = s.terms[0].q
-    q2 = s.q - q1
-    # entries of each first-term column below the first block (block-closed lower storage)
-    cols = np.repeat(np.arange(s.q), np.diff(cp.Ap))
-    below = (cols < q1) & (cp.Ai >= q1)
-    per_col = np.bincount(cols[below], minlength=q1).astype(float)
-    fill = float(np.sum(per_col ** 2)) / float(q2 * q2)
-    return "blocked" if fill >= AUTO_BLOCKED_MIN_FILL else "compiled"
+@dataclass(frozen=True)
+class BackendChoice:
+    """How a model's backend was chosen: ``backend`` (the one built), ``requested`` (what was asked
+    for), ``reason``; for ``"auto"``, each candidate's estimated seconds per (f, g) evaluation at
+    ``threads`` threads (``estimates``, :class:`~fastlmm_ext._cost.PathCost`, with the counts
+    behind them: CHOLMOD's fl and lnz, the dense block's q₂, Σ cₐ²)."""
+    backend: str
+    requested: str
+    reason: str
+    estimates: tuple[PathCost, ...] = ()
+    threads: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.backend} ({self.reason})"
+
+
+def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = "default",
+                   crossprod: CrossProducts | None = None, threads: int | None = None) -> BackendChoice:
+    """The backend for ``backend`` (``"auto"`` resolved) and why.
+
+    ``"auto"``: ``"compiled"`` where the blocked path does not apply (a vector-valued term after
+    the first, more than AUTO_BLOCKED_MAX_Q2 later columns) or an ordering is asked for; else the
+    path with the lower estimate of seconds per (f, g) (``_cost``) at ``threads`` threads (None:
+    the cores free now): CHOLMOD's from its symbolic analysis of ZᵀZ's pattern (the flops of the
+    factor under CHOLMOD's own ordering, which leaves a Zipf-skewed design's heavy levels to the
+    end), the blocked path's from its dense q₂ × q₂ block and the Gram products that fill it."""
+    check_backend(backend, ordering)
+    if backend != "auto":
+        return BackendChoice(backend, backend, f"backend={backend!r} given")
+    if ordering != "default":
+        return BackendChoice("compiled", "auto", f"ordering={ordering!r} is CHOLMOD's")
+    if not s.terms:
+        return BackendChoice("compiled", "auto", "no random-effects terms")
+    if not blocked_applicable(s, max_q2=AUTO_BLOCKED_MAX_Q2):
+        why = ("a vector-valued term after the first" if any(t.k > 1 for t in s.terms[1:]) else
+               f"more than {AUTO_BLOCKED_MAX_Q2} columns after the first term")
+        return BackendChoice("compiled", "auto", f"the blocked path does not apply: {why}")
+    cp = crossprod if crossprod is not None else CrossProducts.from_structure(s)
+    n = threads if threads is not None else available_cores()
+    counts = blocked_counts(s, cp)
+    estimates = (compiled_cost(symbolic_facts(cp.Ap, cp.Ai, "default"), counts, n), blocked_cost(counts, n))
+    best = min(estimates, key=lambda e: e.seconds)
+    reason = (f"lower estimated time per (f, g) at {n} thread{'s' if n > 1 else ''}: "
+              + ", ".join(str(e) for e in estimates))
+    return BackendChoice(best.backend, "auto", reason, estimates, n)
 
 
 def check_backend(backend: str, ordering: str = "default") -> None:
@@ -392,9 +429,9 @@ def check_backend(backend: str, ordering: str = "default") -> None:
 
 
 def make_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = "default",
-                 crossprod: CrossProducts | None = None) -> Backend:
+                 crossprod: CrossProducts | None = None, threads: int | None = None) -> Backend:
     """The backend ``backend`` for structure ``s`` (``crossprod``: its cross-products, if already
-    formed).  ``"auto"``: :func:`choose_backend`, or ``"compiled"`` when an ordering is asked for."""
+    formed).  ``"auto"``: :func:`choose_backend` (at ``threads`` threads)."""
     check_backend(backend, ordering)
     if backend == "reference":
         if not s.has_rows:
@@ -404,7 +441,7 @@ def make_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = "d
     if crossprod is None:
         crossprod = CrossProducts.from_structure(s)
     if backend == "auto":
-        backend = "compiled" if ordering != "default" else choose_backend(s, crossprod)
+        backend = choose_backend(s, backend, ordering=ordering, crossprod=crossprod, threads=threads).backend
     if backend == "blocked":
         return BlockedBackend(s, crossprod=crossprod)
     if backend == "single":

@@ -1,6 +1,6 @@
 """The ``fastlmm-ext`` command: fit a linear mixed model to a data file from the shell.
 
-    fastlmm-ext fit DATA "FORMULA" [--ml] [--backend compiled|reference|...]
+    fastlmm-ext fit DATA "FORMULA" [--ml] [--backend compiled|reference|...] [--threads N]
                     [--json OUT] [--plot DIR] [--quiet | --verbose]
 
 DATA is CSV (``.csv``, optionally compressed: ``.csv.gz``, ...), tab-separated (``.tsv``) or
@@ -129,10 +129,12 @@ def _fit(args, progress_out: list) -> int:
         except ImportError:
             raise CLIError("--plot needs matplotlib, which is not installed: "
                            "pip install fastlmm_ext[plot]  (or: pip install matplotlib)") from None
+    threads = _threads(args.threads)
     df = read_data(args.data)
     reml = not args.ml
     # allow_python stays off on the command line: a formula from the shell never runs Python code
-    model = LinearMixedModel(args.formula, df, REML=reml, backend=args.backend, allow_python=False)
+    model = LinearMixedModel(args.formula, df, REML=reml, backend=args.backend, allow_python=False,
+                             threads=threads)
     progress = Progress(args.verbose, "fit", "evaluations", label="REML criterion" if reml else "deviance",
                         prefix=PROG)
     progress_out.append(progress)
@@ -170,6 +172,19 @@ def _fit(args, progress_out: list) -> int:
     return EXIT_OK
 
 
+def _threads(text: str | None) -> int | None:
+    """``--threads N``: a positive integer, or None when not given (the free cores)."""
+    if text is None:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise CLIError(f"--threads must be a positive integer, got {text!r}")
+    return n
+
+
 def _note(args, msg: str) -> None:
     if not args.quiet:
         print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
@@ -198,9 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help='lme4 formula, e.g. "Reaction ~ Days + (Days|Subject)"')
     fit.add_argument("--ml", action="store_true", help="fit by maximum likelihood instead of REML")
     fit.add_argument("--backend", choices=BACKENDS, default="auto",
-                     help="criterion evaluation: 'auto' (default) picks 'blocked' (dense Schur complement) for "
-                          "filled crossed designs and 'compiled' (CHOLMOD) otherwise; 'reference' is the dense "
-                          "NumPy path (see LinearMixedModel)")
+                     help="criterion evaluation: 'auto' (default) picks, of 'compiled' (CHOLMOD) and 'blocked' "
+                          "(dense Schur complement), the one with the lower estimated time per evaluation; "
+                          "'reference' is the dense NumPy path (see LinearMixedModel)")
+    fit.add_argument("--threads", metavar="N", default=None,
+                     help="threads for the BLAS and OpenMP work of the fit (default: the cores free when the "
+                          "fit starts, from the CPU affinity, the cgroup quota and other processes' load)")
     fit.add_argument("--json", metavar="OUT",
                      help="write the fit as JSON (LmerResult.to_json) to OUT; '-' writes it to stdout "
                           "instead of the summary")

@@ -33,7 +33,7 @@ from ._formula import _top
 from ._model import LinearMixedModel
 from ._parallel import n_workers, run_tasks
 from ._response import response_crossproducts
-from ._threads import bundled_blas_single_thread
+from ._threads import check_threads, fit_threads
 
 __all__ = ["fit_many"]
 
@@ -42,7 +42,7 @@ _BATCH_BYTES = 32 * 2**20   # response cross-products held at once per batch (qÂ
 
 def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, client=None,
              backend: str = "auto", weights=None, offset=None, contrasts=None, allow_python: bool = False,
-             **fit_options) -> pd.DataFrame:
+             threads: int | None = None, **fit_options) -> pd.DataFrame:
     """Fit the same linear mixed model to many responses, building the design once.
 
     Parameters
@@ -55,6 +55,9 @@ def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, 
         index of ``data``).  Names: the column names, else ``"y1"``, ``"y2"``, ...
     REML, backend, weights, offset, contrasts, allow_python : as for :func:`lmer`.
     n_jobs : worker processes (``-1``: all cores).  Each worker builds the kernel once.
+    threads : BLAS/OpenMP threads per fit (see :class:`LinearMixedModel`).  Default None: with
+        ``n_jobs=1``, the cores free at the start of each batch; in each worker of a pool (or on
+        Dask), 1, since the workers already fill the cores.
     client : a ``dask.distributed.Client``, or ``"auto"`` for the active one
         (``distributed.get_client()``): batches run on the cluster instead (Dask is optional:
         ``pip install 'fastlmm_ext[dask]'``).
@@ -90,6 +93,7 @@ def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, 
     """
     REML = check_reml(REML)
     check_backend(backend)
+    threads = check_threads(threads)
     _check_fit_options(fit_options)
     workers = _n_workers(n_jobs, client)
     df = as_frame(data)
@@ -106,7 +110,9 @@ def fit_many(formula: str, data, responses, REML: bool = True, n_jobs: int = 1, 
 
     ctx = _Context(structure=dataclasses.replace(s, fixed_spec=None),
                    crossprod=CrossProducts.from_structure(s),
-                   REML=bool(REML), backend=backend, fit_options=dict(fit_options), formula=formula_ph,
+                   REML=bool(REML), backend=backend, fit_options=dict(fit_options),
+                   threads=threads if threads is not None or client is None else 1,   # Dask: 1 per worker thread
+                   formula=formula_ph,
                    placeholder=ph, weights=weights, offset=offset, allow_python=bool(allow_python),
                    contrasts=contrasts,
                    frame=None if complete.all() else _design_frame(frame, names, formula, weights, offset),
@@ -244,6 +250,7 @@ class _Context:
     crossprod: CrossProducts
     REML: bool
     backend: str
+    threads: int | None        # per fit; None: the free cores (1 in a pool worker, _parallel)
     fit_options: dict
     formula: str               # placeholder response ~ the user's right-hand side
     placeholder: str
@@ -263,13 +270,14 @@ class _Worker:
         self.ctx = ctx
         cp = _writable(ctx.crossprod)   # Dask may hand over read-only buffers; the kernel writes nothing
         s = ctx.structure
-        self.base = LinearMixedModel._from_backend(s, ctx.REML, make_backend(s, ctx.backend, crossprod=cp))
+        be = make_backend(s, ctx.backend, crossprod=cp, threads=ctx.threads)
+        self.base = LinearMixedModel._from_backend(s, ctx.REML, be, ctx.threads)
         self._designs: dict[bytes, tuple[LinearMixedModel, list[str]]] = {}
         self.options = {**_FIT_DEFAULTS, **ctx.fit_options}
 
     def fit_batch(self, idx: list[int], Y: np.ndarray, complete: bool) -> list[tuple]:
         """Rows (index, nobs, result or error text, warned: (singular, convergence), note)."""
-        with bundled_blas_single_thread():      # once per batch, not per fit (see _threads.py)
+        with fit_threads(self.ctx.threads):      # once per batch, not per fit (see _threads.py)
             if complete:
                 return self._complete(idx, Y)
             return [self._incomplete(i, Y[:, j]) for j, i in enumerate(idx)]
@@ -323,7 +331,7 @@ class _Worker:
             if len(self._designs) >= 4:
                 self._designs.pop(next(iter(self._designs)))
             self._designs[key] = (LinearMixedModel(ctx.formula, None, REML=ctx.REML, backend=ctx.backend,
-                                                   structure=s), notes)
+                                                   structure=s, threads=ctx.threads), notes)
         return self._designs[key]
 
 

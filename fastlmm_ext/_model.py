@@ -10,8 +10,9 @@ import warnings
 
 import numpy as np
 
-from ._backends import Backend, check_backend, make_backend
+from ._backends import Backend, BackendChoice, check_backend, choose_backend, make_backend
 from ._chunked import structure_from_chunks
+from ._crossprod import CrossProducts
 from ._dask import is_dask_dataframe, structure_from_dask
 from ._data import check_reml, reject_complex
 from ._design import ModelStructure, build_structure
@@ -22,7 +23,7 @@ from ._progress import Progress
 from ._response import check_not_exact, response_crossproducts
 from ._results import LmerResult
 from ._start import moment_theta0
-from ._threads import bundled_blas_single_thread
+from ._threads import check_threads, fit_threads
 
 __all__ = ["LinearMixedModel"]
 
@@ -64,8 +65,10 @@ class LinearMixedModel:
         terms by LAPACK), with the analytic gradient.  ``"single"``: one random-effects term
         only; ΛᵀZᵀWZΛ + I is block diagonal, solved level by level in closed form (compiled, no
         CHOLMOD), with the analytic gradient.  ``"reference"``: the dense NumPy path,
-        equation by equation, for checking.  ``"auto"``: ``"blocked"`` where it applies and the
-        later terms' Schur complement fills its dense block, else ``"compiled"``.
+        equation by equation, for checking.  ``"auto"``: of ``"compiled"`` and ``"blocked"``, the
+        one with the lower estimated time per evaluation (``_cost``: CHOLMOD's flop count from
+        its symbolic analysis against the dense block's q₂³/3 and Gram products); the estimates
+        and the reason are in :attr:`backend_choice`.
     weights : str or array-like, optional
         Prior weights wᵢ ≥ 0 (lme4's ``weights``): a column name or one value per row of ``data``.
     offset : str or array-like, optional
@@ -88,6 +91,12 @@ class LinearMixedModel:
         functions (log, poly, ns, ...) and numpy ufuncs (``_rformula``); anything else is refused.
         ``allow_python=True`` evaluates other terms as Python: **the formula can then run any
         code**, so never set it for formulas you did not write.
+    threads : int, optional
+        Threads for the fit's BLAS and OpenMP work (CHOLMOD's factorization, the blocked path's
+        dense factorization).  Default None: at each fit, the cores free at that moment (the
+        CPUs this process may use, by affinity and cgroup quota, less those other processes keep
+        busy; one when only one is free), see ``_threads``.  The count used is in
+        ``res.optsummary.threads``.
     structure, crossprod : optional
         Internal: an already built :class:`ModelStructure` and its :class:`CrossProducts`
         (used by :meth:`from_chunks`, Dask and the bootstrap); ``data`` is then ignored.
@@ -111,14 +120,19 @@ class LinearMixedModel:
     def __init__(self, formula: str, data, REML: bool = True, backend: str = "auto",
                  weights=None, offset=None, ordering: str = "default",
                  structure: ModelStructure | None = None, crossprod=None, *, contrasts=None,
-                 allow_python: bool = False):
+                 allow_python: bool = False, threads: int | None = None):
         REML = check_reml(REML)
         check_backend(backend, ordering)
+        threads = check_threads(threads)
         if structure is None and is_dask_dataframe(data):
             structure, crossprod = structure_from_dask(formula, data, weights, offset, allow_python, contrasts)
         s = structure if structure is not None else build_structure(formula, data, weights, offset,
                                                                     allow_python, contrasts)
-        self._assemble(s, REML, make_backend(s, backend, ordering=ordering, crossprod=crossprod))
+        if crossprod is None and backend != "reference":
+            crossprod = CrossProducts.from_structure(s)
+        choice = choose_backend(s, backend, ordering=ordering, crossprod=crossprod, threads=threads)
+        self._assemble(s, REML, make_backend(s, choice.backend, ordering=ordering, crossprod=crossprod),
+                       threads, choice)
 
     @property
     def backend_name(self) -> str:
@@ -130,34 +144,43 @@ class LinearMixedModel:
         """CHOLMOD's fill-reducing ordering in use (None for the blocked and reference backends)."""
         return self.backend.ordering
 
-    def _assemble(self, s: ModelStructure, REML: bool, backend: Backend) -> None:
+    def _assemble(self, s: ModelStructure, REML: bool, backend: Backend, threads: int | None = None,
+                  choice: BackendChoice | None = None) -> None:
         self.structure = s
         self.REML = bool(REML)
         self.backend = backend
+        self.threads = threads                  # None: the free cores at each fit (_threads)
+        #: how the backend was chosen: "auto"'s estimates of each path's time per evaluation
+        self.backend_choice = choice if choice is not None else BackendChoice(backend.name, backend.name,
+                                                                              "built on another model's backend")
 
     @classmethod
     def from_chunks(cls, formula: str, chunks, REML: bool = True, *, weights: str | None = None,
                     offset: str | None = None, chunksize: int = 500_000, backend: str = "auto",
                     ordering: str = "default", progress: bool = False, contrasts=None,
-                    allow_python: bool = False) -> "LinearMixedModel":
+                    allow_python: bool = False, threads: int | None = None) -> "LinearMixedModel":
         """A model built from chunks of rows without holding them all (see :func:`lmer_chunked`
-        for what ``chunks`` may be and what the model then keeps)."""
+        for what ``chunks`` may be and what the model then keeps; ``threads`` as for the class)."""
         REML = check_reml(REML)
+        threads = check_threads(threads)
         s, cp = structure_from_chunks(formula, chunks, weights=weights, offset=offset, chunksize=chunksize,
                                       progress=progress, allow_python=allow_python, contrasts=contrasts)
-        return cls(formula, None, REML=REML, backend=backend, ordering=ordering, structure=s, crossprod=cp)
+        return cls(formula, None, REML=REML, backend=backend, ordering=ordering, structure=s, crossprod=cp,
+                   threads=threads)
 
     @classmethod
-    def _from_backend(cls, s: ModelStructure, REML: bool, backend: Backend) -> LinearMixedModel:
+    def _from_backend(cls, s: ModelStructure, REML: bool, backend: Backend, threads: int | None = None,
+                      choice: BackendChoice | None = None) -> LinearMixedModel:
         """A model around an existing backend (no formula parsing, no cross-products)."""
         m = cls.__new__(cls)
-        m._assemble(s, REML, backend)
+        m._assemble(s, REML, backend, threads, choice)
         return m
 
     def ml_twin(self) -> LinearMixedModel:
         """This model fitted by maximum likelihood (itself if it is one), on the same backend: the
         criterion's inputs do not depend on REML (lme4's refitML; used by ``anova`` and the profile)."""
-        return self if not self.REML else LinearMixedModel._from_backend(self.structure, False, self.backend)
+        return self if not self.REML else LinearMixedModel._from_backend(self.structure, False, self.backend,
+                                                                         self.threads, self.backend_choice)
 
     # ------------------------------------------------------------------ criterion
     @property
@@ -222,9 +245,9 @@ class LinearMixedModel:
             Estimates, variance components, conditional modes, criteria and diagnostics (see
             :class:`LmerResult`).  A singular fit (some diagonal θ within 1e-4 of 0) raises a
             ``SingularFitWarning``; a failed convergence check a ``ConvergenceWarning``."""
-        # One single-thread block around the whole fit, result included: the small BLAS calls
-        # that build the result would otherwise wake the bundled pool's threads (see _threads).
-        with bundled_blas_single_thread():
+        # One block around the whole fit, result included: the thread count is chosen once, and the
+        # small BLAS calls that build the result would otherwise wake the bundled pool's threads.
+        with fit_threads(self.threads):
             res, warned = self._fit(optimizer=optimizer, theta0=theta0, check_conv=check_conv, ftol_abs=ftol_abs,
                                     xtol_abs=xtol_abs, maxeval=maxeval, verbose=verbose)
         for category, message in warned:
@@ -262,9 +285,10 @@ class LinearMixedModel:
         else:
             th0 = self.theta0
         try:
-            with bundled_blas_single_thread():
+            with fit_threads(self.threads) as threads:      # the outer block's count, inside fit()
                 summ = minimize_theta(crit, th0, self.lower, optimizer=optimizer, ftol_abs=ftol_abs,
                                       xtol_abs=xtol_abs, maxeval=maxeval, grad=grad)
+            summ.threads = threads
         finally:
             if own:
                 progress.close()
@@ -330,4 +354,5 @@ class LinearMixedModel:
                 crossprod = response_crossproducts(self.structure, base, y)[0]
             else:
                 check_not_exact(self.structure, y)
-        return LinearMixedModel._from_backend(s, self.REML, self.backend.with_response(s, crossprod))
+        return LinearMixedModel._from_backend(s, self.REML, self.backend.with_response(s, crossprod), self.threads,
+                                              self.backend_choice)

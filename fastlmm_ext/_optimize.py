@@ -46,6 +46,7 @@ class OptSummary:
     maxeval: int = 0
     elapsed_s: float = 0.0
     converged: bool = False
+    threads: int = 0          # BLAS/OpenMP threads the fit ran with (_threads.fit_threads); 0: not recorded
 
     def __repr__(self) -> str:
         return (f"OptSummary(optimizer={self.optimizer!r}, feval={self.feval}, fmin={self.fmin:.10g}, "

@@ -8,7 +8,8 @@ most one per task) and one runner (:func:`run_tasks`):
   runs ``work(context, task)`` for the tasks it is given; the results come back in task order;
 * with one worker, in this process (``local`` is its context when the caller already has one);
 * with more, in a process pool: ``state`` is pickled once and unpickled by every worker's
-  initializer (its BLAS at one thread: the pool already fills the cores); where processes cannot
+  initializer (its BLAS at one thread, and its fits' default ``threads`` one: the pool already
+  fills the cores, ``_threads.limit_process_threads``); where processes cannot
   be used (no fork/spawn, a broken pool, something that does not pickle by reference), in a
   thread pool instead, each thread with its own unpickled copy of ``state`` (a kernel is not
   shared between threads; the kernels release the GIL).
@@ -30,6 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from ._exceptions import ArgumentError
 from ._progress import Progress
+from ._threads import fit_threads, limit_process_threads
 
 __all__ = ["n_workers", "run_tasks"]
 
@@ -55,6 +57,7 @@ _CONTEXT: list = []   # a pool process's context (or the error its setup raised)
 
 def _init_process(setup: Callable, payload: bytes) -> None:
     threadpool_limits(1)
+    limit_process_threads(1)
     try:
         _CONTEXT[:] = [setup(pickle.loads(payload))]
     except Exception as e:  # noqa: BLE001 - re-raised by the first task, so the caller sees it
@@ -103,7 +106,9 @@ def run_tasks(setup: Callable[[Any], Any], work: Callable[[Any, Any], Any], task
         if not hasattr(local_ctx, "ctx"):
             local_ctx.ctx = setup(pickle.loads(payload))
         return work(local_ctx.ctx, t)
-    with ThreadPoolExecutor(max_workers=workers) as ex:
+    # the workers' fits share this process's BLAS pools: one thread each (their fit_threads blocks
+    # nest in this one)
+    with fit_threads(1), ThreadPoolExecutor(max_workers=workers) as ex:
         futs = {ex.submit(run, t): i for i, t in enumerate(tasks) if i not in finished}
         for f in as_completed(futs):
             i = futs[f]

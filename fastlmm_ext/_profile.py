@@ -30,7 +30,7 @@ from ._params import Cv_to_Sv, Sv_to_Cv, theta_kinds
 from ._pls import deviance_at_sigma, profiled_criterion
 from ._progress import Progress
 from ._summary import confint_row_names, format_pct
-from ._threads import bundled_blas_single_thread
+from ._threads import fit_threads
 
 __all__ = ["Profiler", "profile_confint", "profile_table"]
 
@@ -181,9 +181,9 @@ def profile_confint(res, level: float = 0.95, parm=None, n_jobs: int = 1, progre
     than 2 s; False → never (``_progress``)."""
     a = (1.0 - level) / 2.0
     z = float(stats.norm.ppf(1.0 - a))
-    # The wheels' BLAS at one thread, as in the fit (_threads): their spinning threads and
-    # CHOLMOD's would take turns on every small call (sleepstudy on 2 cores: 13 s → 1.1 s).
-    with bundled_blas_single_thread():
+    # The pools as in the fit (_threads): the wheels' spinning threads and CHOLMOD's would take
+    # turns on every small call (sleepstudy on 2 cores: 13 s → 1.1 s).
+    with fit_threads(res.model.threads):
         prof = Profiler(res)
         names = prof.names
         idx = range(len(names)) if parm is None else \
@@ -212,7 +212,7 @@ def profile_table(res, npoints: int = 13, level: float = 0.99) -> pd.DataFrame:
     interval.  Columns: parameter, value, zeta."""
     z = float(stats.norm.ppf(0.5 + level / 2.0))
     rows = []
-    with bundled_blas_single_thread():     # as in profile_confint
+    with fit_threads(res.model.threads):     # as in profile_confint
         prof = Profiler(res)
         for m, name in enumerate(prof.names):
             lo, hi = prof.bound(m, z, -1), prof.bound(m, z, +1)

@@ -35,6 +35,24 @@ from fastlmm_ext._exceptions import CholmodError, NotPositiveDefiniteError
 
 cnp.import_array()
 
+cdef extern from *:
+    """
+    #include "cholmod.h"
+    /* CHOLMOD >= 4 (SuiteSparse 7) sizes the OpenMP teams of its supernodal factorization by
+       Common->nthreads_max; CHOLMOD 3 (SuiteSparse 5) has no such field and runs its
+       factorization without OpenMP, so there is nothing to set. */
+    static int fastlmm_set_nthreads_max(cholmod_common *c, int n) {
+    #if defined(CHOLMOD_MAIN_VERSION) && CHOLMOD_MAIN_VERSION >= 4
+        c->nthreads_max = n;
+        return 1;
+    #else
+        (void) c; (void) n;
+        return 0;
+    #endif
+    }
+    """
+    int fastlmm_set_nthreads_max(cholmod_common *c, int n) nogil
+
 _STATUS = {
     -1: "CHOLMOD not installed (method unavailable)",
     -2: "CHOLMOD ran out of memory",
@@ -47,6 +65,104 @@ _STATUS = {
 cdef inline void _check(cholmod_common *c, str where) except *:
     if c.status < 0:
         raise CholmodError(f"{where}: {_STATUS.get(c.status, 'CHOLMOD error')} (status {c.status})")
+
+
+cdef void _set_ordering(cholmod_common *c, str ordering) except *:
+    """Common's ordering options for "default" (CHOLMOD's choice), "amd" or "natural"."""
+    if ordering == "natural":
+        c.nmethods = 1
+        c.method[0].ordering = CHOLMOD_NATURAL
+        c.postorder = 0
+    elif ordering == "amd":
+        c.nmethods = 1
+        c.method[0].ordering = CHOLMOD_AMD
+    elif ordering != "default":
+        raise ValueError(f"unknown ordering {ordering!r}; use 'default', 'amd' or 'natural'")
+
+
+cdef dict _factor_facts(cholmod_factor *L, cholmod_common *c):
+    """What a symbolic analysis says about L (see PLSKernel.factor_info)."""
+    cdef size_t s, nsn, j
+    cdef int *sup
+    cdef int *pi
+    cdef int *Ls
+    cdef int p, last, sn
+    cdef long long nupdates = 0
+    cdef long long[::1] ncols, nrows
+    cdef int[::1] col2sn
+    info = {"is_super": bool(L.is_super), "ordering": int(L.ordering), "n": int(L.n),
+            "lnz": float(c.lnz), "fl": float(c.fl), "anz": float(c.anz),
+            "nsuper": 0, "super_ncols": None, "super_nrows": None, "nupdates": 0}
+    if L.is_super:
+        nsn = L.nsuper
+        sup = <int *> L.super
+        pi = <int *> L.pi
+        Ls = <int *> L.s
+        ncols_a = np.empty(nsn, dtype=np.int64)
+        nrows_a = np.empty(nsn, dtype=np.int64)
+        col2sn_a = np.empty(L.n, dtype=np.int32)
+        ncols = ncols_a
+        nrows = nrows_a
+        col2sn = col2sn_a
+        for s in range(nsn):
+            ncols[s] = sup[s + 1] - sup[s]
+            nrows[s] = pi[s + 1] - pi[s]
+            for j in range(<size_t> sup[s], <size_t> sup[s + 1]):
+                col2sn[j] = <int> s
+        # supernode-to-ancestor updates: the distinct supernodes of the rows below each supernode's
+        # diagonal block (rows are sorted, supernodes are ranges of columns)
+        for s in range(nsn):
+            last = -1
+            for p in range(pi[s] + sup[s + 1] - sup[s], pi[s + 1]):
+                sn = col2sn[Ls[p]]
+                if sn != last:
+                    nupdates += 1
+                    last = sn
+        info.update(nsuper=int(nsn), super_ncols=ncols_a, super_nrows=nrows_a, nupdates=int(nupdates))
+    return info
+
+
+def symbolic_facts(const int[::1] Ap, const int[::1] Ai, str ordering="default"):
+    """A symbolic analysis alone of the symmetric q × q matrix whose lower triangle has the CSC
+    pattern (Ap, Ai), as the kernel would analyse it with ``ordering``: the facts of
+    :attr:`PLSKernel.factor_info` (fl, lnz, supernodes), without values and without keeping a
+    factor (what ``backend="auto"`` weighs the CHOLMOD path by).  CHOLMOD's defaults otherwise,
+    so the simplicial/supernodal switch is the kernel's."""
+    cdef cholmod_common c
+    cdef cholmod_sparse A
+    cdef cholmod_factor *L = NULL
+    cdef int q = Ap.shape[0] - 1
+    if q <= 0:
+        raise ValueError("symbolic_facts needs a non-empty matrix")
+    cholmod_start(&c)
+    try:
+        c.print = 0
+        c.final_ll = 1
+        _set_ordering(&c, ordering)
+        A.nrow = q
+        A.ncol = q
+        A.nzmax = Ai.shape[0]
+        A.p = <void *> &Ap[0]
+        A.i = <void *> &Ai[0] if Ai.shape[0] > 0 else NULL
+        A.nz = NULL
+        A.x = NULL
+        A.z = NULL
+        A.stype = -1
+        A.itype = CHOLMOD_INT
+        A.xtype = CHOLMOD_PATTERN
+        A.dtype = CHOLMOD_DOUBLE
+        A.sorted = 1
+        A.packed = 1
+        with nogil:
+            L = cholmod_analyze(&A, &c)
+        _check(&c, "cholmod_analyze")
+        if L == NULL:
+            raise CholmodError("cholmod_analyze returned no factor")
+        return _factor_facts(L, &c)
+    finally:
+        if L != NULL:
+            cholmod_free_factor(&L, &c)
+        cholmod_finish(&c)
 
 
 cdef class PLSKernel:
@@ -118,20 +234,13 @@ cdef class PLSKernel:
 
         self.c.print = 0          # errors are raised as exceptions, not printed
         self.c.final_ll = 1       # keep L in LLᵀ form: log|L| is read off its diagonal
-        if ordering == "natural":
-            self.c.nmethods = 1
-            self.c.method[0].ordering = CHOLMOD_NATURAL
-            self.c.postorder = 0
-        elif ordering == "amd":
-            self.c.nmethods = 1
-            self.c.method[0].ordering = CHOLMOD_AMD
-        elif ordering != "default":
-            raise ValueError(f"unknown ordering {ordering!r}; use 'default', 'amd' or 'natural'")
+        _set_ordering(&self.c, ordering)
         with nogil:
             self.L = cholmod_analyze(&self.A, &self.c)
         _check(&self.c, "cholmod_analyze")
         if self.L == NULL:
             raise CholmodError("cholmod_analyze returned no factor")
+        self._facts = _factor_facts(self.L, &self.c)    # Common's statistics change with later calls
         self.B = cholmod_allocate_dense(self.q, self.p + 1, self.q, CHOLMOD_REAL, &self.c)
         _check(&self.c, "cholmod_allocate_dense")
 
@@ -400,6 +509,18 @@ cdef class PLSKernel:
 
     @property
     def factor_info(self):
-        """Facts about L: supernodal or not, stored entries, ordering method used."""
-        return {"is_super": bool(self.L.is_super), "ordering": int(self.L.ordering),
-                "lnz": float(self.c.lnz), "n": int(self.L.n)}
+        """Facts about L from the symbolic analysis: ``is_super`` (supernodal or simplicial),
+        ``ordering`` (CHOLMOD's code of the ordering used), ``n``, ``lnz`` (fundamental
+        nonzeros of L), ``fl`` (flops of a simplicial LLᵀ factorization, CHOLMOD's count:
+        Σⱼ cⱼ², cⱼ the entries of column j of L), ``anz`` (entries of tril(A)), and for a
+        supernodal L ``nsuper`` and per supernode its columns and rows (``super_ncols``,
+        ``super_nrows``)."""
+        return dict(self._facts)
+
+    def set_threads(self, int n):
+        """Let CHOLMOD's OpenMP parallel regions use at most ``n`` threads (``Common.nthreads_max``,
+        CHOLMOD ≥ 4); returns False where the version has no such setting (CHOLMOD 3 does not
+        use OpenMP in the factorization)."""
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        return bool(fastlmm_set_nthreads_max(&self.c, n))

@@ -5,6 +5,7 @@
 
 cdef extern from "cholmod.h" nogil:
     int CHOLMOD_INT
+    int CHOLMOD_PATTERN
     int CHOLMOD_REAL
     int CHOLMOD_DOUBLE
     int CHOLMOD_OK
@@ -42,6 +43,7 @@ cdef extern from "cholmod.h" nogil:
         cholmod_method_struct method[10]
         double fl
         double lnz
+        double anz
 
     ctypedef struct cholmod_sparse:
         size_t nrow

@@ -284,3 +284,15 @@ def test_main_in_process(files, tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "f.json").read_text())["nobs"] == 180
     assert main(["fit", "nope.csv", SLEEP]) == 2
     assert capsys.readouterr().err.strip() == "fastlmm-ext: error: data file not found: nope.csv"
+
+
+def test_threads_option(files, tmp_path):
+    proc = run_cli("fit", str(files["csv"]), SLEEP, "--threads", "1", "--quiet", "--json", "t.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / "t.json").read_text())
+    assert got["criterion"]["value"] == pytest.approx(api_fit(files["csv"]).criterion, rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", ["0", "two"])
+def test_error_bad_threads(files, tmp_path, bad):
+    assert_one_line_error(run_cli("fit", str(files["csv"]), SLEEP, "--threads", bad, cwd=tmp_path), "--threads", bad)

@@ -20,6 +20,7 @@ cdef class PLSKernel:
     cdef readonly double ldL2, ldRX2, pwrss
     cdef readonly bint has_state
     cdef object _keep
+    cdef dict _facts            # factor_info, read off the symbolic analysis
     cdef object selinv_cache    # (key, Z, layout) of the factor's selected inverse, kept by _selinv
 
     cdef void _set_theta(self, const double[::1] theta) noexcept nogil
