@@ -1,7 +1,8 @@
 """Build the compiled CHOLMOD kernel (src_c/_kernel.pyx -> fastlmm_ext._kernel), the selected
 inverse of its factor (src_c/_selinv.pyx -> fastlmm_ext._selinv, which cimports the kernel's
 declarations in src_c/fastlmm_ext/_kernel.pxd) and the sparse Gram kernel of the two-block path
-(src_c/_gram.pyx -> fastlmm_ext._gram).
+(src_c/_gram.pyx -> fastlmm_ext._gram) and the closed-form kernel of one-term models
+(src_c/_blockdiag.pyx -> fastlmm_ext._blockdiag).
 
 CHOLMOD is located, in order, from the environment variables
 SUITESPARSE_INCLUDE_DIR / SUITESPARSE_LIBRARY_DIR, from pkg-config (``cholmod``,
@@ -67,6 +68,15 @@ extensions = [
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
+    ),
+    # Closed-form PLS of one-term models, block by block (no CHOLMOD).  No contraction into
+    # fused multiply-adds: its row sums equal NumPy's bincount and CSR products operation by operation.
+    Extension(
+        "fastlmm_ext._blockdiag",
+        sources=["src_c/_blockdiag.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3", "-ffp-contract=off"],
     ),
 ]
 

@@ -45,7 +45,7 @@ def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weight
         DataFrame is reduced per partition and the fit keeps no rows (see :func:`lmer_chunked`).
     REML : bool, default True
         REML (lme4's default) or maximum likelihood.
-    backend : {"auto", "compiled", "blocked", "reference"}, default "auto"
+    backend : {"auto", "compiled", "blocked", "single", "reference"}, default "auto"
         How the criterion is evaluated (see :class:`LinearMixedModel`).
     weights : str or array-like, optional
         Prior weights (a column name or one value per row), lme4's ``weights``.

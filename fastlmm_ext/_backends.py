@@ -12,6 +12,8 @@ by ``_pls.profiled_criterion``.
   gradient.
 * ``"reference"`` (:class:`ReferenceBackend`): the dense, equation-by-equation NumPy path of
   ``_reference.py``, on the rows; no gradient.
+* ``"single"`` (``_single.SingleTermBackend``): one random-effects term, A + I block diagonal,
+  closed form per level (compiled, no CHOLMOD), with the gradient.
 
 :class:`Backend` declares every member callers may use, the optional features included as
 explicit members (``crossprod`` is None and ``has_gradient`` False where there are none), so no
@@ -20,8 +22,8 @@ caller probes a backend for attributes or reaches into its kernel.
 ``backend="auto"`` takes, of ``"compiled"`` and ``"blocked"`` where both apply, the one with the
 lower estimated time per (f, g) evaluation (:func:`choose_backend`, estimates from ``_cost``:
 CHOLMOD's symbolic analysis against the dense block's size); a non-default ``ordering`` is a
-CHOLMOD option, so with it ``"auto"`` means ``"compiled"``.  ``ordering`` with ``"blocked"`` or
-``"reference"`` is refused.  How the backend was chosen is a :class:`BackendChoice`.
+CHOLMOD option, so with it ``"auto"`` means ``"compiled"``.  ``ordering`` with ``"blocked"``,
+``"reference"`` or ``"single"`` is refused.  How the backend was chosen is a :class:`BackendChoice`.
 """
 from __future__ import annotations
 
@@ -43,24 +45,25 @@ from ._kernel import PLSKernel, symbolic_facts
 from ._openmp import openmp_dynamic
 from ._pls import PLSState, profiled_criterion, residual_df
 from ._reference import ReferencePLS
+from ._single import SingleTermBackend, single_term_applicable
 from ._threads import active_threads, available_cores
 
-__all__ = ["Backend", "CompiledBackend", "ReferenceBackend", "BlockedBackend", "make_backend", "choose_backend",
-           "BackendChoice", "check_backend", "BACKENDS", "ORDERINGS"]
+__all__ = ["Backend", "CompiledBackend", "ReferenceBackend", "BlockedBackend", "SingleTermBackend", "make_backend",
+           "choose_backend", "BackendChoice", "check_backend", "single_term_applicable", "BACKENDS", "ORDERINGS"]
 
-BACKENDS = ("auto", "compiled", "reference", "blocked")
+BACKENDS = ("auto", "compiled", "reference", "blocked", "single")
 ORDERINGS = ("default", "amd", "natural")
 
 
 class Backend(Protocol):
     """What every criterion backend provides (:class:`CompiledBackend`, ``BlockedBackend``,
-    :class:`ReferenceBackend`).
+    :class:`ReferenceBackend`, ``SingleTermBackend``).
 
     ``theta`` arguments are float arrays of length dim θ within the bounds (the model checks
     them).  The compiled and blocked backends keep the factor of the last θ and reuse it when
     asked for that θ again (the state after a fit, the profile's pieces)."""
 
-    name: str                           # "compiled" | "blocked" | "reference"
+    name: str                           # "compiled" | "blocked" | "reference" | "single"
     crossprod: CrossProducts | None     # the cross-products of [Z X y]; None for the reference path
     sum_log_w: float                    # Σ log wᵢ over rows of positive weight (0 without weights)
     has_gradient: bool                  # whether gradient() is available
@@ -413,7 +416,7 @@ def check_backend(backend: str, ordering: str = "default") -> None:
         raise ArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if ordering not in ORDERINGS:
         raise ArgumentError(f"unknown ordering {ordering!r}; choose one of {', '.join(ORDERINGS)}")
-    if ordering != "default" and backend in ("blocked", "reference"):
+    if ordering != "default" and backend in ("blocked", "reference", "single"):
         raise ArgumentError(f"ordering={ordering!r} is CHOLMOD's fill-reducing ordering, but backend {backend!r} "
                             "does not use CHOLMOD; use backend='compiled' (or 'auto') with it")
 
@@ -434,4 +437,6 @@ def make_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = "d
         backend = choose_backend(s, backend, ordering=ordering, crossprod=crossprod, threads=threads).backend
     if backend == "blocked":
         return BlockedBackend(s, crossprod=crossprod)
+    if backend == "single":
+        return SingleTermBackend(s, crossprod=crossprod)
     return CompiledBackend(s, ordering=ordering, crossprod=crossprod)

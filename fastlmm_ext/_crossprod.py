@@ -9,6 +9,10 @@ The profiled criterion depends on the data only through
 term j, i ≥ j) that share an observation, the whole k_i × k_j block is kept, so that
 Λᵀ(ZᵀWZ)Λ has exactly the same pattern for every θ and the kernel can overwrite values in place.
 
+A model with one random-effects term has a block-diagonal ZᵀWZ: its level blocks and ZᵀW[X ỹ] are
+summed in one compiled pass over the rows (``_blockdiag.level_crossproducts``), without Z, with
+the same products and the same row order as the general path's bincounts and sparse products.
+
 Numerical note: the criterion is invariant to y → y − X b for any b (β̂ absorbs b), so the
 cross-products use the OLS residual of y (``_ols.ols_shift``, which also keeps the digits of a
 response with a large common level).  This removes the large mean of y from yᵀy and avoids
@@ -21,12 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from ._blockdiag import level_crossproducts
 from ._design import ModelStructure
 from ._ols import response_shift
 from ._params import flat_positions
 
-__all__ = ["CrossProducts", "block_lower_ZtZ", "level_blocks", "ztz_triplets", "sum_duplicates", "lower_csc",
-           "kernel_layout", "log_weight_sum", "full_ZtWZ"]
+__all__ = ["CrossProducts", "block_lower_ZtZ", "block_diagonal_csc", "level_blocks", "ztz_triplets",
+           "sum_duplicates", "lower_csc", "kernel_layout", "log_weight_sum", "full_ZtWZ"]
 
 
 @dataclass(frozen=True)
@@ -46,17 +51,25 @@ class CrossProducts:
         X = s.X
         w = s.weights
         yt, b, _ = response_shift(s.y, X, s.offset, w)
-        Ap, Ai, Mx = block_lower_ZtZ(s, w)
         # Column-major [X ỹ]: contiguous columns to copy in, and one sparse mat-vec per column
         # (a row-major copy of a 500k-row X costs more than all the products).
         Xy = np.empty((s.n, s.p + 1), order="F")
         Xy[:, :s.p] = X
         Xy[:, s.p] = yt
         WXy = Xy if w is None else Xy * w[:, None]
-        Zt = s.Z.T.tocsr() if s.q else None
-        ZtXy = np.empty((s.q, s.p + 1), order="F")
-        for j in range(s.p + 1):
-            ZtXy[:, j] = Zt @ WXy[:, j] if s.q else 0.0
+        if len(s.terms) == 1:
+            t = s.terms[0]
+            M, ZtXy = level_crossproducts(np.ascontiguousarray(t.codes, dtype=np.int64),
+                                          np.ascontiguousarray(t.Xi, dtype=np.float64), Xy,
+                                          None if w is None else np.ascontiguousarray(w, dtype=np.float64),
+                                          t.nlevels)
+            Ap, Ai, Mx = block_diagonal_csc(M)
+        else:
+            Ap, Ai, Mx = block_lower_ZtZ(s, w)
+            Zt = s.Z.T.tocsr() if s.q else None
+            ZtXy = np.empty((s.q, s.p + 1), order="F")
+            for j in range(s.p + 1):
+                ZtXy[:, j] = Zt @ WXy[:, j] if s.q else 0.0
         XyXy = np.asfortranarray(Xy.T @ WXy)
         return cls(Ap=Ap, Ai=Ai, Mx=Mx, ZtXy=ZtXy, XyXy=XyXy, beta_shift=b, n=s.n, sum_log_w=log_weight_sum(w))
 
@@ -86,6 +99,19 @@ def full_ZtWZ(cp: CrossProducts, s: ModelStructure) -> sp.csr_matrix:
     off = bstart[coo.row] != bstart[coo.col]
     upper = sp.csc_matrix((coo.data[off], (coo.col[off], coo.row[off])), shape=(q, q))
     return (L + upper).tocsr()
+
+
+def block_diagonal_csc(M: np.ndarray):
+    """The block-closed lower CSC arrays of blockdiag_l(M_l) for level blocks M (ℓ, k, k): column
+    (l, j) holds rows (l, 0..k−1), entry M_l[i, j] (the layout :func:`level_blocks` reads)."""
+    ell, k = M.shape[0], M.shape[1]
+    q = ell * k
+    if q * k >= 2**31 - 1:
+        raise MemoryError("ZᵀZ has more than 2^31 stored entries; too large for the 32-bit kernel")
+    Ap = np.arange(0, q * k + 1, k, dtype=np.int32)
+    Ai = np.repeat(np.arange(q, dtype=np.int32).reshape(ell, 1, k), k, axis=1).ravel()
+    Mx = np.ascontiguousarray(M.transpose(0, 2, 1)).ravel()
+    return Ap, Ai, Mx
 
 
 def block_lower_ZtZ(s: ModelStructure, w: np.ndarray | None = None):

@@ -160,11 +160,15 @@ def factor_codes(values: pd.Series, name: str) -> tuple[np.ndarray, list[str]]:
     dtype = values.dtype
     if isinstance(dtype, pd.CategoricalDtype):
         raw = np.asarray(values.cat.codes, dtype=np.int64)
-        cats = list(values.cat.categories)
+        cats = values.cat.categories.to_numpy()          # an array: no Python list of 10⁵ levels
         present = np.flatnonzero(np.bincount(raw, minlength=len(cats)))   # O(n), no sort
-        remap = np.full(len(cats), -1, dtype=np.int64)
-        remap[present] = np.arange(present.size)
-        return remap[raw], unique_labels(_labels(cats, present), [cats[i] for i in present], name)
+        if present.size == len(cats):
+            codes = raw                                   # every level used: the codes as they are
+        else:
+            remap = np.full(len(cats), -1, dtype=np.int64)
+            remap[present] = np.arange(present.size)
+            codes = remap[raw]
+        return codes, unique_labels(_labels(cats, present), cats[present], name)
     if pd.api.types.is_bool_dtype(dtype):
         arr = np.asarray(values, dtype=bool)
         present = np.unique(arr)
@@ -180,7 +184,7 @@ def factor_codes(values: pd.Series, name: str) -> tuple[np.ndarray, list[str]]:
         rank[order] = np.arange(len(order))
         return np.where(codes >= 0, rank[np.maximum(codes, 0)], -1), [labels[i] for i in order]
     labels = _labels(list(uniques) if not hasattr(uniques, "dtype") else uniques, np.arange(len(uniques)))
-    return np.asarray(codes, dtype=np.int64), unique_labels(labels, list(uniques), name)
+    return np.asarray(codes, dtype=np.int64), unique_labels(labels, uniques, name)
 
 
 def unique_labels(labels: list[str], values: list, name: str) -> list[str]:
@@ -208,6 +212,8 @@ def _labels(values, idx) -> list[str]:
     arr = np.asarray(values)[np.asarray(idx, dtype=np.intp)] if len(idx) else np.asarray([], dtype=object)
     if arr.dtype.kind in "iu":
         return [str(v) for v in arr.tolist()]          # 2x faster than astype(str) for 10⁵ levels
+    if arr.dtype.kind == "U" or (arr.dtype.kind == "O" and pd.api.types.infer_dtype(arr, skipna=False) == "string"):
+        return arr.tolist()                            # strings are their own labels
     if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)) \
             and np.all(np.abs(arr) < 2**53):
         return arr.astype(np.int64).astype(str).tolist()

@@ -71,13 +71,33 @@ class ReTerm:
         return _params.term_T(self, theta)
 
 
+class _AssembledOnUse:
+    """The ``Z`` field of :class:`ModelStructure`: given (or None) at construction, and for a
+    structure with rows assembled from the terms' level codes and model matrices on first use
+    (:func:`assemble_Z`), so that a fit that needs only the cross-products (one term: its level
+    sums, ``_crossprod``) never builds the n × q sparse matrix.  A data descriptor as a dataclass
+    field: the class access raises AttributeError, so the field keeps no default."""
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            raise AttributeError("Z")
+        Z = obj.__dict__.get("_Z")
+        if Z is None and obj.__dict__.get("y") is not None:
+            Z = obj.__dict__["_Z"] = assemble_Z(list(obj.terms), obj.n)
+        return Z
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__["_Z"] = value
+
+
 @dataclass(frozen=True)
 class ModelStructure:
     """Everything the criterion needs, fixed once per model (θ-independent).
 
     A structure built from accumulated cross-products (``lmer_chunked``, Dask) keeps no rows:
     ``y``, ``X``, ``Z`` and the terms' ``codes``/``Xi`` are None, ``nobs`` holds n and
-    ``has_rows`` is False; everything that needs only the cross-products still works."""
+    ``has_rows`` is False; everything that needs only the cross-products still works.  With
+    rows, ``Z`` is assembled when first used (``_AssembledOnUse``)."""
     formula: str
     parsed: ParsedFormula
     response: str
@@ -86,7 +106,7 @@ class ModelStructure:
     fixef_names: tuple[str, ...]
     dropped_fixef: tuple[str, ...]
     terms: tuple[ReTerm, ...]
-    Z: sp.csc_matrix | None        # n × q
+    Z: sp.csc_matrix | None = _AssembledOnUse()   # n × q (no default: see _AssembledOnUse)
     offset: np.ndarray | None
     weights: np.ndarray | None
     n_dropped: int
@@ -150,14 +170,12 @@ class ModelStructure:
         return _params.theta_names(self.terms)
 
     def __getstate__(self) -> dict:
-        # Z is assembled from the terms' level codes and model matrices: pickle those, not the
-        # same rows a second time.
-        return {**self.__dict__, "Z": None}
+        # Z is assembled from the terms' level codes and model matrices (again on first use after
+        # loading): pickle those, not the same rows a second time.
+        return {**self.__dict__, "_Z": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if self.y is not None and self.Z is None:
-            object.__setattr__(self, "Z", assemble_Z(list(self.terms), self.n))
 
     def Lambda(self, theta: np.ndarray) -> sp.csc_matrix:
         """Λ_θ = blockdiag over terms of (I_ℓ ⊗ T_i), a sparse q × q lower-triangular matrix."""
@@ -565,7 +583,7 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
     return ModelStructure(
         formula=formula, parsed=parsed, response=parsed.response, y=rows.y, X=np.asfortranarray(X),
         fixef_names=tuple(fixef_names), dropped_fixef=tuple(dropped), terms=tuple(terms),
-        Z=assemble_Z(terms, n), offset=rows.offset, weights=w_all, n_dropped=n_dropped,
+        Z=None, offset=rows.offset, weights=w_all, n_dropped=n_dropped,
         row_index=df2.index, fixed_spec=rows.fixed_spec, factor_levels=factor_levels,
         variable_levels=variable_levels_of(frame), allow_python=bool(allow_python), contrasts=rows.contrasts,
         fixed_rows=fixed_basis_rows(rows, G, mv.fixed, len(keep)), fixed_gram=G[np.ix_(keep, keep)])

@@ -58,11 +58,13 @@ class LinearMixedModel:
         keeps no rows (see :func:`lmer_chunked` for what that means).
     REML : bool, default True
         Fit by restricted maximum likelihood (lme4's default) or, if False, maximum likelihood.
-    backend : {"auto", "compiled", "blocked", "reference"}, default "auto"
+    backend : {"auto", "compiled", "blocked", "single", "reference"}, default "auto"
         How the criterion is evaluated.  ``"compiled"``: the Cython kernel over CHOLMOD
         (numeric refactorization of P(ΛᵀZᵀWZΛ + I)Pᵀ per θ).  ``"blocked"``: MixedModels.jl's
         two-block layout (block-diagonal first term, dense Schur complement of the scalar later
-        terms by LAPACK), with the analytic gradient.  ``"reference"``: the dense NumPy path,
+        terms by LAPACK), with the analytic gradient.  ``"single"``: one random-effects term
+        only; ΛᵀZᵀWZΛ + I is block diagonal, solved level by level in closed form (compiled, no
+        CHOLMOD), with the analytic gradient.  ``"reference"``: the dense NumPy path,
         equation by equation, for checking.  ``"auto"``: of ``"compiled"`` and ``"blocked"``, the
         one with the lower estimated time per evaluation (``_cost``: CHOLMOD's flop count from
         its symbolic analysis against the dense block's q₂³/3 and Gram products); the estimates
@@ -74,8 +76,8 @@ class LinearMixedModel:
         any ``offset(x)`` in the formula).
     ordering : {"default", "amd", "natural"}, default "default"
         CHOLMOD's fill-reducing ordering P: backend ``"compiled"`` only (``"auto"`` with another
-        ordering than ``"default"`` chooses ``"compiled"``; ``"blocked"`` and ``"reference"``
-        refuse one with an ``ArgumentError``).
+        ordering than ``"default"`` chooses ``"compiled"``; ``"blocked"``, ``"single"`` and
+        ``"reference"`` refuse one with an ``ArgumentError``).
     contrasts : dict, optional
         R's contrasts of factors of the fixed part, ``{column: contrast}`` as lme4's
         ``contrasts = list(...)``: ``"contr.treatment"`` (R's and the default), ``"contr.SAS"``

@@ -127,7 +127,7 @@ def test_orderings_agree(ordering):
         assert m.backend.kernel.factor_info["ordering"] in USED_ORDERING[ordering]
 
 
-@pytest.mark.parametrize("backend", ["blocked", "reference"])
+@pytest.mark.parametrize("backend", ["blocked", "reference", "single"])
 def test_ordering_without_cholmod_is_refused(backend):
     df = make_data(3, 300, 30, 10)
     with raises_named(fl.ArgumentError, "ordering", "'amd'", backend):

@@ -36,7 +36,7 @@ def _check_fit(res, ref):
     assert res.aic == pytest.approx(ref["AIC"], abs=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["compiled", "reference", "blocked"])
+@pytest.mark.parametrize("backend", ["compiled", "reference", "blocked", "single"])
 @pytest.mark.parametrize("key", ["weights_REML", "weights_ML"])
 def test_prior_weights_match_lme4(key, backend):
     ref = EXTRA[key]

@@ -203,7 +203,7 @@ def test_refit_equals_a_fresh_lmer(sleep, peni, design, REML, extra):
     assert res.model.backend.kernel is first.model.backend.kernel        # the analysis is shared
 
 
-@pytest.mark.parametrize("backend", ["blocked", "reference"])
+@pytest.mark.parametrize("backend", ["blocked", "reference", "single"])
 def test_refit_other_backends(sleep, backend):
     m = fl.LinearMixedModel("Reaction" + SLEEP, sleep, backend=backend)
     res = m.refit(sleep.r4.to_numpy())
