@@ -382,7 +382,8 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
                    crossprod: CrossProducts | None = None, threads: int | None = None) -> BackendChoice:
     """The backend for ``backend`` (``"auto"`` resolved) and why.
 
-    ``"auto"``: ``"compiled"`` where the blocked path does not apply (a vector-valued term after
+    ``"auto"``: ``"single"`` for one random-effects term (closed form per level block, no sparse
+    factor); ``"compiled"`` where the blocked path does not apply (a vector-valued term after
     the first, more than AUTO_BLOCKED_MAX_Q2 later columns) or an ordering is asked for; else the
     path with the lower estimate of seconds per (f, g) (``_cost``) at ``threads`` threads (None:
     the cores free now): CHOLMOD's from its symbolic analysis of ZᵀZ's pattern (the flops of the
@@ -395,6 +396,9 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
         return BackendChoice("compiled", "auto", f"ordering={ordering!r} is CHOLMOD's")
     if not s.terms:
         return BackendChoice("compiled", "auto", "no random-effects terms")
+    if single_term_applicable(s):
+        return BackendChoice("single", "auto", "one random-effects term: ZᵀWZ is block diagonal, "
+                             "solved in closed form per level")
     if not blocked_applicable(s, max_q2=AUTO_BLOCKED_MAX_Q2):
         why = ("a vector-valued term after the first" if any(t.k > 1 for t in s.terms[1:]) else
                f"more than {AUTO_BLOCKED_MAX_Q2} columns after the first term")

@@ -133,7 +133,7 @@ def test_to_dict_schema_and_values(res):
     assert set(d) == KEYS
     _plain(d)
     assert json.loads(json.dumps(d)) == d                     # round-trips through JSON unchanged
-    assert d["formula"] == SLEEP and d["REML"] is True and d["backend"] == "compiled"
+    assert d["formula"] == SLEEP and d["REML"] is True and d["backend"] == "single"   # auto: one term
     assert d["nobs"] == 180 and d["n_dropped"] == 0 and d["npar"] == 6 and d["df_resid"] == 174
     assert d["criterion"] == {"name": "REMLcrit", "value": res.criterion}
     assert (d["logLik"], d["AIC"], d["BIC"], d["deviance"], d["sigma"]) == (

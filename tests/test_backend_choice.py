@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 import fastlmm_ext as fl
-from fastlmm_ext._backends import BackendChoice, choose_backend
+from fastlmm_ext._backends import BackendChoice, choose_backend, single_term_applicable
 from fastlmm_ext._blocked import blocked_applicable
 from fastlmm_ext._cost import blocked_counts, blocked_cost, compiled_cost, dense_flops
 from fastlmm_ext._crossprod import CrossProducts
@@ -111,6 +111,8 @@ def test_dense_flop_formula(q):
 
 
 def _applicable(s) -> set[str]:
+    if single_term_applicable(s):
+        return {"single"}           # one term: ZᵀWZ block diagonal, no factor to estimate
     return {"compiled", "blocked"} if blocked_applicable(s) else {"compiled"}
 
 
@@ -150,6 +152,8 @@ def test_choice_is_applicable_and_follows_the_estimate(formula, df):
     if len(_applicable(s)) == 2:
         assert ch.backend == min(ch.estimates, key=lambda e: e.seconds).backend
         assert all(e.seconds > 0 for e in ch.estimates)
+    elif ch.backend == "single":
+        assert ch.estimates == () and "one random-effects term" in ch.reason
     else:
         assert ch.estimates == () and "does not apply" in ch.reason
     m = fl.LinearMixedModel(formula, df)                               # the model builds what was chosen

@@ -147,9 +147,13 @@ def test_refit_equals_lmer_without_the_rows(sleep):
     inf = res.influence()
     for i in (0, 97):
         fresh = quiet_lmer("Reaction ~ Days + (Days|Subject)", df.drop(index=df.index[i]))
+        # Both are optimisations (the refit starts at the fit's θ, lme4's influence.merMod does
+        # too): the criteria agree to rounding, the parameters to the optimiser's accuracy on a
+        # flat optimum (variance components about 1e-5 relative).
+        assert inf.criterion_deleted.iloc[i] == pytest.approx(fresh.optsummary.fmin, abs=1e-7)
         np.testing.assert_allclose(inf.fixed_effects_deleted.iloc[i], fresh.fixef, rtol=1e-7)
         np.testing.assert_allclose(inf.var_cov_comps_deleted.iloc[i].to_numpy(),
-                                   np.r_[fresh.sigma ** 2, fresh.varcorr["vcov"].to_numpy()[[0, 2, 1]]], rtol=1e-5)
+                                   np.r_[fresh.sigma ** 2, fresh.varcorr["vcov"].to_numpy()[[0, 2, 1]]], rtol=1e-4)
         np.testing.assert_allclose(inf.vcov_deleted[inf.deleted[i]], fresh.vcov, rtol=1e-5)
     np.testing.assert_allclose(inf.hat, res.hatvalues(), rtol=1e-13)
     assert list(inf.deleted) == list(df.index)
