@@ -76,15 +76,22 @@ class Backend(Protocol):
     def inverse_blocks(self, theta: np.ndarray, term_index: int) -> np.ndarray:
         """Diagonal k×k blocks of (ΛᵀZᵀWZΛ + I)⁻¹ for every level of one term: (ℓ, k, k)."""
 
+    def solve_L(self, theta: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        """L_θ⁻¹ P rhs for a dense q × m ``rhs``, with P(ΛᵀZᵀWZΛ + I)Pᵀ = L_θ L_θᵀ the factor at θ
+        (P the fill-reducing permutation; the identity for the blocked and reference paths), so
+        that ‖L_θ⁻¹ P v‖² = vᵀ(ΛᵀZᵀWZΛ + I)⁻¹v: forward solves, no inverse formed."""
+
     def with_response(self, s: ModelStructure, crossprod: CrossProducts | None) -> Backend:
-        """A backend for another response on the same design (``s`` with the new y, ``crossprod``
-        its cross-products from ``_response``, None for the reference path)."""
+        """A backend for other data on the same design (``s`` with the new y, or the rows kept
+        by a deletion; ``crossprod`` its cross-products from ``_response``, or ones on the same
+        ZᵀWZ pattern with other weights; None for the reference path, which uses ``s``'s rows)."""
 
 
 class _SharedKernel:
     """A PLSKernel shared by the backends of one design (one per response, see
     :meth:`CompiledBackend.with_response`); ``owner`` is the token of the backend whose response
-    the kernel currently holds, ``M`` the full ZᵀWZ once a gradient has needed it.
+    the kernel currently holds, ``M`` (its values' array, the full ZᵀWZ) once a gradient has
+    needed it.
 
     It keeps what the kernel is built from (ZᵀWZ's arrays, the block layout, the ordering), so
     it pickles without CHOLMOD's factor: a copy builds its kernel, and so redoes the symbolic
@@ -96,13 +103,15 @@ class _SharedKernel:
         self._kernel, self.owner, self.M = None, None, None
 
     def kernel_for(self, cp: CrossProducts, token: int) -> PLSKernel:
-        """The kernel holding ``cp``'s response (built from the design on first use)."""
+        """The kernel holding ``cp``'s response and ZᵀWZ values (built from the design on first
+        use; ``cp``'s ZᵀWZ has the design's pattern, its values may differ: other weights)."""
         if self._kernel is None:
             openmp_dynamic()
-            Ap, Ai, Mx, (bstart, bsize, toff, Tflat, theta_pos), ordering = self._design
-            self._kernel = PLSKernel(Ap, Ai, Mx, bstart, bsize, toff, Tflat, theta_pos, cp.ZtXy, cp.XyXy, ordering)
+            Ap, Ai, _, (bstart, bsize, toff, Tflat, theta_pos), ordering = self._design
+            self._kernel = PLSKernel(Ap, Ai, cp.Mx, bstart, bsize, toff, Tflat, theta_pos, cp.ZtXy, cp.XyXy,
+                                     ordering)
         elif self.owner != token:
-            self._kernel.set_response(cp.ZtXy, cp.XyXy)    # drops the factor of the other response
+            self._kernel.set_response(cp.ZtXy, cp.XyXy, cp.Mx)    # drops the factor of the other response
         self.owner = token
         return self._kernel
 
@@ -246,9 +255,9 @@ class CompiledBackend:
     def _full_M(self):
         """ZᵀWZ as a full symmetric sparse matrix from its block-closed lower storage (entries
         inside a diagonal level block are stored in both triangles already)."""
-        if self._shared.M is None:
-            self._shared.M = full_ZtWZ(self.crossprod, self.s)
-        return self._shared.M
+        if self._shared.M is None or self._shared.M[0] is not self.crossprod.Mx:
+            self._shared.M = (self.crossprod.Mx, full_ZtWZ(self.crossprod, self.s))
+        return self._shared.M[1]
 
     def state(self, theta: np.ndarray) -> PLSState:
         theta = np.ascontiguousarray(theta, dtype=np.float64)
@@ -264,6 +273,10 @@ class CompiledBackend:
         kernel's selected inverse of the factor."""
         t = self.s.terms[term_index]
         return _selinv.inverse_blocks(self._factor(theta), t.col_offset, t.k, t.nlevels)
+
+    def solve_L(self, theta: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        """L⁻¹ P rhs with CHOLMOD's factor at θ (forward solve on the permuted right-hand side)."""
+        return self._factor(theta).solve_L(rhs)
 
 
 class ReferenceBackend:
@@ -309,6 +322,11 @@ class ReferenceBackend:
     def inverse_blocks(self, theta: np.ndarray, term_index: int) -> np.ndarray:
         L = self.ref.solve(theta)["L"]
         return _blocks_by_solves(self.s, term_index, lambda E: la.solve_triangular(L, E, lower=True))
+
+    def solve_L(self, theta: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        """L⁻¹ rhs with the dense factor (P = I)."""
+        L = self.ref.solve(theta)["L"]
+        return la.solve_triangular(L, np.asarray(rhs, dtype=float).reshape(self.s.q, -1), lower=True)
 
 
 def _blocks_by_solves(s: ModelStructure, term_index: int, solve_L, chunk_elems: int = 20_000_000) -> np.ndarray:

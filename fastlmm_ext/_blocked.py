@@ -194,6 +194,18 @@ class BlockedBackend:
         x1 = np.linalg.solve(np.transpose(f["L11"], (0, 2, 1)), B1.reshape(self.l1, self.k, m)).reshape(self.q1, m)
         return x1, x2
 
+    def solve_L(self, theta: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        """L⁻¹ rhs for the blocked factor L = [[L₁₁, 0], [L₂₁, L₂₂]] (P = I): per first-term level
+        x₁ = L₁₁ₐ⁻¹ B₁ₐ, then x₂ = L₂₂⁻¹ (B₂ − L₂₁ x₁)."""
+        f = self._factor(np.asarray(theta, dtype=float))
+        B = np.asarray(rhs, dtype=float).reshape(self.s.q, -1)
+        m = B.shape[1]
+        x1 = np.linalg.solve(f["L11"], B[:self.q1].reshape(self.l1, self.k, m)).reshape(self.q1, m)
+        if not self.q2:
+            return x1
+        x2 = la.solve_triangular(f["L22"], B[self.q1:] - f["L21"] @ x1, lower=True, check_finite=False)
+        return np.vstack([x1, x2])
+
     def inverse_diag_blocks(self, f):
         """Diagonal blocks of (A+I)⁻¹ (lme4's condVar uses these): (ℓ₁,k,k) for the first term
         and the diagonal (q₂) for the rest."""

@@ -15,7 +15,7 @@ levels, the contrasts (polynomial ones for ordered factors) and the state of sta
    fit labels it, ``_data.interaction_labels``); a level the fit did not see gets code −1.
 
 Rows with a missing value in a variable the prediction uses are left out (they predict NaN,
-lme4's ``na.pass``); ``re_form`` chooses the terms (:func:`selected_terms`).
+lme4's ``na.pass``); ``re_form`` chooses the terms and columns (:func:`selected_columns`).
 """
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ._contrasts import default_contrasts
 from ._data import _label, as_frame, check_columns, interaction_labels, row_labels
 from ._design import ModelStructure, _variables, evaluate_rows
-from ._exceptions import DataError, FormulaError
+from ._exceptions import ArgumentError, DataError, FastLMMError, FormulaError
 from ._formula import parse_formula
-from ._rformula import parse_expr
+from ._rformula import model_matrix, parse_expr, r_column_names, translate
 
-__all__ = ["NewRows", "new_rows", "selected_terms", "format_levels"]
+__all__ = ["NewRows", "new_rows", "selected_columns", "selected_terms", "format_levels"]
 
 _NA_FORMS = {"~0", "~-1", "~1-1", "na", "~na", "nan"}
 
@@ -48,35 +49,92 @@ def _is_population_form(re_form) -> bool:
     return False
 
 
-def selected_terms(structure: ModelStructure, re_form) -> list[int]:
-    """Indices of the random-effects terms kept by ``re_form``.
+def selected_columns(structure: ModelStructure, re_form) -> dict[int, np.ndarray]:
+    """The random-effects columns kept by ``re_form``: term index → bool mask over the term's
+    columns (terms with no kept column are left out), as lme4's ``mkNewReTrms`` chooses them.
 
-    None → all terms; ``"~0"`` / ``"NA"`` / ``False`` / NaN → none; a formula of random terms
-    such as ``"~ (1 | Subject)"`` → the terms it names (each must be a term of the model; the
-    formula is matched as text, never evaluated)."""
+    None → every column of every term; ``"~0"`` / ``"NA"`` / ``False`` / NaN → none; a formula of
+    random terms such as ``"~ (1 | Subject)"`` → for each of its terms ``(expr | g)``, the columns
+    that ``expr``'s model matrix would have, among the model's terms on the grouping factor g
+    (lme4 picks them from ``ranef(fit)[[g]]`` by name).  So ``~ (1 | Subject)`` of a
+    ``(Days | Subject)`` fit keeps only b̂'s intercept column, ``~ (0 + Days | Subject)`` only the
+    slope, ``~ (Days | Subject)`` of a ``(Days || Subject)`` fit both of its terms, and
+    ``~ (1 | Worker)`` of ``(1 | Worker/Machine)`` the Worker term.  Several terms keep the union
+    of their columns.  A grouping factor, or a column, the model does not have is an
+    ArgumentError naming it (the formula is read as R's dialect, never run as Python)."""
+    s = structure
     if re_form is None:
-        return list(range(len(structure.terms)))
+        return {i: np.ones(t.k, dtype=bool) for i, t in enumerate(s.terms)}
     if _is_population_form(re_form):
-        return []
+        return {}
     if not isinstance(re_form, str):
-        raise ValueError(f"re_form must be None, '~0'/'NA'/False or a formula string, got {re_form!r}")
+        raise ArgumentError(f"re_form must be None, '~0'/'NA'/False or a formula string, got {re_form!r}")
     text = re_form.strip()
     if not text.startswith("~"):
         text = "~ " + text
     try:
         parsed = parse_formula(".re_form_response " + text)
     except Exception as e:
-        raise ValueError(f"cannot parse re_form {re_form!r}: {e}") from e
-    squash = lambda s: re.sub(r"\s+", "", s)  # noqa: E731
-    wanted = [(squash(rt.expr), tuple(rt.group)) for rt in parsed.random]
-    have = [(squash(t.expr), tuple(t.group_columns)) for t in structure.terms]
-    out = []
-    for w in wanted:
-        if w not in have:
-            raise ValueError(f"re_form term ({w[0]} | {':'.join(w[1])}) is not a random-effects term of the model; "
-                             f"terms: {', '.join(f'({e} | {chr(58).join(g)})' for e, g in have)}")
-        out.append(have.index(w))
-    return sorted(set(out))
+        raise ArgumentError(f"cannot parse re_form {re_form!r}: {e}") from e
+    terms_text = ", ".join(f"({t.expr} | {t.factor})" for t in s.terms)
+    out: dict[int, np.ndarray] = {}
+    for rt in parsed.random:
+        label = rt.group_name()
+        where = f"re_form term ({rt.expr} | {label})"
+        cands = [i for i, t in enumerate(s.terms) if t.factor == label]
+        if not cands:
+            factors = ", ".join(repr(f) for f in s.factor_levels)
+            raise ArgumentError(f"{where} is not a random-effects term of the model: {label!r} is not one of its "
+                                f"grouping factors ({factors}); terms: {terms_text}")
+        same = [i for i in cands if _squash(s.terms[i].expr) == _squash(rt.expr)]
+        if same:      # the model's own term: all of its columns
+            out.setdefault(same[0], np.zeros(s.terms[same[0]].k, dtype=bool))[:] = True
+            continue
+        for name in _re_form_column_names(s, rt.expr, where):
+            hit = next(((i, j) for i in cands for j, c in enumerate(s.terms[i].cnms) if c == name), None)
+            if hit is None:
+                have = [c for i in cands for c in s.terms[i].cnms]
+                raise ArgumentError(f"{where} is not a random-effects term of the model: its column {name!r} is not "
+                                    f"among the random effects of {label!r} ({', '.join(map(repr, have))}); "
+                                    f"terms: {terms_text}")
+            out.setdefault(hit[0], np.zeros(s.terms[hit[0]].k, dtype=bool))[hit[1]] = True
+    return dict(sorted(out.items()))
+
+
+def selected_terms(structure: ModelStructure, re_form) -> list[int]:
+    """Indices of the random-effects terms kept whole by ``re_form`` (:func:`selected_columns`),
+    for uses that hold whole terms (``simulate``); a term kept only in part is an ArgumentError."""
+    cols = selected_columns(structure, re_form)
+    part = [structure.terms[i] for i, m in cols.items() if not m.all()]
+    if part:
+        which = ", ".join(f"({t.expr} | {t.factor})" for t in part)
+        raise ArgumentError(f"re_form {re_form!r} keeps only some columns of the term(s) {which}; "
+                            "here re_form must name whole terms")
+    return list(cols)
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+def _re_form_column_names(s: ModelStructure, expr: str, where: str) -> list[str]:
+    """R's names of the columns of a re_form term's model matrix: ``expr`` built on a few rows
+    typed as the fit's frame (its factors with the training levels and orderedness, everything
+    else numbers), so the names are those the term would have on the fit's data."""
+    try:
+        tr = translate(expr, [], s.allow_python, where)
+        factors = {c: s.variable_levels[c] for c in tr.columns if c in s.variable_levels}
+        m = max([10, *(len(cats) for cats, _ in factors.values())])
+        frame = pd.DataFrame({c: pd.Categorical([factors[c][0][r % len(factors[c][0])] for r in range(m)],
+                                                categories=factors[c][0], ordered=factors[c][1])
+                              if c in factors else np.linspace(1.0, 2.0, m) for c in tr.columns},
+                             index=range(m))
+        mm = model_matrix(tr, frame, where, default_contrasts(frame, tr.variables), s.allow_python)
+    except FormulaError:
+        raise                       # a refused formula stays a FormulaError, naming its part
+    except FastLMMError as e:
+        raise ArgumentError(f"cannot build the columns of {where}: {e}") from e
+    return r_column_names(mm.model_spec)
 
 
 def format_levels(levels, limit: int = 5) -> str:

@@ -9,7 +9,8 @@ At the optimum θ̂ (lme4's conventions):
     residuals (lme4's residuals.merMod): response y − ŷ, Pearson √w (y − ŷ), scaled ones / σ̂
 
 The result's other methods live with their ideas: ``predict`` (``_predict``), ``simulate``
-(``_simulate``), ``bootstrap`` (``_bootstrap``), tests and intervals (``_inference``), the summary
+(``_simulate``), ``bootstrap`` (``_bootstrap``), tests and intervals (``_inference``), hat values,
+Cook's distances and deletion diagnostics (``_influence``), the summary
 text (``_summary``), statsmodels' names (``_aliases``).  Derived models (an ML twin, a refit to a
 new response) are asked of ``model``.
 """
@@ -25,6 +26,7 @@ from . import _bootstrap, _simulate
 from ._aliases import StatsmodelsMixin
 from ._bootstrap import BootstrapResult
 from ._inference import InferenceMixin
+from ._influence import InfluenceMixin
 from ._optimize import OptSummary
 from ._params import sd_cor
 from ._pls import PLSState, profiled_criterion, residual_df
@@ -34,7 +36,7 @@ from ._summary import format_summary
 __all__ = ["LmerResult"]
 
 
-class LmerResult(PredictMixin, InferenceMixin, StatsmodelsMixin):
+class LmerResult(PredictMixin, InferenceMixin, InfluenceMixin, StatsmodelsMixin):
     """Result of :func:`fastlmm_ext.lmer` / :meth:`LinearMixedModel.fit` (lme4's ``merMod``).
 
     The formulas are in this module's docstring; names follow lme4 (statsmodels' names, e.g.

@@ -145,14 +145,16 @@ cdef class PLSKernel:
         cholmod_finish(&self.c)
 
     # ------------------------------------------------------------------ response
-    def set_response(self, ZtXy, XyXy):
+    def set_response(self, ZtXy, XyXy, Mx=None):
         """Use another response on the same design: ``ZtXy`` = [ZᵀX  Zᵀy] (q × (p+1)) and
         ``XyXy`` = [XᵀX Xᵀy; yᵀX yᵀy] ((p+1) × (p+1)), both float64 in Fortran order.
 
         Only the y column and row differ between responses, but the kernel reads both arrays
         whole, so the caller passes complete ones; the kernel keeps references to them (no copy)
-        until the next call.  The symbolic analysis and the factor's storage are reused; the
-        state of the last update() is dropped, so call update(θ) before state()."""
+        until the next call.  ``Mx``: new values of ZᵀZ on the kernel's pattern (other prior
+        weights, e.g. zero for deleted rows), float64[nnz]; None keeps the current ones.  The
+        symbolic analysis and the factor's storage are reused; the state of the last update() is
+        dropped, so call update(θ) before state()."""
         shapes = {"ZtXy": (self.q, self.p + 1), "XyXy": (self.p + 1, self.p + 1)}
         for name, arr in (("ZtXy", ZtXy), ("XyXy", XyXy)):
             if not isinstance(arr, np.ndarray):
@@ -163,10 +165,20 @@ cdef class PLSKernel:
                 raise ValueError(f"{name} must have shape {shapes[name]}, got {arr.shape}")
             if not arr.flags.f_contiguous:
                 raise ValueError(f"{name} must be in Fortran (column-major) order")
+        if Mx is not None:
+            if not isinstance(Mx, np.ndarray) or Mx.dtype != np.float64 or Mx.ndim != 1 \
+                    or Mx.shape[0] != self.Ai.shape[0] or not Mx.flags.c_contiguous:
+                raise ValueError(f"Mx must be a contiguous float64 array of {self.Ai.shape[0]} values "
+                                 "(ZᵀZ on the kernel's pattern)")
         # Memoryview assignment holds a reference to each array (released on the next swap).
         self.has_state = False
         self.ZtXy = ZtXy
         self.XyXy = XyXy
+        if Mx is not None and Mx is not self._keep[2]:
+            # Other values of ZᵀZ: the selected inverse cached for a θ is no longer this factor's.
+            self.Mx = Mx
+            self._keep = (self._keep[0], self._keep[1], Mx)
+            self.selinv_cache = None
 
     # ------------------------------------------------------------------ per-θ steps
     cdef void _set_theta(self, const double[::1] theta) noexcept nogil:

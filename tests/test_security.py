@@ -99,7 +99,9 @@ def test_predict_cannot_be_made_to_run_code(frame, tmp_path):
     nd["g"] = [code] * 15
     pred = res.predict(nd, allow_new_levels=True)
     assert np.isfinite(pred).all()
-    with pytest.raises(ValueError, match="not a random-effects term"):
+    # re_form may hold part of a fitted term (lme4's mkNewReTrms), so its columns are evaluated,
+    # by the same restricted evaluator as the fit's formula.
+    with pytest.raises(fl.FormulaError, match=r"attribute access '\.lib' is not allowed"):
         res.predict(nd, re_form=f"~ (1 + I(np.lib._npyio_impl.os.system('touch {target}'))|g)")
     assert not target.exists()
 
