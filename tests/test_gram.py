@@ -37,7 +37,8 @@ def test_schur_lower_equals_dense(q, m, density, mdensity, seed):
     S0 = np.asfortranarray(rng.normal(size=(q, q)))
     S = S0.copy(order="F")
     cp, ci, cx = _csc(A)
-    schur_lower(S, lam, _i32(Ml.indptr), _i32(Ml.indices), Ml.data, _i32(A.indptr), _i32(A.indices), cp, ci, cx)
+    schur_lower(S, lam, _i32(Ml.indptr), _i32(Ml.indices), Ml.data, _i32(A.indptr), _i32(A.indices),
+                cp, ci, cx)
     M = (Ml + sp.tril(Ml, -1).T).toarray()
     want = np.eye(q) + lam[:, None] * M * lam[None, :] - (A @ A.T).toarray()
     scale = 1.0 + np.abs(want).max()
