@@ -86,8 +86,8 @@ class Backend(Protocol):
 
     def solve_L(self, theta: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         """L_θ⁻¹ P rhs for a dense q × m ``rhs``, with P(ΛᵀZᵀWZΛ + I)Pᵀ = L_θ L_θᵀ the factor at θ
-        (P the fill-reducing permutation; the identity for the blocked and reference paths), so
-        that ‖L_θ⁻¹ P v‖² = vᵀ(ΛᵀZᵀWZΛ + I)⁻¹v: forward solves, no inverse formed."""
+        (P the fill-reducing permutation; the blocked path orders its later levels, the reference
+        path has P = I), so that ‖L_θ⁻¹ P v‖² = vᵀ(ΛᵀZᵀWZΛ + I)⁻¹v: forward solves, no inverse formed."""
 
     def with_response(self, s: ModelStructure, crossprod: CrossProducts | None) -> Backend:
         """A backend for other data on the same design (``s`` with the new y, or the rows kept

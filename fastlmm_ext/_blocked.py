@@ -17,6 +17,13 @@ Gradient of the profiled criterion f(θ) (REML: d = n − p, ML: d = n):
     which needs only the per-level diagonal blocks of Ω⁻¹_{uu}; for a scalar term with
     λ_j > 0 it is (2/λ_j)(ℓ_j − Σ diag), and 0 at λ_j = 0 (f is even in λ_j).
         Ω⁻¹_{uu} = (A+I)⁻¹ + H Hᵀ,  H = L⁻ᵀ R_ZX R_X⁻¹  (the second term for REML only).
+    The diagonal blocks of (A+I)⁻¹ are, with W = L₂₂⁻¹ L₂₁ (q₂ × q₁) and its column block W_a,
+        first term, level a:  L₁₁ₐ⁻ᵀ (I + W_aᵀW_a) L₁₁ₐ⁻¹;   later terms:  diag(S₂₂⁻¹),
+    both read off L₂₂⁻¹ (LAPACK's dtrtri, q₂³/3 flops) by ``_gram.inverse_gram``: S₂₂⁻¹ itself
+    (dpotri, twice the flops) is never formed.
+    W's cost is Σ (q₂ − r) over the entries (r, ·) of L₂₁ (L₂₂⁻¹ is lower triangular), so the
+    later levels are held in ascending order of their entries in L₂₁ (the busiest last; S₂₂'s
+    order is free, its factor is dense): on InstEval's and Zipf-like designs that halves W's work.
   * penalised RSS (envelope theorem, β̂ and û optimal):
         ∂r²/∂θ_k = −2 ρᵀ (∂Λ/∂θ_k) û,   ρ = ZᵀW(y − Xβ̂) − M Λ û.
 """
@@ -30,7 +37,7 @@ from ._crossprod import CrossProducts, level_blocks
 from ._design import ModelStructure
 from ._exceptions import NotPositiveDefiniteError
 from ._gradient import fd_fallback, theta_gradient
-from ._gram import gram_inner, gram_inner_sym, gram_lower_update
+from ._gram import inverse_gram, schur_lower
 from ._params import T_from_theta
 from ._pls import PLSState, profiled_criterion, residual_df
 from ._threads import bundled_blas_all_threads
@@ -45,7 +52,8 @@ def blocked_applicable(s: ModelStructure, max_q2: int = 6000) -> bool:
 
 class BlockedBackend:
     """Criterion and analytic gradient on the two-block layout (see module docstring); the
-    members of ``_backends.Backend``."""
+    members of ``_backends.Backend``.  It keeps q₂ × q₂ work arrays across θ's, so, like the
+    compiled kernel, one instance is not shared between threads (``_parallel`` gives each its copy)."""
     name = "blocked"
     has_gradient = True
     ordering = None
@@ -64,10 +72,20 @@ class BlockedBackend:
         Mlow = sp.csc_matrix((cp.Mx, cp.Ai, cp.Ap), shape=(s.q, s.q))
         k, q1 = self.k, self.q1
         self.M11 = level_blocks(cp, t1)                                        # [a, i, j]
-        self.M21 = Mlow[q1:, :q1].tocsr()                                     # q₂ × q₁
+        M21 = Mlow[q1:, :q1].tocsr()
+        # the later levels in ascending order of their entries in M₂₁ (module docstring): every
+        # q₂-indexed array below is in this order; level2[i] is the model's index of row i
+        self.level2 = np.argsort(np.diff(M21.indptr), kind="stable")
+        self.M21 = M21[self.level2]                                           # q₂ × q₁
         self.M21.sort_indices()
-        D = Mlow[q1:, q1:].toarray()
-        self.M22 = np.asfortranarray(np.tril(D) + np.tril(D, -1).T)
+        # M₂₂ stays sparse: its lower triangle (CSC) for the Schur kernel, the whole for products
+        # (scalar later terms: each level block is 1 × 1, so the lower storage is the triangle).
+        M22 = sp.tril(Mlow[q1:, q1:])
+        M22 = (M22 + sp.tril(M22, -1).T).tocsr()[self.level2][:, self.level2]
+        M22l = sp.tril(M22).tocsc()
+        M22l.sort_indices()
+        self._m22 = (M22l.indptr.astype(np.int32), M22l.indices.astype(np.int32), M22l.data)
+        self.M22 = M22.tocsr()
         # L₂₁ keeps M₂₁'s pattern for every θ: its CSC twin (for the Gram kernel) is a fixed
         # permutation of the CSR values.
         M = self.M21
@@ -77,16 +95,20 @@ class BlockedBackend:
         self._cp, self._ci = order.indptr.astype(np.int32), order.indices.astype(np.int32)
         self._perm = (order.data - 1.0).astype(np.intp)
         self.W1 = cp.ZtXy[:q1]                                                # q₁ × (p+1)
-        self.W2 = cp.ZtXy[q1:]
+        self.W2 = cp.ZtXy[q1:][self.level2]
         self.WtW = cp.XyXy
         # θ layout: first term's lower triangle, then one λ per later term.
         self.nth1 = t1.ntheta
-        self.lam_index = np.concatenate([np.full(t.q, i, dtype=np.intp) for i, t in enumerate(s.terms[1:])]) \
-            if self.q2 else np.zeros(0, dtype=np.intp)
+        self.lam_index = np.concatenate([np.full(t.q, i, dtype=np.intp) for i, t in enumerate(s.terms[1:])])[
+            self.level2] if self.q2 else np.zeros(0, dtype=np.intp)
         self._cache_theta = None
+        # q₂ × q₂ work arrays, reused by every θ (a fresh 32 MB array costs its page faults):
+        # the Schur complement, factored in place (it is the cached L₂₂), and L₂₂⁻¹.
+        self._S22 = None
+        self._Linv = None
 
     def __getstate__(self) -> dict:
-        # The blocks above (M₂₂ is dense q₂ × q₂) and the factor cache are rebuilt on load.
+        # The blocks above, the q₂ × q₂ work arrays and the factor cache are rebuilt on load.
         return {"s": self.s, "crossprod": self.crossprod}
 
     def __setstate__(self, state: dict) -> None:
@@ -123,19 +145,21 @@ class BlockedBackend:
         out = {"theta": theta.copy(), "T": T, "lam": lam, "L11": L11, "G": G, "c1": c1}
         if self.q2:
             L21 = self._L21(lam, G)
-            S22 = np.multiply(self.M22, np.multiply.outer(lam, lam), order="F")
-            S22[np.diag_indices_from(S22)] += 1.0
-            # S₂₂ −= L₂₁L₂₁ᵀ on the lower triangle (the only one LAPACK reads), column by column
-            gram_lower_update(S22, self._rp, self._ri, L21.data, self._cp, self._ci, L21.data[self._perm],
-                              np.ones(L21.shape[1]), -1.0)
-            try:
-                with bundled_blas_all_threads():
-                    L22 = la.cholesky(S22, lower=True, overwrite_a=True, check_finite=False)
-            except la.LinAlgError as e:
-                raise NotPositiveDefiniteError("blocked: Schur complement not positive definite", theta) from e
+            L21c = L21.data[self._perm]                                       # its CSC values
+            if self._S22 is None:
+                self._S22 = np.empty((self.q2, self.q2), order="F")
+            # the work array holds the cached L₂₂: drop the cache before overwriting it
+            self._cache_theta, self._cache = None, None
+            S22 = self._S22
+            # lower triangle of S₂₂ = Λ₂M₂₂Λ₂ + I − L₂₁L₂₁ᵀ (the only one LAPACK reads), one pass
+            schur_lower(S22, lam, *self._m22, self._rp, self._ri, self._cp, self._ci, L21c)
+            with bundled_blas_all_threads():
+                L22, info = la.lapack.dpotrf(S22, lower=1, clean=0, overwrite_a=1)
+            if info != 0:
+                raise NotPositiveDefiniteError("blocked: Schur complement not positive definite", theta)
             c2 = la.solve_triangular(L22, lam[:, None] * self.W2 - L21 @ c1, lower=True, check_finite=False)
             ldL2 += 2.0 * np.sum(np.log(np.diag(L22)))
-            out.update(L21=L21, L22=L22, c2=c2)
+            out.update(L21=L21, L21c=L21c, L22=L22, c2=c2)
             S33 = self.WtW - c1.T @ c1 - c2.T @ c2
         else:
             S33 = self.WtW - c1.T @ c1
@@ -171,22 +195,33 @@ class BlockedBackend:
         return f["ldL2"], f["pwrss"]
 
     def _modes(self, f):
-        p, k = self.p, self.k
+        """β̂ and the spherical modes û₁, û₂ at the factor ``f``."""
+        beta = self._beta(f)
+        u1, u2 = self._Linv_t(f, *self._mode_rhs(f, beta))
+        return beta, u1[:, 0], self._model_order(u2[:, 0])
+
+    def _model_order(self, x2: np.ndarray) -> np.ndarray:
+        """A q₂-vector from the later levels' order here (``level2``) to the model's."""
+        out = np.empty_like(x2)
+        out[self.level2] = x2
+        return out
+
+    def _beta(self, f):
+        p = self.p
         R = f["R"]
-        beta = la.solve_triangular(R[:p, :p], R[p, :p], lower=True, trans="T") if p else np.zeros(0)
-        if self.q2:
-            u2 = la.solve_triangular(f["L22"], f["c2"][:, p] - f["c2"][:, :p] @ beta, lower=True, trans="T")
-            r1 = f["c1"][:, p] - f["c1"][:, :p] @ beta - f["L21"].T @ u2
-        else:
-            u2 = np.zeros(0)
-            r1 = f["c1"][:, p] - f["c1"][:, :p] @ beta
-        u1 = np.linalg.solve(np.transpose(f["L11"], (0, 2, 1)), r1.reshape(self.l1, k, 1))[..., 0].ravel()
-        return beta, u1, u2
+        return la.solve_triangular(R[:p, :p], R[p, :p], lower=True, trans="T") if p else np.zeros(0)
+
+    def _mode_rhs(self, f, beta):
+        """[c_u − R_ZX β̂] split by block (q₁ × 1, q₂ × 1): û = L⁻ᵀ of it."""
+        p = self.p
+        r1 = (f["c1"][:, p] - f["c1"][:, :p] @ beta)[:, None]
+        r2 = (f["c2"][:, p] - f["c2"][:, :p] @ beta)[:, None] if self.q2 else np.zeros((0, 1))
+        return r1, r2
 
     def _Linv_t(self, f, B1, B2):
         """L⁻ᵀ [B1; B2] for the blocked lower-triangular factor."""
         if self.q2:
-            x2 = la.solve_triangular(f["L22"], B2, lower=True, trans="T")
+            x2 = la.solve_triangular(f["L22"], B2, lower=True, trans="T", check_finite=False)
             B1 = B1 - f["L21"].T @ x2
         else:
             x2 = B2
@@ -195,99 +230,60 @@ class BlockedBackend:
         return x1, x2
 
     def solve_L(self, theta: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-        """L⁻¹ rhs for the blocked factor L = [[L₁₁, 0], [L₂₁, L₂₂]] (P = I): per first-term level
-        x₁ = L₁₁ₐ⁻¹ B₁ₐ, then x₂ = L₂₂⁻¹ (B₂ − L₂₁ x₁)."""
+        """L⁻¹ P rhs for the blocked factor L = [[L₁₁, 0], [L₂₁, L₂₂]] of P(ΛᵀZᵀWZΛ + I)Pᵀ, P the
+        permutation that puts the later levels in this backend's order (``level2``): per
+        first-term level x₁ = L₁₁ₐ⁻¹ B₁ₐ, then x₂ = L₂₂⁻¹ ((P B)₂ − L₂₁ x₁)."""
         f = self._factor(np.asarray(theta, dtype=float))
         B = np.asarray(rhs, dtype=float).reshape(self.s.q, -1)
         m = B.shape[1]
         x1 = np.linalg.solve(f["L11"], B[:self.q1].reshape(self.l1, self.k, m)).reshape(self.q1, m)
         if not self.q2:
             return x1
-        x2 = la.solve_triangular(f["L22"], B[self.q1:] - f["L21"] @ x1, lower=True, check_finite=False)
+        x2 = la.solve_triangular(f["L22"], B[self.q1:][self.level2] - f["L21"] @ x1, lower=True, check_finite=False)
         return np.vstack([x1, x2])
 
-    def inverse_diag_blocks(self, f):
-        """Diagonal blocks of (A+I)⁻¹ (lme4's condVar uses these): (ℓ₁,k,k) for the first term
-        and the diagonal (q₂) for the rest."""
-        k = self.k
-        L11inv = np.linalg.inv(f["L11"]) if k > 1 else 1.0 / f["L11"]         # tiny k×k blocks
-        D1 = np.einsum("aji,ajk->aik", L11inv, L11inv)                          # (L₁₁⁻ᵀL₁₁⁻¹)ₐ
-        if self.q2:
-            L22inv = la.solve_triangular(f["L22"], np.eye(self.q2), lower=True, check_finite=False)
-            d2 = np.einsum("ij,ij->j", L22inv, L22inv)
-            # V = L₂₂⁻¹ L₂₁ L₁₁⁻¹ (q₂ × q₁); its column blocks add VₐᵀVₐ to block a
-            W = np.asarray(f["L21"].T @ L22inv.T).T.reshape(self.q2, self.l1, k)  # L₂₂⁻¹L₂₁
-
-            V = np.einsum("qaj,aji->qai", W, L11inv)
-            D1 = D1 + np.einsum("qai,qaj->aij", V, V)
-        else:
-            d2 = np.zeros(0)
-        return D1, d2
-
-    def _summed_inverse_blocks(self, f, reml: bool):
-        """Σₐ of the first term's diagonal blocks of Ω⁻¹_{uu} (k×k) and the diagonal for the
-        later terms (q₂), without forming the per-level blocks:
-            Σₐ (VᵀV)ₐ[i, j] = ⟨S₂₂⁻¹, B_j B_iᵀ⟩,  B_i = columns i of L₂₁ L₁₁⁻¹ (q₂ × ℓ₁, sparse),
-        with S₂₂⁻¹ from LAPACK's dpotri on L₂₂."""
-        k = self.k
-        L11inv = np.linalg.inv(f["L11"]) if k > 1 else 1.0 / f["L11"]
-        S1 = np.einsum("aji,ajk->ik", L11inv, L11inv)                           # Σₐ L₁₁ₐ⁻ᵀL₁₁ₐ⁻¹
-        if self.q2:
-            # dpotri leaves (L₂₂L₂₂ᵀ)⁻¹ in the lower triangle; the Gram kernel wants it whole.
-            with bundled_blas_all_threads():
-                Sinv, info = la.lapack.dpotri(f["L22"], lower=1)
-            if info != 0:
-                raise NotPositiveDefiniteError("blocked: dpotri failed", f["theta"])
-            d2 = np.diag(Sinv).copy()
-            L21 = f["L21"]
-            if k == 1:
-                # Σₐ L₁₁ₐ⁻² (L₂₁ᵀ S⁻¹ L₂₁)ₐₐ = ⟨S⁻¹, L₂₁ diag(L₁₁⁻²) L₂₁ᵀ⟩, S⁻¹ from its lower triangle
-                S1[0, 0] += gram_inner_sym(np.asfortranarray(Sinv), self._rp, self._ri, L21.data, self._cp,
-                                           self._ci, L21.data[self._perm], L11inv[:, 0, 0] ** 2)
+    def _inverse_pieces(self, f):
+        """(Y, d2) at the factor ``f`` (see the module docstring): Y[a] = W_aᵀW_a (ℓ₁ × k × k),
+        W = L₂₂⁻¹L₂₁, and d2 = diag(S₂₂⁻¹); from L₂₂⁻¹ (dtrtri on a copy of L₂₂, which the
+        solves still need), computed once per factor."""
+        if "Y" not in f:
+            if self.q2:
+                if self._Linv is None:
+                    self._Linv = np.empty((self.q2, self.q2), order="F")
+                np.copyto(self._Linv, f["L22"])
+                with bundled_blas_all_threads():
+                    Li, info = la.lapack.dtrtri(self._Linv, lower=1, overwrite_c=1)
+                if info != 0:
+                    raise NotPositiveDefiniteError("blocked: L22 is singular", f["theta"])
+                f["Y"], f["d2"] = inverse_gram(Li, self._cp, self._ci, f["L21c"], self.k)
             else:
-                Sinv = np.tril(Sinv)
-                Sinv += np.tril(Sinv, -1).T
-                Sinv = np.asfortranarray(Sinv)
-                # B = L₂₁ (I ⊗ L₁₁⁻¹): column block a times L₁₁ₐ⁻¹ (same pattern, block-closed)
-                B = self._split_columns(L21.tocsc(), L11inv)
-                ones = np.ones(self.l1)
-                for i in range(k):
-                    Bi = B[i].tocsr()
-                    for j in range(i, k):
-                        Bj = B[j].tocsc()
-                        Bj.sort_indices()
-                        # ⟨S⁻¹, B_j B_iᵀ⟩ = ⟨S⁻¹, B_i B_jᵀ⟩ (S⁻¹ symmetric)
-                        v = gram_inner(Sinv, Bj.indptr.astype(np.int32), Bj.indices.astype(np.int32), Bj.data,
-                                       Bi.indptr.astype(np.int32), Bi.indices.astype(np.int32), Bi.data, ones)
-                        S1[i, j] += v
-                        if i != j:
-                            S1[j, i] += v
-        else:
-            d2 = np.zeros(0)
-        if reml and self.p:
-            p = self.p
-            Lx = f["R"][:p, :p]
-            RZX1 = la.solve_triangular(Lx, f["c1"][:, :p].T, lower=True).T
-            RZX2 = la.solve_triangular(Lx, f["c2"][:, :p].T, lower=True).T if self.q2 else np.zeros((0, p))
-            H1, H2 = self._Linv_t(f, RZX1, RZX2)
-            H1 = H1.reshape(self.l1, k, p)
-            S1 = S1 + np.einsum("aim,ajm->ij", H1, H1)
-            d2 = d2 + np.einsum("im,im->i", H2, H2)
-        return S1, d2
+                f["Y"], f["d2"] = np.zeros((self.l1, self.k, self.k)), np.zeros(0)
+        return f["Y"], f["d2"]
 
-    def _split_columns(self, L21: sp.csc_matrix, L11inv: np.ndarray) -> list:
-        """Column i of each level block of L₂₁(I ⊗ L₁₁⁻¹) as a q₂ × ℓ₁ sparse matrix, i < k."""
-        k = self.k
-        out = []
-        for i in range(k):
-            # column (a, i) of the product = Σ_j L₂₁[:, (a, j)] L₁₁ₐ⁻¹[j, i]; all share a's pattern
-            acc = None
-            for j in range(k):
-                Cj = L21[:, j::k]
-                term = Cj @ sp.diags(L11inv[:, j, i])
-                acc = term if acc is None else acc + term
-            out.append(acc.tocsc())
-        return out
+    def _L11_inverse(self, f):
+        """L₁₁ₐ⁻¹ for every level (ℓ₁ × k × k; tiny triangular blocks)."""
+        return np.linalg.inv(f["L11"]) if self.k > 1 else 1.0 / f["L11"]
+
+    def inverse_diag_blocks(self, f):
+        """Diagonal blocks of (A+I)⁻¹ (lme4's condVar uses these): (ℓ₁,k,k) for the first term,
+        L₁₁ₐ⁻ᵀ(I + W_aᵀW_a)L₁₁ₐ⁻¹, and the diagonal of S₂₂⁻¹ (q₂, in the model's order) for the rest."""
+        Y, d2 = self._inverse_pieces(f)
+        L11inv = self._L11_inverse(f)
+        IY = Y + np.eye(self.k)
+        return np.einsum("aji,ajl,alm->aim", L11inv, IY, L11inv), self._model_order(d2)
+
+    def _summed_inverse_blocks(self, f, reml: bool, H=None):
+        """Σₐ of the first term's diagonal blocks of Ω⁻¹_{uu} (k×k) and the diagonal for the
+        later terms (q₂), from the sum of ``inverse_diag_blocks`` plus, for REML, H Hᵀ's
+        (``H`` = (H₁, H₂), the two blocks of H = L⁻ᵀ R_ZX R_X⁻¹)."""
+        D1, d2 = self.inverse_diag_blocks(f)
+        S1 = D1.sum(axis=0)
+        if reml and self.p:
+            H1, H2 = H
+            H1 = H1.reshape(self.l1, self.k, self.p)
+            S1 = S1 + np.einsum("aim,ajm->ij", H1, H1)
+            d2 = d2 + self._model_order(np.einsum("im,im->i", H2, H2))
+        return S1, d2
 
     def gradient(self, theta: np.ndarray, reml: bool) -> np.ndarray:
         """∂f/∂θ (see module docstring)."""
@@ -295,7 +291,18 @@ class BlockedBackend:
         f = self._factor(theta)
         p, k = self.p, self.k
         d = residual_df(self.s.n, p, reml)
-        beta, u1, u2 = self._modes(f)
+        beta = self._beta(f)
+        r1, r2 = self._mode_rhs(f, beta)
+        if reml and p:
+            # one pass of solves with L for û and for H = L⁻ᵀ R_ZX R_X⁻¹ together
+            Lx = f["R"][:p, :p]
+            RZX1 = la.solve_triangular(Lx, f["c1"][:, :p].T, lower=True).T
+            RZX2 = la.solve_triangular(Lx, f["c2"][:, :p].T, lower=True).T if self.q2 else np.zeros((0, p))
+            x1, x2 = self._Linv_t(f, np.hstack([r1, RZX1]), np.hstack([r2, RZX2]))
+            u1, u2, H = x1[:, 0], x2[:, 0], (x1[:, 1:], x2[:, 1:])
+        else:
+            x1, x2 = self._Linv_t(f, r1, r2)
+            u1, u2, H = x1[:, 0], x2[:, 0], None
         T, lam = f["T"], f["lam"]
         # ρ = Zᵀ W (ỹ − Xβ̂) − M Λ û  (cross-products only)
         b1 = np.einsum("ij,aj->ai", T, u1.reshape(self.l1, k)).ravel()
@@ -304,9 +311,10 @@ class BlockedBackend:
         if self.q2:
             rho1 = rho1 - self.M21.T @ b2
             rho2 = self.W2[:, p] - self.W2[:, :p] @ beta - self.M21 @ b1 - self.M22 @ b2
+            rho2, u2 = self._model_order(rho2), self._model_order(u2)
         else:
             rho2 = np.zeros(0)
-        S1, d2 = self._summed_inverse_blocks(f, reml)
+        S1, d2 = self._summed_inverse_blocks(f, reml, H)
         G = [S1] + [np.array([[d2[t.col_offset - self.q1:t.col_offset - self.q1 + t.q].sum()]])
                     for t in self.s.terms[1:]]
         g = theta_gradient(self.s, theta, G, np.concatenate([rho1, rho2]), np.concatenate([u1, u2]),

@@ -1,20 +1,32 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Sparse Gram products into dense matrices, for the two-block (dense Schur complement) path.
+"""Sparse kernels of the two-block (dense Schur complement) path.
 
-With the first random-effects term eliminated (its block is block-diagonal), the Schur
-complement of the rest is dense:  S = A₂₂ − L₂₁ L₂₁ᵀ,  L₂₁ sparse (q₂ × q₁).  Forming L₂₁L₂₁ᵀ
-as a sparse product and densifying it (or scattering one column outer product at a time into
-S, as a supernodal factorization does) touches S in random order; here each column s of the
-result is accumulated in place, column by column (Gustavson's order):
+With the first random-effects term eliminated (its block is block-diagonal), the rest is a dense
+Schur complement
 
-    S[r, s] += α Σ_j A[r, j] w_j A[s, j]      for r ≥ s,
+    S = I + Λ M Λ − A Aᵀ     (q × q; Λ = diag(λ), M = Λ₂'s block of ZᵀWZ, sparse;
+                              A = L₂₁, sparse q × m),
 
-reading row s of A (CSR) and, for each j in it, column j of A (CSC, rows sorted).  Column s of
-a Fortran-ordered S is contiguous, so the writes stay in cache; the work is Σ_j nnz(A[:, j])²/2.
+factored as S = L Lᵀ by LAPACK.  Two kernels feed and read that dense block.
 
-``gram_inner`` gives ⟨S, A diag(w) Bᵀ⟩ = Σ_{r,s} S[r,s] (A diag(w) Bᵀ)[r,s] for a full
-symmetric S without forming the product (the gradient's trace terms), accumulating each column
-of the product in a dense buffer and dotting it with S's column.
+``schur_lower`` forms the lower triangle of S in one pass, column by column (Gustavson's order):
+column s of a Fortran-ordered S is contiguous, so it is zeroed, given its δ + λλM entries and
+then, for each j in row s of A, the entries A[r, j] A[s, j] for rows r ≥ s of column j of A,
+all while it stays in cache.  Column j's rows at or below s start at the entry (s, j) itself
+(rows are sorted and rows s are visited in increasing order), so one pointer per column
+replaces any search.  The work is Σ_j nnz(A[:, j])²/2.
+
+``inverse_gram`` gives what the gradient and the conditional variances need from S⁻¹ without
+forming it: with Li = L⁻¹ (LAPACK's dtrtri, q³/3 flops, half of dpotri's S⁻¹ = Li ᵀLi),
+
+    diag(S⁻¹)_r = Σ_i Li[i, r]²,
+    Y_a = W_aᵀ W_a,  W_a = Li A[:, cols of a]  (q × k),  for every group a of k columns of A,
+
+so that ⟨S⁻¹, A_a A_aᵀ⟩ = tr Y_a.  Li is lower triangular and A sparse, so W_a costs
+q·nnz(A[:, a]) at most; the rows of Li are taken in panels of NB: a panel's strip Li[panel, :]
+is copied once into a contiguous buffer (NB values per column of Li, in L2 cache), and each
+entry A[r, j] adds A[r, j]·Li[panel, r] to the panel's slice of column j of W.  Entries with r
+past the panel's last row meet zeros of Li and are skipped (rows sorted), which halves the work.
 
 Python checks shapes and dtypes ("Python validates, Cython trusts").
 """
@@ -23,88 +35,126 @@ cimport numpy as cnp
 
 cnp.import_array()
 
+cdef enum:
+    NB = 32      # rows of Li per panel: the strip (NB × q doubles) stays in L2 for q up to ~4000
 
-def gram_lower_update(double[::1, :] S, const int[::1] rp, const int[::1] ri, const double[::1] rx,
-                      const int[::1] cp, const int[::1] ci, const double[::1] cx,
-                      const double[::1] w, double alpha):
-    """S[r, s] += α (A diag(w) Aᵀ)[r, s] for r ≥ s (lower triangle, in place).
 
-    A is q × m, given both as CSR (rp, ri, rx) and CSC (cp, ci, cx; row indices sorted within
-    each column); ``w`` has m entries (all ones for A Aᵀ)."""
-    cdef Py_ssize_t q = S.shape[0]
-    cdef Py_ssize_t s, kk, ll, j, r
-    cdef double f
+def schur_lower(double[::1, :] S, const double[::1] lam,
+                const int[::1] mp, const int[::1] mi, const double[::1] mx,
+                const int[::1] rp, const int[::1] ri,
+                const int[::1] cp, const int[::1] ci, const double[::1] cx):
+    """S[r, s] = δ_rs + λ_r λ_s M[r, s] − (A Aᵀ)[r, s] for r ≥ s (the lower triangle; the upper
+    one is not touched).
+
+    M is q × q, given by its lower triangle (diagonal included) as CSC (mp, mi, mx; rows sorted);
+    A is q × m, given by the pattern of its CSR (rp, ri) and its CSC (cp, ci, cx; rows sorted
+    within each column), both of the same matrix."""
+    cdef Py_ssize_t q = S.shape[0], m = cp.shape[0] - 1
+    cdef Py_ssize_t s, r, kk, ll, j, end
+    cdef double f, ls
     cdef double *col
+    nxt_arr = np.empty(max(m, 1), dtype=np.int32)
+    cdef int[::1] nxt = nxt_arr
     with nogil:
+        for j in range(m):
+            nxt[j] = cp[j]
         for s in range(q):
             col = &S[0, s]
+            for r in range(s, q):
+                col[r] = 0.0
+            col[s] = 1.0
+            ls = lam[s]
+            for kk in range(mp[s], mp[s + 1]):
+                r = mi[kk]
+                if r >= s:
+                    col[r] += ls * lam[r] * mx[kk]
             for kk in range(rp[s], rp[s + 1]):
                 j = ri[kk]
-                f = alpha * w[j] * rx[kk]
-                # rows of column j at or below s: skip the sorted prefix above s
-                ll = cp[j + 1] - 1
-                while ll >= cp[j] and ci[ll] >= s:
-                    r = ci[ll]
-                    col[r] += f * cx[ll]
-                    ll -= 1
+                ll = nxt[j]                  # the entry (s, j) of column j
+                end = cp[j + 1]
+                f = cx[ll]
+                while ll < end:
+                    col[ci[ll]] -= f * cx[ll]
+                    ll += 1
+                nxt[j] += 1
 
 
-def gram_inner(const double[::1, :] S, const int[::1] acp, const int[::1] aci, const double[::1] acx,
-               const int[::1] brp, const int[::1] bri, const double[::1] brx, const double[::1] w):
-    """Σ_{r,s} S[r, s] (A diag(w) Bᵀ)[r, s] for full S (q × q), A and B q × m sparse:
-    A as CSC (acp, aci, acx), B as CSR (brp, bri, brx)."""
-    cdef Py_ssize_t q = S.shape[0]
-    cdef Py_ssize_t s, kk, ll, j, r, t
-    cdef double f, acc = 0.0, part
-    cdef double[::1] buf = np.zeros(q)
-    cdef cnp.ndarray[cnp.int32_t, ndim=1] touched_arr = np.empty(q, dtype=np.int32)
-    cdef int[::1] touched = touched_arr
-    cdef cnp.ndarray[cnp.uint8_t, ndim=1] mark_arr = np.zeros(q, dtype=np.uint8)
-    cdef unsigned char[::1] mark = mark_arr
-    cdef Py_ssize_t nt
+def inverse_gram(const double[::1, :] Li, const int[::1] cp, const int[::1] ci, const double[::1] cx,
+                 int k):
+    """(Y, d) for the lower-triangular Li (q × q, its upper triangle is not read) and A (q × m,
+    m = ℓk, CSC with rows sorted): Y[a] = W_aᵀ W_a (ℓ × k × k) with W_a = Li A[:, ak:ak+k], and
+    d[r] = Σ_i Li[i, r]² (the diagonal of LiᵀLi)."""
+    cdef Py_ssize_t q = Li.shape[0], m = cp.shape[0] - 1
+    cdef Py_ssize_t nlev = m // k
+    out_arr = np.zeros((nlev, k, k), dtype=np.float64)
+    d_arr = np.zeros(q, dtype=np.float64)
+    pan_arr = np.zeros(max(q, 1) * NB, dtype=np.float64)
+    x_arr = np.zeros(k * NB, dtype=np.float64)
+    first_arr = np.empty(max(nlev, 1), dtype=np.intp)
+    cdef double[:, :, ::1] out = out_arr
+    cdef double[::1] d = d_arr, pan = pan_arr, x = x_arr
+    cdef Py_ssize_t[::1] first = first_arr
+    cdef Py_ssize_t i0, i1, w, r, t, a, c, e, col, ll, top
+    cdef double v, acc
+    cdef double *pr
+    cdef double *xc
+    cdef double *xe
+    cdef const double *lr
     with nogil:
-        for s in range(q):
-            nt = 0
-            for kk in range(brp[s], brp[s + 1]):
-                j = bri[kk]
-                f = w[j] * brx[kk]
-                for ll in range(acp[j], acp[j + 1]):
-                    r = aci[ll]
-                    if not mark[r]:
-                        mark[r] = 1
-                        touched[nt] = <int> r
-                        nt += 1
-                    buf[r] += f * acx[ll]
-            part = 0.0
-            for t in range(nt):
-                r = touched[t]
-                part += S[r, s] * buf[r]
-                buf[r] = 0.0
-                mark[r] = 0
-            acc += part
-    return acc
-
-
-def gram_inner_sym(const double[::1, :] S, const int[::1] rp, const int[::1] ri, const double[::1] rx,
-                   const int[::1] cp, const int[::1] ci, const double[::1] cx, const double[::1] w):
-    """⟨S, A diag(w) Aᵀ⟩ for symmetric S given by its lower triangle (the upper one is not read):
-    2 Σ_{r>s} S[r,s] P[r,s] + Σ_r S[r,r] P[r,r] with P = A diag(w) Aᵀ accumulated column by column
-    (only r ≥ s), A as CSR and CSC as in :func:`gram_lower_update`."""
-    cdef Py_ssize_t q = S.shape[0]
-    cdef Py_ssize_t s, kk, ll, j, r
-    cdef double f, acc = 0.0, part
-    with nogil:
-        for s in range(q):
-            part = 0.0
-            for kk in range(rp[s], rp[s + 1]):
-                j = ri[kk]
-                f = w[j] * rx[kk]
-                ll = cp[j + 1] - 1
-                while ll >= cp[j] and ci[ll] > s:
-                    r = ci[ll]
-                    part += 2.0 * f * cx[ll] * S[r, s]
-                    ll -= 1
-                if ll >= cp[j] and ci[ll] == s:
-                    part += f * cx[ll] * S[s, s]
-            acc += part
-    return acc
+        # the first row of each group of k columns (q when they are all empty): a panel above it
+        # adds nothing to the group
+        for a in range(nlev):
+            first[a] = q
+            for c in range(k):
+                col = a * k + c
+                if cp[col] < cp[col + 1] and ci[cp[col]] < first[a]:
+                    first[a] = ci[cp[col]]
+        i0 = 0
+        while i0 < q:
+            i1 = min(i0 + NB, q)
+            w = i1 - i0
+            # the strip: pan[r, t] = Li[i0 + t, r] for r < i1, zero above Li's diagonal and past q
+            for r in range(i1):
+                pr = &pan[r * NB]
+                lr = &Li[i0, r]
+                top = r - i0 if r > i0 else 0
+                for t in range(top):
+                    pr[t] = 0.0
+                for t in range(top, w):
+                    pr[t] = lr[t]
+                for t in range(w, NB):
+                    pr[t] = 0.0
+                acc = 0.0
+                for t in range(NB):
+                    acc = acc + pr[t] * pr[t]
+                d[r] += acc
+            for a in range(nlev):
+                if first[a] >= i1:
+                    continue
+                col = a * k
+                for c in range(k):
+                    xc = &x[c * NB]
+                    for t in range(NB):
+                        xc[t] = 0.0
+                    for ll in range(cp[col + c], cp[col + c + 1]):
+                        r = ci[ll]
+                        if r >= i1:
+                            break
+                        v = cx[ll]
+                        pr = &pan[r * NB]
+                        for t in range(NB):
+                            xc[t] += v * pr[t]
+                for c in range(k):
+                    xc = &x[c * NB]
+                    for e in range(c + 1):
+                        xe = &x[e * NB]
+                        acc = 0.0
+                        for t in range(NB):
+                            acc = acc + xc[t] * xe[t]
+                        out[a, c, e] += acc
+            i0 = i1
+        for a in range(nlev):
+            for c in range(k):
+                for e in range(c):
+                    out[a, e, c] = out[a, c, e]
+    return out_arr, d_arr
