@@ -41,7 +41,7 @@ EDGE_PROBE = 1e-3      # the inward probe of a component on its bound, as before
 MAX_RESTARTS = 3
 NOISE_ULPS = 64        # f's rounding: NOISE_ULPS · eps · |f|
 KEEP = 0.2             # fraction to the boundary: one step keeps ≥ KEEP of a component's distance to its bound
-NEAR_BOUND = 0.05      # ... unless the component is this close to it: then the step may put it on the bound
+NEAR_BOUND = 0.01      # ... unless the component is this close to it: then the step may put it on the bound
 
 #: Why :func:`minimize_bfgs` stopped (``OptSummary.stop_reason``).
 STOP_REASONS = ("scaled gradient", "rounding", "projected gradient zero", "maxeval", "no parameters")

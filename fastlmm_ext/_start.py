@@ -89,23 +89,32 @@ def moment_theta0(s: ModelStructure, cp: CrossProducts) -> np.ndarray:
 
 
 def curvature_guess(s: ModelStructure, cp: CrossProducts, theta: np.ndarray) -> np.ndarray:
-    """Relative sizes of the diagonal of ∂²f/∂θ², the quasi-Newton method's starting matrix.
+    """The diagonal of ∂²f/∂θ² as the expected information gives it, the quasi-Newton method's
+    starting matrix.
 
-    A term with ℓ levels contributes about ℓ log(θ_r² + s_r²) to f for each row r of T, with
-    s_r² = 1 / mean_l (Z_lᵀZ_l)_rr the sampling variance of a level's effect relative to σ²; the
-    expected information of that is 4ℓ θ_r² / (θ_r² + s_r²)² (up to a common factor, which the
-    optimiser fits from its first step).  An element of T's row r gets row r's value; θ_r² is
-    floored at s_r²/100 so that a component at its bound keeps a curvature."""
+    Row r of a term's T gives each of its ℓ levels an effect of variance σ² v_r, v_r = Σ_c T_rc²,
+    estimated with sampling variance σ² s_r², s_r² = 1 / mean_l (Z_lᵀZ_l)_rr; f holds about
+    ℓ [log(v_r + s_r²) + (its squared estimate)/(v_r + s_r²)] for it, whose expected second
+    derivative in T_rc is 4ℓ T_rc² / (v_r + s_r²)² (exact for a balanced one-way layout).  T_rc²
+    is floored at s_r²/100 so that a component at its bound keeps a curvature, and for an
+    off-diagonal T_rc (a covariance, curved even where it is 0) at v_r/2."""
     out = np.empty(s.ntheta)
     for t in s.terms:
         th = theta[t.theta_offset:t.theta_offset + t.ntheta]
         dM = np.einsum("lii->i", level_blocks(cp, t)) / max(t.nlevels, 1)
         s2 = 1.0 / np.maximum(dM, 1e-300)
+        t2 = th ** 2
         if t.ntheta == t.k * (t.k + 1) // 2:
-            rows = np.concatenate([np.arange(c, t.k) for c in range(t.k)])   # lower triangle by column
-            th, s2 = th[rows * t.k - rows * (rows - 1) // 2], s2[rows]       # the (r, r) element of each row
-        t2 = np.maximum(th ** 2, s2 / 100.0)
-        out[t.theta_offset:t.theta_offset + t.ntheta] = t.nlevels * t2 / (t2 + s2) ** 2
+            rows = np.concatenate([np.arange(c, t.k) for c in range(t.k)])   # T's lower triangle by column
+            cols = np.concatenate([np.full(t.k - c, c) for c in range(t.k)])
+            v = np.bincount(rows, weights=th ** 2, minlength=t.k)
+            v, s2 = v[rows], s2[rows]
+            off = rows != cols
+            t2[off] = np.maximum(t2[off], v[off] / 2.0)
+        else:
+            v = th ** 2
+        t2 = np.maximum(t2, s2 / 100.0)
+        out[t.theta_offset:t.theta_offset + t.ntheta] = 4.0 * t.nlevels * t2 / (v + s2) ** 2
     return out
 
 
