@@ -37,6 +37,7 @@ def test_bounded_minimum(optimizer):
     np.testing.assert_allclose(summ.theta_final, [0.0, 0.5, 2.0], atol=1e-5)
     assert summ.fmin == pytest.approx(4.0, abs=1e-9)            # f(0, 0.5, 2) = 1 + 3
     assert summ.f_initial == pytest.approx(f([1.0, 0.0, 1.0])) and summ.feval > 1
+    assert summ.stop_reason and (summ.geval > 0) == (optimizer in ("lbfgsb", "bfgs"))
 
 
 def test_errors():
