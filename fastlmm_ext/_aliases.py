@@ -193,7 +193,8 @@ class StatsmodelsMixin:
             ngrps           {factor: number of levels}
             converged, singular  bool
             messages        [str]
-            optsummary      {"optimizer", "feval", "fmin", "theta_initial", "theta_final", "return_code"}
+            optsummary      {"optimizer", "feval", "geval", "fmin", "theta_initial", "theta_final",
+                             "return_code", "stop_reason"}
         """
         fixef = {}
         for name, est, se, t, p in zip(self.fixef.index, self.fixef.to_numpy(), self.se.to_numpy(),
@@ -230,10 +231,12 @@ class StatsmodelsMixin:
             "optsummary": {
                 "optimizer": str(o.optimizer),
                 "feval": int(o.feval),
+                "geval": int(getattr(o, "geval", 0)),
                 "fmin": _num(o.fmin),
                 "theta_initial": _nums(o.theta_initial),
                 "theta_final": _nums(o.theta_final) if o.theta_final is not None else None,
                 "return_code": str(o.return_code),
+                "stop_reason": str(getattr(o, "stop_reason", "")),
             },
         }
 

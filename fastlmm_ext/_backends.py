@@ -237,7 +237,8 @@ class CompiledBackend:
                 Gt = Gt + Hk @ Hk.T
             G.append(Gt)
         g = theta_gradient(self.s, theta, G, rho, u, st["pwrss"], residual_df(self.s.n, p, reml))
-        return fd_fallback(g, lambda th: self.objective(th, reml), theta, self.s.lower)
+        f0 = profiled_criterion(k.ldL2, k.ldRX2, k.pwrss, self.s.n, p, reml, cp.sum_log_w)   # f(θ), known
+        return fd_fallback(g, lambda th: self.objective(th, reml), theta, self.s.lower, f0=f0)
 
     def _single_term_inverse_sum(self, t, theta: np.ndarray) -> np.ndarray:
         """Σ_l (Tᵀ M_l T + I)⁻¹ for a model with one term: A + I is then block diagonal with

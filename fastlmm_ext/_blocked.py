@@ -319,7 +319,8 @@ class BlockedBackend:
                     for t in self.s.terms[1:]]
         g = theta_gradient(self.s, theta, G, np.concatenate([rho1, rho2]), np.concatenate([u1, u2]),
                            f["pwrss"], d)
-        return fd_fallback(g, lambda th: self.objective(th, reml), theta, self.s.lower)
+        f0 = profiled_criterion(f["ldL2"], f["ldRX2"], f["pwrss"], self.s.n, p, reml, self.crossprod.sum_log_w)
+        return fd_fallback(g, lambda th: self.objective(th, reml), theta, self.s.lower, f0=f0)
 
     # ------------------------------------------------------------------ state for results
     def state(self, theta: np.ndarray) -> PLSState:

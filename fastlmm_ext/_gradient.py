@@ -56,15 +56,15 @@ def term_gradient(t, theta: np.ndarray, Gt: np.ndarray, PU: np.ndarray, pwrss: f
     return np.full(t.ntheta, np.nan)
 
 
-def fd_fallback(g: np.ndarray, f, theta: np.ndarray, lower: np.ndarray, h: float = 1e-6) -> np.ndarray:
+def fd_fallback(g: np.ndarray, f, theta: np.ndarray, lower: np.ndarray, h: float = 1e-6,
+                f0: float | None = None) -> np.ndarray:
     """``g`` with its NaN entries (a singular vector term) replaced by finite differences of the
     criterion ``f``: (f(θ + h e) − f(θ − h e))/2h where θ − h e is feasible, else the one-sided
-    (f(θ + h e) − f(θ))/h inwards from the bound."""
+    (f(θ + h e) − f(θ))/h inwards from the bound; ``f0``: f(θ) if known (not evaluated again)."""
     bad = np.flatnonzero(np.isnan(g))
     if bad.size == 0:
         return g
     g = g.copy()
-    f0 = None
     for i in bad:
         e = np.zeros_like(theta)
         e[i] = h

@@ -3,7 +3,9 @@
 The optimiser knows nothing of mixed models: it minimises f(θ) subject to θ ≥ lower.
 Default: NLopt's BOBYQA (Powell's bounded quadratic-model method, the one lme4's default
 ``nloptwrap`` uses), through the maintained ``nlopt`` package, with tolerances tighter than
-lme4's so the optimum is at least as good as lme4's.
+lme4's so the optimum is at least as good as lme4's.  With an analytic gradient: ``"bfgs"``,
+the projected quasi-Newton method of ``_bfgs`` (it stops at the optimum on the scaled gradient or
+on f's rounding, and evaluates no θ twice), or SciPy's L-BFGS-B (``"lbfgsb"``).
 """
 from __future__ import annotations
 
@@ -16,22 +18,31 @@ import nlopt
 import numpy as np
 from scipy.optimize import minimize
 
+from ._bfgs import Evaluations, minimize_bfgs
 from ._exceptions import ConvergenceWarning
 
 __all__ = ["OptSummary", "minimize_theta", "snap_to_bounds", "check_convergence", "is_singular", "OPTIMIZERS",
            "SINGULAR_MESSAGE"]
 
-OPTIMIZERS = ("bobyqa", "nelder_mead", "cobyla", "lbfgsb")
+OPTIMIZERS = ("bobyqa", "bfgs", "nelder_mead", "cobyla", "lbfgsb")
+GRADIENT_OPTIMIZERS = ("bfgs", "lbfgsb")
 
 _NLOPT_RESULT = {
     1: "NLOPT_SUCCESS", 2: "NLOPT_STOPVAL_REACHED", 3: "NLOPT_FTOL_REACHED", 4: "NLOPT_XTOL_REACHED",
     5: "NLOPT_MAXEVAL_REACHED", 6: "NLOPT_MAXTIME_REACHED",
 }
+_NLOPT_STOP = {1: "success", 2: "stopval", 3: "ftol_abs", 4: "xtol_abs", 5: "maxeval", 6: "maxtime"}
 
 
 @dataclass
 class OptSummary:
-    """Record of one optimisation run (initial and final θ, criterion, evaluations, messages)."""
+    """Record of one optimisation run (initial and final θ, criterion, evaluations, messages).
+
+    ``feval``: criterion evaluations (distinct θ for ``"bfgs"``); ``geval``: gradient evaluations
+    (0 for the derivative-free methods); ``return_code``: the optimiser's own code or message;
+    ``stop_reason``: which test ended the run — for ``"bfgs"`` one of ``_bfgs.STOP_REASONS``
+    ("scaled gradient", "rounding", "projected gradient zero", "maxeval", "no parameters"), for
+    NLopt's methods ``"ftol_abs"``, ``"xtol_abs"``, ``"maxeval"``, ``"rounding"`` (RoundoffLimited)..."""
     optimizer: str
     theta_initial: np.ndarray
     lower: np.ndarray
@@ -39,7 +50,9 @@ class OptSummary:
     theta_final: np.ndarray | None = None
     fmin: float = np.nan
     feval: int = 0
+    geval: int = 0
     return_code: str = ""
+    stop_reason: str = ""
     messages: list[str] = field(default_factory=list)
     ftol_abs: float = 0.0
     xtol_abs: float = 0.0
@@ -49,21 +62,26 @@ class OptSummary:
     threads: int = 0          # BLAS/OpenMP threads the fit ran with (_threads.fit_threads); 0: not recorded
 
     def __repr__(self) -> str:
-        return (f"OptSummary(optimizer={self.optimizer!r}, feval={self.feval}, fmin={self.fmin:.10g}, "
-                f"return_code={self.return_code!r}, theta_final={np.round(self.theta_final, 6).tolist() if self.theta_final is not None else None})")
+        return (f"OptSummary(optimizer={self.optimizer!r}, feval={self.feval}, geval={self.geval}, "
+                f"fmin={self.fmin:.10g}, return_code={self.return_code!r}, stop_reason={self.stop_reason!r}, theta_final={np.round(self.theta_final, 6).tolist() if self.theta_final is not None else None})")
 
 
 def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: np.ndarray,
                    optimizer: str = "bobyqa", ftol_abs: float = 1e-12, xtol_abs: float = 1e-10,
                    maxeval: int = 100_000, initial_step: float | None = None,
-                   grad: Callable[[np.ndarray], np.ndarray] | None = None) -> OptSummary:
+                   grad: Callable[[np.ndarray], np.ndarray] | None = None,
+                   curvature: np.ndarray | None = None, mirrors: dict | None = None) -> OptSummary:
     """Minimise f over {θ : θ ≥ lower} from theta0; returns the filled OptSummary.
 
-    ``optimizer="lbfgsb"`` needs ``grad`` (the analytic gradient) and uses SciPy's L-BFGS-B
-    (bounded quasi-Newton); the others are NLopt's derivative-free methods."""
+    ``optimizer="bfgs"`` (``_bfgs``) and ``"lbfgsb"`` (SciPy's L-BFGS-B) need ``grad`` (the
+    analytic gradient); the others are NLopt's derivative-free methods.  ``curvature`` (``"bfgs"``
+    only): relative sizes of the Hessian's diagonal, its starting matrix; ``mirrors`` (``"bfgs"``
+    only): sign symmetries on the bounds, for the edge probe (``_bfgs.minimize_bfgs``)."""
+    if optimizer in GRADIENT_OPTIMIZERS and grad is None:
+        raise ValueError(f"optimizer {optimizer!r} needs a backend with an analytic gradient")
+    if optimizer == "bfgs":
+        return _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature, mirrors)
     if optimizer == "lbfgsb":
-        if grad is None:
-            raise ValueError("optimizer 'lbfgsb' needs a backend with an analytic gradient (backend='blocked')")
         return _minimize_lbfgsb(f, grad, theta0, lower, maxeval)
     algo = {"bobyqa": nlopt.LN_BOBYQA, "nelder_mead": nlopt.LN_NELDERMEAD, "cobyla": nlopt.LN_COBYLA}
     if optimizer not in algo:
@@ -92,6 +110,7 @@ def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: 
     if nth == 0:
         summ.theta_final, summ.fmin, summ.feval = theta0, float(f(theta0)), 1
         summ.converged, summ.return_code = True, "no parameters"
+        summ.stop_reason = "no parameters"
         return summ
     opt = nlopt.opt(algo[optimizer], nth)
     opt.set_min_objective(obj)
@@ -105,6 +124,7 @@ def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: 
         opt.optimize(theta0)
         rc = opt.last_optimize_result()
         summ.return_code = _NLOPT_RESULT.get(rc, f"NLOPT result {rc}")
+        summ.stop_reason = _NLOPT_STOP.get(rc, summ.return_code)
         summ.converged = rc in (1, 2, 3, 4)
     except nlopt.ForcedStop:
         if box["err"] is not None:
@@ -113,6 +133,7 @@ def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: 
     except (nlopt.RoundoffLimited, RuntimeError) as e:
         # Roundoff-limited stops are at the optimum to working precision.
         summ.return_code = type(e).__name__
+        summ.stop_reason = "rounding" if isinstance(e, nlopt.RoundoffLimited) else "error"
         summ.converged = isinstance(e, nlopt.RoundoffLimited)
         summ.messages.append(f"optimizer stopped: {type(e).__name__} {e}")
     summ.theta_final = box["x"]
@@ -124,22 +145,48 @@ def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: 
     return summ
 
 
+def _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature=None, mirrors=None) -> OptSummary:
+    theta0 = np.asarray(theta0, dtype=float)
+    lower = np.asarray(lower, dtype=float)
+    summ = OptSummary(optimizer="bfgs", theta_initial=theta0.copy(), lower=lower.copy(), maxeval=maxeval)
+    t0 = time.perf_counter()
+    if theta0.size == 0:
+        summ.theta_final, summ.fmin, summ.feval, summ.converged = theta0, float(f(theta0)), 1, True
+        summ.f_initial = summ.fmin
+        summ.return_code = summ.stop_reason = "no parameters"
+        return summ
+    ev = Evaluations(f, grad)
+    r = minimize_bfgs(ev, theta0, lower, maxeval=maxeval, curvature=curvature, mirrors=mirrors)
+    summ.theta_final, summ.fmin = r.x, r.fun
+    summ.f_initial, summ.feval, summ.geval = ev.f_initial, ev.nf, ev.ng
+    summ.stop_reason = summ.return_code = r.stop_reason
+    summ.converged = r.converged
+    if r.restarts:
+        summ.messages.append("restarted from the boundary: the criterion decreases inside")
+    if not r.converged:
+        summ.messages.append(f"bfgs: stopped by {r.stop_reason}")
+    summ.elapsed_s = time.perf_counter() - t0
+    return summ
+
+
 def _minimize_lbfgsb(f, grad, theta0, lower, maxeval) -> OptSummary:
     theta0 = np.asarray(theta0, dtype=float)
     summ = OptSummary(optimizer="lbfgsb", theta_initial=theta0.copy(), lower=np.asarray(lower, float).copy(),
                       maxeval=maxeval)
     t0 = time.perf_counter()
-    box = {"n": 0}
+    box = {"n": 0, "g": 0}
 
     def fg(x):
         box["n"] += 1
         v = float(f(x))
         if box["n"] == 1:
             summ.f_initial = v
+        box["g"] += 1
         return v, grad(x)
 
     if theta0.size == 0:
         summ.theta_final, summ.fmin, summ.feval, summ.converged = theta0, float(f(theta0)), 1, True
+        summ.return_code = summ.stop_reason = "no parameters"
         return summ
     bounds = [(lb if np.isfinite(lb) else None, None) for lb in lower]
     # ftol: stop once a step gains less than 1e-12 relative (~2e-7 on InstEval's 2.4e5), well
@@ -154,6 +201,7 @@ def _minimize_lbfgsb(f, grad, theta0, lower, maxeval) -> OptSummary:
         for j in np.flatnonzero(np.isfinite(lower) & (x <= lower + 1e-12)):
             probe = x.copy()
             probe[j] = lower[j] + 1e-3
+            box["n"] += 1
             if f(probe) < r.fun - 1e-10:
                 better = probe if better is None else np.maximum(better, probe)
         if better is None:
@@ -162,8 +210,11 @@ def _minimize_lbfgsb(f, grad, theta0, lower, maxeval) -> OptSummary:
         r = minimize(fg, better, jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
     summ.theta_final = np.asarray(r.x, dtype=float)
     summ.fmin = float(r.fun)
-    summ.feval = box["n"]
+    summ.feval, summ.geval = box["n"], box["g"]
     summ.return_code = str(r.message)
+    msg = summ.return_code.upper()
+    summ.stop_reason = ("ftol" if "REL_REDUCTION" in msg else "projected gradient" if "PGTOL" in msg
+                        else "maxeval" if "LIMIT" in msg else "rounding" if "ABNORMAL" in msg else summ.return_code)
     # L-BFGS-B stops on a relative-reduction test at machine precision, or on the projected gradient.
     summ.converged = bool(r.success) or "ABNORMAL" in str(r.message)
     if not r.success:

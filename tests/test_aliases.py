@@ -155,8 +155,10 @@ def test_to_dict_schema_and_values(res):
     assert d["ngrps"] == {"Subject": 18}
     assert d["converged"] is True and d["singular"] is False and d["messages"] == []
     o = d["optsummary"]
-    assert set(o) == {"optimizer", "feval", "fmin", "theta_initial", "theta_final", "return_code"}
+    assert set(o) == {"optimizer", "feval", "geval", "fmin", "theta_initial", "theta_final", "return_code",
+                      "stop_reason"}
     assert o["optimizer"] == res.optsummary.optimizer and o["feval"] == res.optsummary.feval
+    assert o["geval"] == res.optsummary.geval and o["stop_reason"] == res.optsummary.stop_reason
     assert o["theta_initial"] == [1.0, 0.0, 1.0]
     assert o["fmin"] == pytest.approx(res.criterion) and o["theta_final"] == res.theta.tolist()
 

@@ -237,15 +237,15 @@ def test_auto_optimizer_choice():
     small = fl.lmer("Reaction ~ Days + (Days|Subject)", fl.datasets.load("sleepstudy"))
     assert small.optsummary.optimizer == "bobyqa"
     big = fl.lmer("y ~ x + (1|g1) + (1|g2)", make_data(2, 3000, 300, 40))
-    assert big.optsummary.optimizer == "lbfgsb" and big.converged
+    assert big.optsummary.optimizer == "bfgs" and big.converged
 
 
 @pytest.mark.parametrize("backend", ["auto", "compiled", "blocked", "reference"])
-@pytest.mark.parametrize("optimizer", ["bobyqa", "lbfgsb"])
+@pytest.mark.parametrize("optimizer", ["bobyqa", "lbfgsb", "bfgs"])
 def test_boundary_optimum_is_exactly_on_the_bound(backend, optimizer):
     """A term whose variance is estimated as 0 is reported with θ exactly 0 by every backend and
     optimiser (an optimiser stops near the bound, at a place that depends on f's rounding)."""
-    if optimizer == "lbfgsb" and backend in ("compiled", "reference", "auto"):
+    if optimizer in ("lbfgsb", "bfgs") and backend in ("compiled", "reference", "auto"):
         backend = "blocked"
     df = fl.datasets.load("sleepstudy")
     df["junk"] = np.tile(np.arange(10), 18)   # repeats Days within every subject: no variance of its own

@@ -116,18 +116,19 @@ BLOCKED = [(d, f, i) for (d, f), i in zip(FITS, IDS)
            if d != "InstEval" or (f["REML"] and "dept:service" in f["formula"])]
 
 
+@pytest.mark.parametrize("optimizer", ["lbfgsb", "bfgs"])
 @pytest.mark.parametrize("backend", ["compiled", "blocked"])
 @pytest.mark.parametrize("ds,ref", [(d, f) for d, f, _ in BLOCKED], ids=[i for _, _, i in BLOCKED])
-def test_gradient_fit_matches_lme4(ds, ref, backend):
-    """The analytic-gradient optimiser (L-BFGS-B; compiled: selected inverse of the CHOLMOD
+def test_gradient_fit_matches_lme4(ds, ref, backend, optimizer):
+    """The analytic-gradient optimisers (L-BFGS-B and _bfgs; compiled: selected inverse of the CHOLMOD
     factor, blocked: dense Schur complement) reaches lme4's optimum or better."""
     import warnings
     df = load_reference_data(ref)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = fl.lmer(ref["formula"], df, REML=ref["REML"], backend=backend, optimizer="lbfgsb")
+        res = fl.lmer(ref["formula"], df, REML=ref["REML"], backend=backend, optimizer=optimizer)
     rc = ref["criterion"]
-    assert res.optsummary.optimizer == "lbfgsb"
+    assert res.optsummary.optimizer == optimizer
     assert res.criterion <= rc + 1e-6 + 2e-10 * abs(rc)
     assert res.criterion >= rc - 1e-3
     assert res.singular == bool(ref["isSingular"])
