@@ -98,6 +98,10 @@ class ModelStructure:
     prior_weights: bool = False    # weights were given (for a structure without rows)
     allow_python: bool = False     # the formula's terms were evaluated as Python (see _rformula)
     contrasts: dict = field(default_factory=dict)   # factor column -> RContrasts of the fixed part (non-treatment)
+    # For marginal means (_means): the fixed part's numeric variables at their means over the used
+    # rows, and the dropped columns of X as combinations of the kept ones (alias_matrix).
+    covariate_means: dict = field(default_factory=dict)
+    aliased: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def has_rows(self) -> bool:
@@ -228,6 +232,18 @@ def rank_deficient_keep(G: np.ndarray, tol: float = 1e-7) -> list[int]:
             Lk[m, m] = np.sqrt(r2)
             keep.append(j)
     return keep
+
+
+def alias_matrix(G: np.ndarray, keep: list[int]) -> np.ndarray | None:
+    """C with X_dropped = X_kept C (kept × dropped), from G = XᵀX (or XᵀWX: W > 0 keeps the same
+    relations): the columns rank_deficient_keep dropped are combinations of the kept ones, with
+    coefficients C = G_kk⁻¹ G_kd (a solve with the Cholesky factor of G_kk).  None: nothing dropped."""
+    drop = [j for j in range(G.shape[0]) if j not in set(keep)]
+    if not drop:
+        return None
+    if not keep:
+        return np.zeros((0, len(drop)))
+    return la.cho_solve(la.cho_factor(G[np.ix_(keep, keep)]), G[np.ix_(keep, drop)])
 
 
 def warn_rank_deficient(dropped: list[str]) -> None:
@@ -477,7 +493,8 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
 
     rows = evaluate_rows(parsed, frame, group_codes, offset_arg=o_all, allow_python=allow_python,
                          contrasts=user_contrasts)
-    keep = rank_deficient_keep(rows.X.T @ rows.X) if rows.X.shape[1] else []
+    G = rows.X.T @ rows.X
+    keep = rank_deficient_keep(G) if rows.X.shape[1] else []
     dropped = [nm for j, nm in enumerate(rows.fixef_names) if j not in keep]
     X, fixef_names = rows.X[:, keep], [rows.fixef_names[j] for j in keep]
     warn_rank_deficient(dropped)
@@ -496,7 +513,10 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
         fixef_names=tuple(fixef_names), dropped_fixef=tuple(dropped), terms=tuple(terms),
         Z=assemble_Z(terms, n), offset=rows.offset, weights=w_all, n_dropped=n_dropped,
         row_index=df2.index, fixed_spec=rows.fixed_spec, factor_levels=factor_levels,
-        variable_levels=variable_levels_of(frame), allow_python=bool(allow_python), contrasts=rows.contrasts)
+        variable_levels=variable_levels_of(frame), allow_python=bool(allow_python), contrasts=rows.contrasts,
+        covariate_means={c: float(np.mean(frame[c])) for c in sorted(mv.fixed)
+                         if c in frame.columns and not isinstance(frame[c].dtype, pd.CategoricalDtype)},
+        aliased=alias_matrix(G, keep))
 
 
 def variable_levels_of(frame: pd.DataFrame) -> dict:
