@@ -128,8 +128,9 @@ def _null_basis(s, names: list[str], kept: np.ndarray) -> np.ndarray:
     if dropped.size == 0:
         return np.zeros((p_full, 0))
     if s.aliased is None:
-        raise DataError("marginal means of a rank-deficient fit need the relations among the design's columns, "
-                        "which a model fitted from chunks or a Dask DataFrame does not keep")
+        raise DataError(f"the fixed-effects columns {', '.join(s.dropped_fixef)} were dropped as aliased; marginal "
+                        "means of such a fit need the relations among the design's columns, which a model fitted "
+                        "from chunks or a Dask DataFrame does not keep")
     V = np.zeros((p_full, dropped.size))
     V[kept] = -s.aliased
     V[dropped, np.arange(dropped.size)] = 1.0

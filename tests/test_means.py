@@ -307,3 +307,24 @@ def test_chunked_fit_without_covariate_means():
     b = fitted("Orthodont_slope_REML").emmeans("~ Sex", df_method="satterthwaite").frame
     np.testing.assert_allclose(a["emmean"], b["emmean"], rtol=1e-6)
     np.testing.assert_allclose(a["SE"], b["SE"], rtol=1e-4)
+
+
+def test_chunked_rank_deficient_fit_is_refused_by_name():
+    """A rank-deficient fit from chunks keeps no relations among X's columns: estimability cannot
+    be checked, so marginal means refuse, naming the aliased column."""
+    r = MODELS["oats_alias_REML"]
+    df = load_reference_data(r, HERE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ch = fl.lmer_chunked(r["formula"], [df.iloc[:40], df.iloc[40:]])
+    with raises_named(fl.DataError, "N0.6cwt"):
+        ch.emmeans("~ Variety", at={"nitro": 0.3}, df_method="satterthwaite")
+
+
+def test_no_factor_terms_gives_an_empty_table(sleep):
+    """sleepstudy's fixed part has no factor: ls_means is empty, emmeans of the covariate gives
+    the prediction at its mean."""
+    _, res = sleep
+    assert res.ls_means().shape == (0, 7)
+    emm = res.emmeans("~ Days", df_method="satterthwaite").frame
+    np.testing.assert_allclose(emm["emmean"], res.fixef["(Intercept)"] + 4.5 * res.fixef["Days"], rtol=1e-12)
