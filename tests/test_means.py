@@ -39,21 +39,33 @@ def fitted(fit_id: str, backend: str = "compiled"):
     return _fits[key]
 
 
+def at_R_theta(fit_id: str):
+    """The reference fit evaluated at R's θ: the methods compared without the optimizers'
+    differences (several R fits stop short of the optimum, e.g. Orthodont_slope by 5.6e-6 in the
+    criterion, which moves Var(β̂) by 6e-4)."""
+    key = (fit_id, "at R's theta")
+    if key not in _fits:
+        res = fitted(fit_id)
+        _fits[key] = res.model.result_at(np.array(list(MODELS[fit_id]["theta"].values()), dtype=float))
+    return _fits[key]
+
+
 def _col(rows: list[dict], name: str) -> np.ndarray:
     return np.array([np.nan if r.get(name) is None else float(r[name]) for r in rows])
 
 
 def assert_inference(ref_rows, est, se, df, p, lo=None, hi=None, ref_names=("Estimate", "Std. Error", "df",
                                                                               "Pr(>|t|)", "lower", "upper")):
-    """Estimates to 1e-6 relative (of the SE for a value near 0), SE to 1e-4 and df to 1e-3 relative (lmerTest's Satterthwaite
-    df carry numDeriv's ~1e-6 error and the fits the optimizer's), p-values to 1e-3 relative or
-    1e-6 absolute, interval bounds to 2e-4 SE; missing (non-estimable) rows exactly where R has them."""
+    """The issue's criteria: estimates to 1e-6 relative (of the SE for a value near 0), SE and df
+    to 1e-3 relative (the fits differ by the optimizers' tolerance, and lmerTest's Satterthwaite
+    df carry numDeriv's ~1e-6 error), p-values to 1e-3 relative or 1e-6 absolute, interval bounds
+    to 2e-3 SE; missing (non-estimable) rows exactly where R has them."""
     e_r, se_r, df_r, p_r, lo_r, hi_r = (_col(ref_rows, n) for n in ref_names)
     np.testing.assert_array_equal(np.isnan(est), np.isnan(e_r))
     ok = ~np.isnan(e_r)
     scale = np.where(ok, se_r, 1.0)
     assert np.all(np.abs(est[ok] - e_r[ok]) <= 1e-6 * np.maximum(np.abs(e_r[ok]), scale[ok]))
-    np.testing.assert_allclose(se[ok], se_r[ok], rtol=1e-4)
+    np.testing.assert_allclose(se[ok], se_r[ok], rtol=1e-3)
     np.testing.assert_allclose(df[ok], df_r[ok], rtol=1e-3)
     tol = np.maximum(1e-3 * p_r[ok], 1e-6)
     assert np.all(np.abs(p[ok] - p_r[ok]) <= tol), np.max(np.abs(p[ok] - p_r[ok]) / tol)
@@ -62,13 +74,17 @@ def assert_inference(ref_rows, est, se, df, p, lo=None, hi=None, ref_names=("Est
         assert_close_in_se(hi[ok], hi_r[ok], se_r[ok])
 
 
-def assert_close_in_se(a, b, se, tol=2e-4):
+def assert_close_in_se(a, b, se, tol=2e-3):
     assert np.all(np.abs(a - b) <= tol * se), np.max(np.abs(a - b) / se)
 
 
 # ----------------------------------------------------------------------------- lmerTest's ls_means
 
-LS_CASES = [(fid, key) for fid, r in MODELS.items() for key in r["ls_means"]]
+#: pbkrtest ignores prior weights (Σ = ... + σ²I), fastlmm_ext's Kenward–Roger does not, so R's
+#: KR values of the weighted fit are not ours to match (tests/reference_r/README.md, note 2).
+_KR_UNWEIGHTED = {"oats_weighted_REML"}
+LS_CASES = [(fid, key) for fid, r in MODELS.items() for key in r["ls_means"]
+            if not (fid in _KR_UNWEIGHTED and key.startswith("Kenward"))]
 
 
 @pytest.mark.parametrize("fit_id,key", LS_CASES, ids=[f"{a}-{b}" for a, b in LS_CASES])
@@ -84,6 +100,25 @@ def test_ls_means_match_lmerTest(fit_id, key):
     assert_inference(rows, tab["Estimate"].to_numpy(), tab["Std. Error"].to_numpy(), tab["df"].to_numpy(),
                      tab["Pr(>|t|)"].to_numpy(), tab["lower"].to_numpy(), tab["upper"].to_numpy())
     np.testing.assert_allclose(tab["t value"], tab["Estimate"] / tab["Std. Error"], rtol=1e-12)
+
+
+TIGHT = [f for f in MODELS if MODELS[f]["REML"] and f not in _KR_UNWEIGHTED]
+
+
+@pytest.mark.parametrize("fit_id", TIGHT)
+def test_ls_means_at_R_theta_agree_to_many_digits(fit_id):
+    """At R's θ the means, SEs and Kenward–Roger df agree to 1e-9 relative and the Satterthwaite
+    df to 1e-6 (numDeriv's error in lmerTest's): what remains above is the optimizers'."""
+    res = at_R_theta(fit_id)
+    for key, ref in MODELS[fit_id]["ls_means"].items():
+        tab = res.ls_means(pairwise=key.endswith("_pairwise"), ddf=key.replace("_pairwise", ""))
+        rows = [row for term in ref.values() for row in term["table"]]
+        se_r = _col(rows, "Std. Error")
+        ok = ~np.isnan(se_r)
+        assert np.all(np.abs(tab["Estimate"].to_numpy()[ok] - _col(rows, "Estimate")[ok]) <= 1e-9 * se_r[ok])
+        np.testing.assert_allclose(tab["Std. Error"].to_numpy()[ok], se_r[ok], rtol=1e-9)
+        np.testing.assert_allclose(tab["df"].to_numpy()[ok], _col(rows, "df")[ok],
+                                   rtol=1e-9 if key.startswith("Kenward") else 1e-6)
 
 
 @pytest.mark.parametrize("fit_id", [f for f in MODELS if MODELS[f]["REML"]])
@@ -153,7 +188,7 @@ def test_emmeans_match_R(case_id):
     lo, hi, tr = ("asymp.LCL", "asymp.UCL", "z.ratio") if z else ("lower.CL", "upper.CL", "t.ratio")
     assert list(tab.columns) == [*emm.specs, *emm.by, "emmean", "SE", "df", lo, hi, tr, "p.value"]
     for v in emm.specs + emm.by:
-        assert [str(x) for x in tab[v]] == [_r_label(row[v]) for row in ref]
+        assert_grid_column(tab[v], [row[v] for row in ref])
     assert_inference(ref, tab["emmean"].to_numpy(), tab["SE"].to_numpy(), tab["df"].to_numpy(),
                      tab["p.value"].to_numpy(), tab[lo].to_numpy(), tab[hi].to_numpy(),
                      ref_names=("emmean", "SE", "df", "p.value", lo, hi))
@@ -163,13 +198,33 @@ def test_emmeans_match_R(case_id):
     np.testing.assert_allclose(emm.linfct.to_numpy(), np.array(lin["values"], dtype=float), rtol=1e-12, atol=1e-12)
     V = case["V"]
     assert list(emm.vcov.columns) == V["colnames"]
-    np.testing.assert_allclose(emm.vcov.to_numpy(), np.array(V["values"], dtype=float), rtol=2e-4,
+    np.testing.assert_allclose(emm.vcov.to_numpy(), np.array(V["values"], dtype=float), rtol=1e-3,
                                atol=1e-6 * np.abs(np.array(V["values"], dtype=float)).max())
 
 
-def _r_label(x) -> str:
-    """A grid value as R wrote it (numbers of at= as 8, 14)."""
-    return f"{float(x):.15g}" if isinstance(x, (int, float)) else str(x)
+@pytest.mark.parametrize("case_id", [c for c in CASES if MODELS[CASES[c]["fit"]]["REML"]])
+def test_emmeans_at_R_theta_agree_to_many_digits(case_id):
+    """At R's θ: emmean, SE, df and the covariance used (Kenward–Roger's Φ_A) to 1e-9 relative
+    (Satterthwaite df to 1e-6)."""
+    case = CASES[case_id]
+    emm = at_R_theta(case["fit"]).emmeans(case["specs"], at=case["at"], df_method=case["lmer_df_arg"])
+    ref = case["emmeans"]
+    se_r = _col(ref, "SE")
+    ok = ~np.isnan(se_r)
+    assert np.all(np.abs(emm.frame["emmean"].to_numpy()[ok] - _col(ref, "emmean")[ok]) <= 1e-9 * se_r[ok])
+    np.testing.assert_allclose(emm.frame["SE"].to_numpy()[ok], se_r[ok], rtol=1e-9)
+    np.testing.assert_allclose(emm.frame["df"].to_numpy()[ok], _col(ref, "df")[ok],
+                               rtol=1e-6 if case["df_method"] == "satterthwaite" else 1e-9)
+    V = np.array(case["V"]["values"], dtype=float)
+    np.testing.assert_allclose(emm.vcov.to_numpy(), V, rtol=1e-9, atol=1e-12 * np.abs(V).max())
+
+
+def assert_grid_column(mine, ref_values):
+    """A factor column holds R's level labels, a covariate column its values."""
+    if all(isinstance(x, (int, float)) for x in ref_values):
+        np.testing.assert_allclose(np.asarray(mine, dtype=float), np.asarray(ref_values, dtype=float), rtol=1e-14)
+    else:
+        assert [str(x) for x in mine] == [str(x) for x in ref_values]
 
 
 PAIR_CASES = [(c, a) for c in CASES for a in ("tukey", "holm", "bonferroni", "none")]
@@ -188,7 +243,7 @@ def test_pairs_match_R(case_id, adjust):
     tab = pr.frame
     assert list(tab["contrast"]) == [row["contrast"] for row in rows]
     for b in emm.by:
-        assert [str(x) for x in tab[b]] == [_r_label(row[b]) for row in rows]
+        assert_grid_column(tab[b], [row[b] for row in rows])
     names = ("estimate", "SE", "df", "p.value") + (("lower.CL", "upper.CL") if "lower.CL" in rows[0]
                                                     else ("asymp.LCL", "asymp.UCL"))
     lo, hi = names[4:]
