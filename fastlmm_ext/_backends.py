@@ -28,11 +28,10 @@ from typing import Protocol
 
 import numpy as np
 import scipy.linalg as la
-import scipy.sparse as sp
 
 from . import _selinv
 from ._blocked import BlockedBackend, blocked_applicable
-from ._crossprod import CrossProducts, kernel_layout, level_blocks
+from ._crossprod import CrossProducts, full_ZtWZ, kernel_layout, level_blocks
 from ._design import ModelStructure
 from ._exceptions import ArgumentError
 from ._gradient import fd_fallback, theta_gradient
@@ -248,13 +247,7 @@ class CompiledBackend:
         """ZᵀWZ as a full symmetric sparse matrix from its block-closed lower storage (entries
         inside a diagonal level block are stored in both triangles already)."""
         if self._shared.M is None:
-            q, cp = self.s.q, self.crossprod
-            L = sp.csc_matrix((cp.Mx, cp.Ai, cp.Ap), shape=(q, q))
-            bstart = kernel_layout(self.s)[0]
-            coo = L.tocoo()
-            off = bstart[coo.row] != bstart[coo.col]
-            upper = sp.csc_matrix((coo.data[off], (coo.col[off], coo.row[off])), shape=(q, q))
-            self._shared.M = (L + upper).tocsr()
+            self._shared.M = full_ZtWZ(self.crossprod, self.s)
         return self._shared.M
 
     def state(self, theta: np.ndarray) -> PLSState:

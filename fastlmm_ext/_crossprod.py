@@ -19,13 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from ._design import ModelStructure
 from ._ols import response_shift
 from ._params import flat_positions
 
 __all__ = ["CrossProducts", "block_lower_ZtZ", "level_blocks", "ztz_triplets", "sum_duplicates", "lower_csc",
-           "kernel_layout", "log_weight_sum"]
+           "kernel_layout", "log_weight_sum", "full_ZtWZ"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,18 @@ def level_blocks(cp: CrossProducts, t) -> np.ndarray:
     k, ell = t.k, t.nlevels
     starts = cp.Ap[t.col_offset:t.col_offset + t.q].reshape(ell, 1, k)      # [l, ·, j]
     return cp.Mx[starts + np.arange(k).reshape(1, k, 1)]
+
+
+def full_ZtWZ(cp: CrossProducts, s: ModelStructure) -> sp.csr_matrix:
+    """ZᵀWZ as a full symmetric sparse matrix from its block-closed lower storage (entries
+    inside a diagonal level block are stored in both triangles already)."""
+    q = s.q
+    L = sp.csc_matrix((cp.Mx, cp.Ai, cp.Ap), shape=(q, q))
+    bstart = kernel_layout(s)[0]
+    coo = L.tocoo()
+    off = bstart[coo.row] != bstart[coo.col]
+    upper = sp.csc_matrix((coo.data[off], (coo.col[off], coo.row[off])), shape=(q, q))
+    return (L + upper).tocsr()
 
 
 def block_lower_ZtZ(s: ModelStructure, w: np.ndarray | None = None):

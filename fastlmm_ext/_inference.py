@@ -8,7 +8,9 @@ lme4 provide).
   (:func:`contrast_ftest`); the terms' hypotheses come from ``_hypotheses``.
 * The denominator degrees of freedom come from a ddf method (:data:`DDF_METHODS`, a function of
   (result, method) returning the df of a contrast and the covariance of β̂ to use):
-  ``"satterthwaite"`` (``_satterthwaite``), ``"residual"`` (n − p), ``"normal"`` (∞: z and χ²).
+  ``"satterthwaite"`` (``_satterthwaite``), ``"kenward-roger"`` (``_kenward_roger``: the adjusted
+  covariance Φ_A, and its own F test, scaled by λ on one denominator df m), ``"residual"``
+  (n − p), ``"normal"`` (∞: z and χ²).
 * ``confint``: Wald intervals β̂ ± z SE, profile-likelihood intervals (``_profile``) and
   parametric-bootstrap percentile intervals (``_bootstrap``).
 * :func:`anova` of several fits: likelihood-ratio tests, REML fits refitted by ML first.
@@ -24,6 +26,7 @@ import pandas as pd
 from scipy import stats
 
 from ._hypotheses import anova_hypotheses
+from ._kenward_roger import KenwardRogerInfo
 from ._profile import profile_confint
 from ._satterthwaite import SatterthwaiteInfo, fstat_ddf
 from ._summary import confint_row_labels, confint_row_names, format_pct, select_parm
@@ -42,26 +45,31 @@ _LRT_COLUMNS = ["npar", "AIC", "BIC", "logLik", "deviance", "Chisq", "Df", "Pr(>
 class DenominatorDF:
     """How the tests of one ddf method get their degrees of freedom: ``df_of(l)``, the df of a
     single contrast l (per eigen-direction of a q-row contrast, combined by ``combine``), or one
-    ``const`` for every contrast; ``vcov``, the Var(β̂) the tests use."""
+    ``const`` for every contrast; ``vcov``, the Var(β̂) the tests use.  A method whose F test is
+    not of that form gives ``ftest(L, beta, sigma)``, the whole row of :func:`contrast_ftest`."""
     df_of: Callable[[np.ndarray], float] | None
     const: float | None
     vcov: np.ndarray
     combine: Callable[[np.ndarray], float] = fstat_ddf
+    ftest: Callable[[np.ndarray, np.ndarray, float], dict] | None = None
 
 
 #: ddf method → its :class:`DenominatorDF` for a fitted result.  A new method (Kenward–Roger, say)
 #: adds an entry: a function of the result returning its df of a contrast and its covariance.
 DDF_METHODS: dict[str, Callable[..., DenominatorDF]] = {
     "satterthwaite": lambda res: DenominatorDF(res.satterthwaite.df_contrast, None, res.vcov.to_numpy()),
+    "kenwardroger": lambda res: DenominatorDF(res.kenward_roger.df_contrast, None, res.kenward_roger.vcov_adj,
+                                              ftest=res.kenward_roger.ftest),
     "residual": lambda res: DenominatorDF(None, float(res.structure.n - res.structure.p), res.vcov.to_numpy()),
     "normal": lambda res: DenominatorDF(None, np.inf, res.vcov.to_numpy()),
 }
-_DDF_ALIASES = {"z": "normal"}
-DDF_OPTIONS = ("satterthwaite", "residual", "normal", "z")
+_DDF_ALIASES = {"z": "normal", "kr": "kenwardroger"}
+DDF_OPTIONS = ("satterthwaite", "kenward-roger", "residual", "normal", "z")
 
 
 def _check_ddf(ddf: str) -> str:
-    """The ddf method's key (case, '-' and '_' ignored; "z" is "normal"); ValueError if unknown."""
+    """The ddf method's key (case, '-' and '_' ignored; "z" is "normal", "KR" "kenward-roger");
+    ValueError if unknown."""
     key = str(ddf).lower().replace("-", "").replace("_", "") if isinstance(ddf, str) else None
     key = _DDF_ALIASES.get(key, key)
     if key not in DDF_METHODS:
@@ -80,12 +88,15 @@ _SQRT_EPS = math.sqrt(np.finfo(float).eps)
 def contrast_ftest(L, beta: np.ndarray, sigma: float, ddf: DenominatorDF, eps: float = _SQRT_EPS) -> dict:
     """Joint test of Lβ = 0 with V = ``ddf.vcov``: L V Lᵀ = P D Pᵀ, q = #{d > eps·d_max},
     F = Σ_m (p_mᵀLβ)²/d_m / q; DenDF from the per-direction df (``ddf.df_of``, combined by
-    ``ddf.combine``) or ``ddf.const``; Mean Sq = F σ̂², Sum Sq = q Mean Sq."""
+    ``ddf.combine``) or ``ddf.const``; Mean Sq = F σ̂², Sum Sq = q Mean Sq.  A method with its own
+    test (``ddf.ftest``, Kenward–Roger's) gives the row instead."""
     L = np.atleast_2d(np.asarray(L, dtype=float))
     nan_row = {"Sum Sq": np.nan, "Mean Sq": np.nan, "NumDF": np.nan, "DenDF": np.nan, "F value": np.nan,
                "Pr(>F)": np.nan}
     if L.shape[0] == 0 or L.shape[1] == 0:
         return nan_row
+    if ddf.ftest is not None:
+        return ddf.ftest(L, beta, sigma)
     if L.shape[0] == 1:
         l = L[0]
         var = float(l @ ddf.vcov @ l)
@@ -122,7 +133,8 @@ def contrast_ftest(L, beta: np.ndarray, sigma: float, ddf: DenominatorDF, eps: f
 
 class InferenceMixin:
     """Inference methods of :class:`LmerResult`: ``coef_table``, ``anova_table``, ``confint``,
-    ``contrast_test`` and ``satterthwaite`` (the cached derivative information)."""
+    ``contrast_test``, ``satterthwaite`` (the cached derivative information) and
+    ``kenward_roger`` / ``vcov_kr`` (Kenward–Roger's, cached)."""
 
     # -- Satterthwaite building block (computed once per result)
     @property
@@ -135,11 +147,29 @@ class InferenceMixin:
             self.__dict__["_satterthwaite_info"] = info
         return info
 
+    # -- Kenward–Roger building block (computed once per result)
+    @property
+    def kenward_roger(self) -> KenwardRogerInfo:
+        """Kenward–Roger's adjusted covariance Φ_A of β̂ and its tests (``_kenward_roger``; pbkrtest's
+        ``vcovAdj``, ``KRmodcomp``, ``Lb_ddf``), computed on first use; REML fits only."""
+        info = self.__dict__.get("_kenward_roger_info")
+        if info is None:
+            info = KenwardRogerInfo.from_result(self)
+            self.__dict__["_kenward_roger_info"] = info
+        return info
+
+    @property
+    def vcov_kr(self) -> pd.DataFrame:
+        """Kenward–Roger's adjusted Var(β̂), Φ_A (pbkrtest's ``vcovAdj(fit)``), as :attr:`vcov`."""
+        return pd.DataFrame(self.kenward_roger.vcov_adj, index=self.fixef.index, columns=self.fixef.index)
+
     def coef_table(self, ddf: str = "satterthwaite") -> pd.DataFrame:
         """Fixed-effect estimates with t tests, like ``summary(fit)$coefficients`` of lmerTest.
 
         ``ddf="satterthwaite"`` (default): t = β̂_j / SE_j on Satterthwaite's
-        ν_j = 2 V_jj² / (gᵀ A g), g_k = (∂V/∂φ_k)_jj (module docstring);  ``"residual"``:
+        ν_j = 2 V_jj² / (gᵀ A g), g_k = (∂V/∂φ_k)_jj (module docstring);  ``"kenward-roger"``
+        (or ``"Kenward-Roger"``, ``"KR"``; REML fits): SE_j = √(Φ_A)_jj and Kenward and Roger's df
+        of β_j, as lmerTest's ``summary(fit, ddf = "Kenward-Roger")``;  ``"residual"``:
         ν = n − p;  ``"normal"`` (or ``"z"``): standard normal p-values, df = inf.
         Columns: Estimate, Std. Error, df, t value, Pr(>|t|)."""
         beta = self.fixef.to_numpy()
@@ -160,7 +190,9 @@ class InferenceMixin:
     def contrast_test(self, L, ddf: str = "satterthwaite") -> pd.DataFrame:
         """F test of the hypothesis L β = 0 for a contrast matrix L (rows × p; a vector is one row).
 
-        F = (Lβ̂)ᵀ(L V Lᵀ)⁻¹(Lβ̂)/q (q = rank), DenDF as in ``anova_table``; Sum Sq = q·F·σ̂²."""
+        F = (Lβ̂)ᵀ(L V Lᵀ)⁻¹(Lβ̂)/q (q = rank), DenDF as in ``anova_table``; Sum Sq = q·F·σ̂².
+        ``ddf="kenward-roger"``: F = λ (Lβ̂)ᵀ(L Φ_A Lᵀ)⁻¹(Lβ̂)/q on Kenward and Roger's m df, Sum Sq
+        and Mean Sq from the unscaled F (lmerTest's; pbkrtest's ``KRmodcomp``)."""
         dm = ddf_method(self, ddf)
         L = np.atleast_2d(np.asarray(L, dtype=float))
         if L.shape[1] != self.structure.p:
@@ -185,7 +217,8 @@ class InferenceMixin:
 
         Each term's hypothesis L β = 0 (``anova_hypotheses``) is tested with
         F = (Lβ̂)ᵀ(L V Lᵀ)⁻¹(Lβ̂)/q; ``"satterthwaite"`` DenDF from the eigen-directions of L V Lᵀ
-        (module docstring), ``"residual"`` n − p, ``"normal"`` inf (χ²_q/q reference).
+        (module docstring), ``"kenward-roger"`` Kenward and Roger's scaled F test (as
+        ``contrast_test``), ``"residual"`` n − p, ``"normal"`` inf (χ²_q/q reference).
         Mean Sq = F·σ̂², Sum Sq = q·Mean Sq.  Columns: Sum Sq, Mean Sq, NumDF, DenDF, F value, Pr(>F)."""
         _check_ddf(ddf)
         hyp = self.anova_hypotheses()
