@@ -53,8 +53,15 @@ from ._newdata import _spec_variables
 from ._rformula import r_column_names
 from ._threads import bundled_blas_single_thread
 
-__all__ = ["ReferenceGrid", "reference_grid", "ls_means", "emmeans", "EMMeans", "EMMContrasts",
-           "ADJUST_METHODS"]
+__all__ = [
+    "ADJUST_METHODS",
+    "EMMContrasts",
+    "EMMeans",
+    "ReferenceGrid",
+    "emmeans",
+    "ls_means",
+    "reference_grid",
+]
 
 #: The p-value adjustments of :meth:`EMMeans.pairs`.
 ADJUST_METHODS = ("tukey", "holm", "bonferroni", "none")
@@ -383,7 +390,7 @@ def _parse_specs(specs, by) -> tuple[list[str], list[str], bool]:
             elif lhs:
                 raise ArgumentError(f"specs {specs!r}: only 'pairwise ~ ...' is supported on the left of '~'")
         spec_part, _, by_part = text.partition("|")
-        split = lambda t: [v.strip() for v in re.split(r"[+*:]", t) if v.strip()]  # noqa: E731
+        split = lambda t: [v.strip() for v in re.split(r"[+*:]", t) if v.strip()]
         svars, bvars = split(spec_part), split(by_part)
     elif isinstance(specs, (list, tuple)):
         svars, bvars = [str(v) for v in specs], []
@@ -512,7 +519,7 @@ def _zapsmall(x: np.ndarray, digits: int = 7) -> np.ndarray:
     """R's zapsmall (emmeans rounds the df so before the studentized range)."""
     fin = x[np.isfinite(x)]
     mx = float(np.max(np.abs(fin))) if fin.size else 0.0
-    d = max(0, digits - int(math.ceil(math.log10(mx)))) if mx > 0 else digits
+    d = max(0, digits - math.ceil(math.log10(mx))) if mx > 0 else digits
     return np.where(np.isfinite(x), np.round(x, d), x)
 
 

@@ -12,13 +12,12 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_reference_data, raises_named
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
 import fastlmm_ext as fl
-from conftest import load_reference_data, raises_named
-from fastlmm_ext import _means
 
 HERE = pathlib.Path(__file__).resolve().parent / "reference_r"
 MODELS = {r["id"]: r for r in json.loads((HERE / "models.json").read_text())}
@@ -165,6 +164,16 @@ def test_ls_means_errors():
         res.ls_means(level=95)
     with pytest.raises(ValueError, match="ddf"):
         res.ls_means(ddf="containment")
+    with raises_named(fl.ArgumentError, "REML"):            # lmerTest: KR needs a REML fit
+        fitted("Orthodont_slope_ML").ls_means(ddf="Kenward-Roger")
+
+
+def test_by_argument_is_the_bar_of_specs():
+    res = fitted("oats_N_REML")
+    a = res.emmeans("~ N | Variety", df_method="satterthwaite")
+    b = res.emmeans("N", by="Variety", df_method="satterthwaite")
+    pd.testing.assert_frame_equal(a.frame, b.frame)
+    pd.testing.assert_frame_equal(a.pairs("holm").frame, b.pairs("holm").frame)
 
 
 # ----------------------------------------------------------------------------- emmeans
