@@ -98,8 +98,7 @@ class ReferenceGrid:
         [m, len(over)] the value indices of each row of L."""
         pos = [list(self.variables).index(v) for v in over]
         sizes = [len(self.variables[v]) for v in over]
-        combos = np.array(list(itertools.product(*[range(k) for k in reversed(sizes)])),
-                          dtype=np.intp).reshape(-1, len(over))[:, ::-1]
+        combos = _cartesian(sizes)
         if not over:
             return self.X.mean(axis=0, keepdims=True), combos
         radix = np.cumprod([1] + sizes[:-1])
@@ -122,6 +121,13 @@ class ReferenceGrid:
         """The value labels of grid variable ``var`` (levels as lme4 labels them, numbers as R
         prints them)."""
         return [_label(v) if var in self.factors else _num_label(v) for v in self.variables[var]]
+
+
+def _cartesian(sizes: list[int]) -> np.ndarray:
+    """Every combination of indices into lists of these sizes, the first varying fastest
+    (R's expand.grid order): [prod(sizes), len(sizes)]; one empty combination for no list."""
+    combos = list(itertools.product(*[range(k) for k in reversed(sizes)]))
+    return np.array(combos, dtype=np.intp).reshape(len(combos), len(sizes))[:, ::-1]
 
 
 def _num_label(x: float) -> str:
@@ -188,8 +194,7 @@ def reference_grid(res, at: dict | None = None) -> ReferenceGrid:
                             f"or a Dask DataFrame does not keep it); give its value with at={{{v!r}: ...}}")
     names = list(variables)
     sizes = [len(variables[v]) for v in names]
-    codes = np.array(list(itertools.product(*[range(k) for k in reversed(sizes)])),
-                     dtype=np.intp).reshape(-1, len(names))[:, ::-1]
+    codes = _cartesian(sizes)
     ncell = codes.shape[0]
     frame = {}
     for j, v in enumerate(names):

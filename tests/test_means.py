@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 import fastlmm_ext as fl
+from fastlmm_ext import _means
 
 HERE = pathlib.Path(__file__).resolve().parent / "reference_r"
 MODELS = {r["id"]: r for r in json.loads((HERE / "models.json").read_text())}
@@ -392,3 +393,13 @@ def test_no_factor_terms_gives_an_empty_table(sleep):
     assert res.ls_means().shape == (0, 7)
     emm = res.emmeans("~ Days", df_method="satterthwaite").frame
     np.testing.assert_allclose(emm["emmean"], res.fixef["(Intercept)"] + 4.5 * res.fixef["Days"], rtol=1e-12)
+
+
+def test_intercept_only_model():
+    """No factor and no covariate: ls_means is empty; the grid is one cell, the intercept."""
+    res = fl.lmer("diameter ~ 1 + (1|plate) + (1|sample)", fl.datasets.load("Penicillin"))
+    assert res.ls_means().shape == (0, 7)
+    grid = _means.reference_grid(res)
+    np.testing.assert_array_equal(grid.X, [[1.0]])
+    L, combos = grid.average([])
+    assert combos.shape == (1, 0) and L.tolist() == [[1.0]]
