@@ -485,12 +485,11 @@ class KenwardRogerInfo:
         return q, m, scale, FU
 
     # -- tests
-    def df_contrast(self, l, V0: np.ndarray | None = None) -> float:
-        """Kenward–Roger df of the single contrast l β (pbkrtest's ``Lb_ddf(l, V0, vcovAdj)``,
-        V₀ = Φ unless given); its variance is l Φ_A lᵀ."""
+    def df_contrast(self, l) -> float:
+        """Kenward–Roger df of the single contrast l β (pbkrtest's ``Lb_ddf(l, vcov(fit),
+        vcovAdj(fit))``, as lmerTest's and emmeans' use it); its variance is l Φ_A lᵀ."""
         l = np.asarray(l, dtype=float).reshape(1, -1)
-        A1, A2 = self._A12(l, self.vcov if V0 is None else np.asarray(V0, dtype=float))
-        return self._ddf(A1, A2, 1)[0]
+        return self._ddf(*self._A12(l, self.vcov), 1)[0]
 
     def modcomp(self, L, betaH=0.0) -> pd.DataFrame:
         """pbkrtest's ``KRmodcomp(fit, L, betaH)$test`` for Lβ = Lβ_H: rows ``Ftest`` (the scaled

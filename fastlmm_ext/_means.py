@@ -49,6 +49,7 @@ from ._data import _label
 from ._design import _from_spec
 from ._exceptions import ArgumentError, DataError
 from ._inference import DenominatorDF, ddf_method
+from ._kenward_roger import KenwardRogerInfo
 from ._newdata import _spec_variables
 from ._rformula import r_column_names
 from ._threads import bundled_blas_single_thread
@@ -342,14 +343,14 @@ _DF_NAMES = {"kenwardroger": "kenward-roger", "kr": "kenward-roger", "satterthwa
 
 def _kr_of_ml_fit(res) -> DenominatorDF:
     """emmeans' Kenward–Roger for an ML fit: pbkrtest refits by REML, so V = Φ_A of the REML refit
-    and df = Lb_ddf(l, vcov(ML fit), Φ_A) (the REML refit's W and P)."""
+    and df = Lb_ddf(l, vcov(ML fit), Φ_A): the REML refit's P and W with the ML fit's Φ."""
     kr = res.__dict__.get("_emmeans_reml_kr")
     if kr is None:
-        model = type(res.model)._from_backend(res.structure, True, res.model.backend)
-        kr = model.fit().kenward_roger
+        reml = type(res.model)._from_backend(res.structure, True, res.model.backend).fit().kenward_roger
+        kr = KenwardRogerInfo(reml.names, res.vcov.to_numpy(), reml.vcov_adj, reml.P, reml.W,
+                              res.fixef.to_numpy(), res.sigma)
         res.__dict__["_emmeans_reml_kr"] = kr
-    V0 = res.vcov.to_numpy()
-    return DenominatorDF(lambda l: kr.df_contrast(l, V0), None, kr.vcov_adj)
+    return DenominatorDF(kr.df_contrast, None, kr.vcov_adj)
 
 
 def emmeans_df(res, df_method=None, pbkrtest_limit: int = PBKRTEST_LIMIT,

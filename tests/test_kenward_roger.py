@@ -95,9 +95,11 @@ def dense_kr(s, theta, sigma: float, weighted: bool = True, Phi: np.ndarray | No
     return Phi + 2.0 * Phi @ U @ Phi, Phi, P, W
 
 
-def kr_df_dense(L, Phi, P, W) -> float:
-    """Kenward and Roger's (1997, section 4) denominator df of Lβ = 0 by their formulas:
-    Θ = Lᵀ(LΦLᵀ)⁻¹L, A₁ = Σ W_rs tr(ΘΦP_rΦ) tr(ΘΦP_sΦ), A₂ = Σ W_rs tr(ΘΦP_rΦΘΦP_sΦ), ..."""
+def kr_ddf_dense(L, Phi, P, W) -> tuple[float, float]:
+    """Kenward and Roger's (1997) denominator df m and F scaling λ of Lβ = 0 by their
+    formulas: Θ = Lᵀ(LΦLᵀ)⁻¹L, A₁ = Σ W_rs tr(ΘΦP_rΦ) tr(ΘΦP_sΦ), A₂ = Σ W_rs tr(ΘΦP_rΦΘΦP_sΦ),
+    E* = (1 − A₂/ℓ)⁻¹, V* = (2/ℓ)(1 + c₁B)/((1 − c₂B)²(1 − c₃B)), ρ = V*/(2E*²),
+    m = 4 + (ℓ + 2)/(ℓρ − 1), λ = m/(E*(m − 2))."""
     L = np.atleast_2d(L)
     ell = L.shape[0]
     Theta = L.T @ la.solve(L @ Phi @ L.T, L)
@@ -106,11 +108,13 @@ def kr_df_dense(L, Phi, P, W) -> float:
     A2 = sum(W[r, t] * np.trace(u[r] @ u[t]) for r in range(len(P)) for t in range(len(P)))
     B = (A1 + 6 * A2) / (2 * ell)
     g = ((ell + 1) * A1 - (ell + 4) * A2) / ((ell + 2) * A2)
-    c1, c2, c3 = g / (3 * ell + 2 * (1 - g)), (ell - g) / (3 * ell + 2 * (1 - g)), (ell + 2 - g) / (3 * ell + 2 * (1 - g))
+    d = 3 * ell + 2 * (1 - g)
+    c1, c2, c3 = g / d, (ell - g) / d, (ell + 2 - g) / d
     E = 1 / (1 - A2 / ell)
     V = 2 / ell * (1 + c1 * B) / ((1 - c2 * B) ** 2 * (1 - c3 * B))
     rho = V / (2 * E ** 2)
-    return 4 + (ell + 2) / (ell * rho - 1)
+    m = 4 + (ell + 2) / (ell * rho - 1)
+    return m, m / (E * (m - 2))
 
 
 def _assert_matches_dense(res, weighted: bool = True):
@@ -123,11 +127,13 @@ def _assert_matches_dense(res, weighted: bool = True):
     np.testing.assert_allclose(kr.W, W, rtol=1e-6, atol=1e-9 * np.abs(W).max())
     p = res.structure.p
     for j in range(p):
-        assert kr.df_contrast(np.eye(p)[j]) == pytest.approx(kr_df_dense(np.eye(p)[j], Phi, P, W), rel=1e-6)
+        assert kr.df_contrast(np.eye(p)[j]) == pytest.approx(kr_ddf_dense(np.eye(p)[j], Phi, P, W)[0], rel=1e-6)
     if p > 1:
         L = np.eye(p)[1:]
-        assert res.contrast_test(L, ddf="KR")["DenDF"].iloc[0] == pytest.approx(kr_df_dense(L, Phi, P, W),
-                                                                               rel=1e-6)
+        m, scale = kr_ddf_dense(L, Phi, P, W)
+        mc = kr.modcomp(L)
+        assert mc.loc["Ftest", "ddf"] == pytest.approx(m, rel=1e-6)
+        assert mc.loc["Ftest", "F.scaling"] == pytest.approx(1.0 if abs(m - 2) < 0.01 else scale, rel=1e-8)
 
 
 # ----------------------------------------------------------------------------- q × q = n × n
@@ -335,3 +341,39 @@ def test_reference_backend_and_chunked_fit_agree(sleep):
                                                   [df.iloc[:90], df.iloc[90:]]).result_at(res.theta)
     assert not chunked.structure.has_rows
     pd.testing.assert_frame_equal(chunked.coef_table(ddf="KR"), want, rtol=1e-8)
+
+
+def test_rank_deficient_L_and_the_null_hypothesis(sleep):
+    """A hypothesis given by dependent rows is tested on a basis of its rows (pbkrtest's
+    ``force_full_rank``); at β_H = β̂ the statistic is 0; a zero contrast has nothing to test."""
+    _, res = sleep
+    one = res.contrast_test([[0.0, 1.0]], ddf="KR")
+    pd.testing.assert_frame_equal(res.contrast_test([[0.0, 1.0], [0.0, -2.0]], ddf="KR"), one, rtol=1e-10)
+    mc = res.kenward_roger.modcomp([[0.0, 1.0]], betaH=res.fixef.to_numpy())
+    assert mc.loc["Ftest", "stat"] == 0.0 and mc.loc["Ftest", "p.value"] == 1.0
+    assert res.contrast_test([[0.0, 0.0]], ddf="KR").isna().all(axis=None)
+    with pytest.raises(fl.ArgumentError, match="nothing to test"):
+        res.kenward_roger.modcomp([[0.0, 0.0]])
+
+
+def test_too_large_a_component_is_refused_by_name(monkeypatch, sleep):
+    df, _ = sleep
+    monkeypatch.setattr(_kenward_roger, "MAX_COMPONENT", 1)
+    res = quiet_lmer("Reaction ~ Days + (Days|Subject)", df)
+    with pytest.raises(fl.DataError, match="kenward-roger.*satterthwaite"):
+        res.coef_table(ddf="KR")
+
+
+def test_runs_on_insteval(fitted_reference):
+    """InstEval (73,421 rows, q = 4,128 crossed random effects in one connected component), far
+    beyond pbkrtest's n × n matrices: the adjustment is small and KR's df are near Satterthwaite's
+    (both approximate the same df; the dense agreement is the subsample test above)."""
+    from conftest import all_reference_fits
+    ref = next(f for k, f in all_reference_fits() if k == "InstEval" and f["REML"] and "service" in f["formula"])
+    _, res = fitted_reference(f"InstEval:{ref['formula']}:REML", ref)
+    kr = res.kenward_roger
+    V, VA = res.vcov.to_numpy(), kr.vcov_adj
+    assert np.isfinite(VA).all() and np.array_equal(VA, VA.T)
+    assert np.all(np.diag(VA) >= np.diag(V)) and np.all(np.diag(VA) <= 1.01 * np.diag(V))
+    ct, sat = res.coef_table(ddf="KR"), res.coef_table()
+    np.testing.assert_allclose(ct["df"], sat["df"], rtol=0.1)
