@@ -122,6 +122,10 @@ class ModelStructure:
     # at a few rows on which X has its full rank (basis_rows), and the unweighted XᵀX.
     fixed_rows: pd.DataFrame | None = field(default=None, repr=False, compare=False)
     fixed_gram: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # For marginal means (_means): the fixed part's numeric variables at their means over the used
+    # rows, and the dropped columns of X as combinations of the kept ones (alias_matrix).
+    covariate_means: dict = field(default_factory=dict)
+    aliased: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def has_rows(self) -> bool:
@@ -307,6 +311,18 @@ def basis_rows(X: np.ndarray, G: np.ndarray, tol: float = 1e-7, rank: int | None
         piv = la.qr(R[far].T, mode="r", pivoting=True)[1]
         S = np.union1d(S, far[piv[:max(r - have, 1)]])
     return S
+
+
+def alias_matrix(G: np.ndarray, keep: list[int]) -> np.ndarray | None:
+    """C with X_dropped = X_kept C (kept × dropped), from G = XᵀX (or XᵀWX: W > 0 keeps the same
+    relations): the columns rank_deficient_keep dropped are combinations of the kept ones, with
+    coefficients C = G_kk⁻¹ G_kd (a solve with the Cholesky factor of G_kk).  None: nothing dropped."""
+    drop = [j for j in range(G.shape[0]) if j not in set(keep)]
+    if not drop:
+        return None
+    if not keep:
+        return np.zeros((0, len(drop)))
+    return la.cho_solve(la.cho_factor(G[np.ix_(keep, keep)]), G[np.ix_(keep, drop)])
 
 
 def warn_rank_deficient(dropped: list[str]) -> None:
@@ -586,7 +602,10 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
         Z=None, offset=rows.offset, weights=w_all, n_dropped=n_dropped,
         row_index=df2.index, fixed_spec=rows.fixed_spec, factor_levels=factor_levels,
         variable_levels=variable_levels_of(frame), allow_python=bool(allow_python), contrasts=rows.contrasts,
-        fixed_rows=fixed_basis_rows(rows, G, mv.fixed, len(keep)), fixed_gram=G[np.ix_(keep, keep)])
+        fixed_rows=fixed_basis_rows(rows, G, mv.fixed, len(keep)), fixed_gram=G[np.ix_(keep, keep)],
+        covariate_means={c: float(np.mean(frame[c])) for c in sorted(mv.fixed)
+                         if c in frame.columns and not isinstance(frame[c].dtype, pd.CategoricalDtype)},
+        aliased=alias_matrix(G, keep))
 
 
 def variable_levels_of(frame: pd.DataFrame) -> dict:

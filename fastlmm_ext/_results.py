@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.linalg as la
 
-from . import _bootstrap, _simulate
+from . import _bootstrap, _means, _simulate
 from ._aliases import StatsmodelsMixin
 from ._bootstrap import BootstrapResult
 from ._inference import InferenceMixin
@@ -264,6 +264,27 @@ class LmerResult(PredictMixin, InferenceMixin, InfluenceMixin, StatsmodelsMixin)
         Returns a :class:`BootstrapResult` (``.replicates``, ``.theta``, ``.estimate``,
         ``.confint(level, type)``)."""
         return _bootstrap.bootstrap(self, nsim, seed, n_jobs, progress, fit_options)
+
+    # ------------------------------------------------------------------ marginal means (_means)
+    def ls_means(self, which=None, pairwise: bool = False, ddf: str = "satterthwaite",
+                 level: float = 0.95) -> pd.DataFrame:
+        """lmerTest's ``ls_means(fit, which, level, ddf, pairwise)``: least-squares means of each
+        factor term (or the ``which`` ones) over the reference grid (covariates at their means,
+        cells weighted equally), rows ``Product1``, ``Product1:Information2``; with
+        ``pairwise=True`` their differences (``Product1 - Product2``, lmerTest's ``difflsmeans``).
+        Columns Estimate, Std. Error, df, t value, lower, upper, Pr(>|t|); non-estimable rows NaN;
+        ``ddf="satterthwaite" | "kenward-roger"`` (see ``_means``)."""
+        return _means.ls_means(self, which, pairwise, ddf, level)
+
+    def emmeans(self, specs, by=None, pairwise: bool = False, adjust: str = "tukey", level: float = 0.95,
+                at: dict | None = None, df_method: str | None = None, **limits) -> _means.EMMeans:
+        """R's ``emmeans(fit, specs, by, at = at, lmer.df = df_method)``: marginal means over the
+        reference grid with emmeans' df for lmer fits (Kenward–Roger up to 3000 observations, see
+        ``_means``); ``specs`` as ``"~ A"``, ``"~ A | B"``, ``"pairwise ~ A"`` or a list of names.
+        ``.pairs(adjust="tukey" | "holm" | "bonferroni" | "none")`` / ``.contrast("pairwise")``
+        give the pairwise contrasts; ``pairwise=True`` stores them in ``.contrasts``.
+        ``pbkrtest_limit=`` and ``lmerTest_limit=`` (3000) move emmeans' size limits."""
+        return _means.emmeans(self, specs, by, pairwise, adjust, level, at, df_method, **limits)
 
     # ------------------------------------------------------------------ display
     def summary(self) -> str:
