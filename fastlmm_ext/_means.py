@@ -52,7 +52,7 @@ from ._inference import DenominatorDF, ddf_method
 from ._kenward_roger import KenwardRogerInfo
 from ._newdata import _spec_variables
 from ._rformula import r_column_names
-from ._threads import bundled_blas_single_thread
+from ._threads import fit_threads
 
 __all__ = [
     "ADJUST_METHODS",
@@ -267,7 +267,7 @@ def estimate(res, grid: ReferenceGrid, L: np.ndarray, dm: DenominatorDF) -> Esti
     beta = res.fixef.to_numpy()
     m = L.shape[0]
     est, se, df = np.full(m, np.nan), np.full(m, np.nan), np.full(m, np.nan)
-    with bundled_blas_single_thread():   # many tiny solves: BLAS threads only wait (carrots: 3 s → 10 ms)
+    with fit_threads():   # bundled BLAS at one thread: many tiny solves: BLAS threads only wait (carrots: 3 s → 10 ms)
         for i in np.flatnonzero(ok):
             l = Lk[i]
             est[i] = float(l @ beta)
