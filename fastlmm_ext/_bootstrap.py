@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ._data import check_level
 from ._parallel import n_workers, run_tasks
 from ._params import Cv_to_Sv
 from ._progress import Progress
@@ -186,8 +187,7 @@ class BootstrapResult:
         ``"norm"``: t₀ − bias ∓ z_{1−α/2}·sd(t*), bias = mean(t*) − t₀.
         Non-finite replicates (failed refits, undefined correlations) are left out per column.
         Columns named as R's ("2.5 %", "97.5 %"); rows as :attr:`replicates`' columns."""
-        if not (0.0 < float(level) < 1.0):
-            raise ValueError(f"level must be in (0, 1), got {level!r}")
+        level = check_level(level)
         kind = str(type).lower()
         if kind not in ("perc", "basic", "norm"):
             raise ValueError(f"unknown type {type!r}; choose 'perc', 'basic' or 'norm'")

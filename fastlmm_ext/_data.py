@@ -360,6 +360,18 @@ def check_reml(REML) -> bool:
     raise ArgumentError(f"REML must be True or False, got {REML!r} ({type(REML).__name__})")
 
 
+def check_level(level) -> float:
+    """A confidence level as a float strictly between 0 and 1 (``confint``, ``predict``'s
+    intervals, ``ls_means``/``emmeans``, the bootstrap's intervals); ArgumentError otherwise."""
+    try:
+        lv = float(level)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"level must be a number in (0, 1), got {level!r}") from None
+    if not 0.0 < lv < 1.0:
+        raise ArgumentError(f"level must be in (0, 1), got {level!r}")
+    return lv
+
+
 def is_polars_frame(obj) -> bool:
     """True for a polars DataFrame, without importing polars."""
     return type(obj).__module__.split(".")[0] == "polars" and hasattr(obj, "get_column")

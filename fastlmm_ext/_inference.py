@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ._data import check_level
 from ._exceptions import ArgumentError
 from ._hypotheses import anova_hypotheses, check_anova_type, drop1_hypotheses
 from ._kenward_roger import KenwardRogerInfo
@@ -291,8 +292,7 @@ class InferenceMixin:
         ``progress`` (profile and boot): True → shown on stderr (``_progress``); None (default)
         → only on a terminal once the run has taken more than 2 s; False → never."""
         m = str(method).lower()
-        if not (0.0 < float(level) < 1.0):
-            raise ArgumentError(f"level must be in (0, 1), got {level!r}")
+        level = check_level(level)
         labels = confint_row_labels(self.structure)
         if parm is not None:
             back = {new: old for old, new in labels.items()}

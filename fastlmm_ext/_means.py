@@ -45,7 +45,7 @@ import pandas as pd
 import scipy.linalg as la
 from scipy import stats
 
-from ._data import _label
+from ._data import _label, check_level
 from ._design import _from_spec
 from ._exceptions import ArgumentError, DataError
 from ._inference import DenominatorDF, ddf_method
@@ -284,16 +284,6 @@ def _t_sf2(t: np.ndarray, df: np.ndarray) -> np.ndarray:
         return 2.0 * stats.t.sf(np.abs(t), np.where(np.isnan(df), np.inf, df))
 
 
-def _check_level(level) -> float:
-    try:
-        lv = float(level)
-    except (TypeError, ValueError):
-        lv = float("nan")
-    if not 0.0 < lv < 1.0:
-        raise ArgumentError(f"level must be in (0, 1), got {level!r}")
-    return lv
-
-
 # ----------------------------------------------------------------------------- lmerTest's ls_means
 
 def ls_means(res, which=None, pairwise: bool = False, ddf: str = "satterthwaite", level: float = 0.95) -> pd.DataFrame:
@@ -302,7 +292,7 @@ def ls_means(res, which=None, pairwise: bool = False, ddf: str = "satterthwaite"
     of them (``Product1 - Product2``, R's ``combn`` order) with ``pairwise=True``.  Columns:
     Estimate, Std. Error, df, t value, lower, upper (t intervals at ``level``), Pr(>|t|).
     ``attrs["hypotheses"]``: {term: the linear functions L over the full design's columns}."""
-    level = _check_level(level)
+    level = check_level(level)
     terms = factor_terms(res)
     if which is None:
         which = terms
@@ -481,7 +471,7 @@ class EMMeans(_Table):
     def pairs(self, adjust: str = "tukey", level: float | None = None) -> EMMContrasts:
         """All pairwise differences of the means within each ``by`` group (emmeans' ``pairs``),
         with p-values and intervals adjusted by ``adjust`` over each group (module docstring)."""
-        return _pairwise(self, adjust, self.level if level is None else _check_level(level))
+        return _pairwise(self, adjust, self.level if level is None else check_level(level))
 
     def contrast(self, method: str = "pairwise", adjust: str | None = None, level: float | None = None) -> EMMContrasts:
         """emmeans' ``contrast(emm, method)``; ``"pairwise"`` (the same as :meth:`pairs`) is
@@ -615,7 +605,7 @@ def emmeans(res, specs, by=None, pairwise: bool = False, adjust: str = "tukey", 
             lmerTest_limit: int = LMERTEST_LIMIT) -> EMMeans:
     """R's ``emmeans(fit, specs, by, at, lmer.df)`` on an lmer fit (module docstring), with
     ``pairwise=True`` (or ``"pairwise ~ A"``) also its ``pairs(, adjust)`` in ``.contrasts``."""
-    level = _check_level(level)
+    level = check_level(level)
     svars, bvars, pw = _parse_specs(specs, by)
     grid = reference_grid(res, at)
     for v in svars + bvars:

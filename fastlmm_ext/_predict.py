@@ -36,7 +36,7 @@ import scipy.linalg as la
 import scipy.sparse as sp
 from scipy import stats
 
-from ._data import as_frame, as_numeric_array, check_columns
+from ._data import as_frame, as_numeric_array, check_columns, check_level
 from ._exceptions import ArgumentError, DataError
 from ._mme import mme_quadratic
 from ._newdata import format_levels, new_rows, selected_columns
@@ -108,13 +108,7 @@ def _check_options(se_type: str, interval: str, level) -> float:
         raise ArgumentError(f"unknown se_type {se_type!r}; choose one of {', '.join(map(repr, SE_TYPES))}")
     if interval not in INTERVALS:
         raise ArgumentError(f"unknown interval {interval!r}; choose one of {', '.join(map(repr, INTERVALS))}")
-    try:
-        level = float(level)
-    except (TypeError, ValueError):
-        raise ArgumentError(f"level must be a number in (0, 1), got {level!r}") from None
-    if not 0.0 < level < 1.0:
-        raise ArgumentError(f"level must be in (0, 1), got {level!r}")
-    return level
+    return check_level(level)
 
 
 def _new_weights(weights, newdata, ok: np.ndarray) -> np.ndarray:

@@ -279,3 +279,16 @@ def test_missing_weight_in_a_column_drops_the_row(sleep):
         warnings.simplefilter("error")
         ref = fl.lmer(F, sleep[keep], weights=w[keep])
     assert res.criterion == pytest.approx(ref.criterion, abs=1e-9)
+
+
+@pytest.mark.parametrize("level", ["abc", None, 0.0, 1.0, 1.5, float("nan")])
+def test_confidence_level_refused_by_name_everywhere(sleep, level):
+    """One check of the confidence level serves confint, predict's intervals, ls_means, emmeans
+    and the bootstrap's intervals: a clear ArgumentError naming ``level``, never a raw float()."""
+    res = fl.lmer("Reaction ~ Days + (Days|Subject)", sleep)
+    calls = [lambda: res.confint(level=level),
+             lambda: res.predict(sleep.head(3), interval="confidence", level=level),
+             lambda: res.emmeans("Days", at={"Days": [0.0]}, level=level)]
+    for call in calls:
+        with pytest.raises(fl.ArgumentError, match="level must be"):
+            call()
