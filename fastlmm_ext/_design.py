@@ -315,7 +315,7 @@ def basis_rows(X: np.ndarray, G: np.ndarray, tol: float = 1e-7, rank: int | None
 
 def alias_matrix(G: np.ndarray, keep: list[int]) -> np.ndarray | None:
     """C with X_dropped = X_kept C (kept × dropped), from G = XᵀX (or XᵀWX: W > 0 keeps the same
-    relations): the columns rank_deficient_keep dropped are combinations of the kept ones, with
+    relations): the columns the rank rule dropped are combinations of the kept ones, with
     coefficients C = G_kk⁻¹ G_kd (a solve with the Cholesky factor of G_kk).  None: nothing dropped."""
     drop = [j for j in range(G.shape[0]) if j not in set(keep)]
     if not drop:

@@ -28,7 +28,7 @@ import pandas as pd
 import scipy.linalg as la
 
 from ._crossprod import CrossProducts
-from ._design import ModelStructure, assemble_Z, rank_deficient_keep
+from ._design import ModelStructure, assemble_Z, independent_columns
 from ._exceptions import ArgumentError, DataError
 from ._mme import mme_quadratic
 from ._parallel import n_workers, run_tasks
@@ -84,18 +84,15 @@ def deleted_model(model, rows: np.ndarray):
     keep = np.ones(s.n, dtype=bool)
     keep[np.asarray(rows, dtype=np.intp)] = False
     s_del = _rows_kept(s, keep)
+    # The rank rule of a fresh fit of the remaining rows (build_structure decides on X itself).
+    if s.p and len(independent_columns(s_del.X)) < s.p:
+        raise DataError("the fixed-effects columns are rank deficient without these rows")
     cp = None
     if model.backend.crossprod is not None:
         w0 = np.ones(s.n) if s.weights is None else s.weights.copy()
         w0[~keep] = 0.0
         cp = CrossProducts.from_structure(dataclasses.replace(s, weights=w0))
         cp = dataclasses.replace(cp, n=s_del.n)
-        G = cp.XyXy[:s.p, :s.p]
-    else:
-        W = s_del.X if s_del.weights is None else s_del.X * s_del.weights[:, None]
-        G = s_del.X.T @ W
-    if s.p and len(rank_deficient_keep(G)) < s.p:
-        raise DataError("the fixed-effects columns are rank deficient without these rows")
     return type(model)._from_backend(s_del, model.REML, model.backend.with_response(s_del, cp))
 
 

@@ -10,7 +10,6 @@ on f's rounding, and evaluates no θ twice), or SciPy's L-BFGS-B (``"lbfgsb"``).
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,7 +18,6 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ._bfgs import Evaluations, minimize_bfgs
-from ._exceptions import ConvergenceWarning
 
 __all__ = ["OptSummary", "minimize_theta", "snap_to_bounds", "check_convergence", "is_singular", "OPTIMIZERS",
            "SINGULAR_MESSAGE"]
@@ -314,8 +312,3 @@ def check_convergence(f: Callable, theta: np.ndarray, fmin: float, lower: np.nda
     elif ev.max() > 0 and ev.min() / ev.max() < hess_tol:
         msgs.append("Model is nearly unidentifiable: very large eigenvalue ratio")
     return msgs, info
-
-
-def warn_convergence(msgs: list[str]) -> None:
-    for m in msgs:
-        warnings.warn(m, ConvergenceWarning, stacklevel=4)
