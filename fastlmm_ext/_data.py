@@ -134,13 +134,18 @@ def is_factor_dtype(dtype) -> bool:
 def drop_missing(df: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
     """Drop rows with a missing value (NaN, None, pd.NA, NaT) in any of ``columns``.
 
-    Returns the reduced frame (used columns only) and the boolean mask of kept rows; warns when it is non-zero,
-    as lme4's ``na.omit`` silently would not (users asked to be told)."""
+    Returns the complete rows (``df`` itself when every row is complete: callers read the used
+    columns by name and never write to it) and the boolean mask of kept rows; warns when rows are
+    dropped, as lme4's ``na.omit`` silently would not (users asked to be told)."""
     if len(df) == 0:
         raise DataError("data has no rows")
-    sub = df[columns]
-    bad = sub.isna().any(axis=1).to_numpy() if columns else np.zeros(len(df), bool)
+    bad = np.zeros(len(df), bool)
+    for c in columns:
+        bad |= df[c].isna().to_numpy()
     n_bad = int(bad.sum())
+    if not n_bad:
+        return df, ~bad
+    sub = df[columns]
     if n_bad:
         if n_bad == len(df):
             raise DataError(
@@ -289,7 +294,8 @@ def prepare_factors(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
         s = df[col]
         dtype = s.dtype
         if isinstance(dtype, pd.CategoricalDtype):
-            out[col] = s.cat.remove_unused_categories()
+            used = np.bincount(np.asarray(s.cat.codes, dtype=np.int64) + 1, minlength=len(dtype.categories) + 1)
+            out[col] = s if used[1:].all() else s.cat.remove_unused_categories()
             cats = list(out[col].cat.categories)
             unique_labels(_labels(cats, np.arange(len(cats))), cats, col)
         elif pd.api.types.is_bool_dtype(dtype):

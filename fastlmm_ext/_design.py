@@ -30,6 +30,7 @@ from ._exceptions import (DataError, FormulaError, GroupingFactorError, Identifi
 from ._formula import ParsedFormula, parse_formula
 from ._ols import raise_if_exact_rows, response_shift
 from ._rformula import RExpr, evaluate_vector, model_matrix, parse_expr, r_column_names, translate
+from ._simple_design import DeferredSpec, simple_model_matrix
 
 __all__ = ["ReTerm", "ModelStructure", "build_structure", "basis_rows", "independent_columns"]
 
@@ -266,7 +267,7 @@ def independent_columns(M: np.ndarray, tol: float = 1e-7) -> list[int]:
     column by column): R's columns have M's relations and norms."""
     M = np.asarray(M, dtype=float)
     if M.shape[0] > M.shape[1]:
-        M = la.qr(M, mode="r", overwrite_a=False, check_finite=False)[0][:M.shape[1]]
+        M = np.linalg.qr(M, mode="r")
     Q = np.zeros((M.shape[0], 0))
     keep: list[int] = []
     for j in range(M.shape[1]):
@@ -401,7 +402,7 @@ class RowBlock:
 
 def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offset_arg=None,
                   fixed_spec=None, allow_python: bool = False, contrasts=None, *, response: bool = True,
-                  random=None, finite: bool = True) -> RowBlock:
+                  random=None, finite: bool = True, simple: bool = False) -> RowBlock:
     """Evaluate the response, fixed effects, offsets and random-effects model matrices on
     ``frame`` (complete rows, factors already Categorical).  ``group_codes(group)`` gives the
     integer level codes of a grouping factor; ``fixed_spec`` (formulaic's ModelSpec of an earlier
@@ -412,7 +413,10 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
     New rows (``_newdata``, lme4's mkNewReTrms reusing the term builder) pass ``response=False``
     (no y), ``random``: the terms to evaluate as (expr, group, spec) with each term's ModelSpec of
     the fit (its contrasts and transform state; default: every term of ``parsed``, built afresh),
-    and ``finite=False`` (a non-finite value predicts NaN there instead of being refused)."""
+    and ``finite=False`` (a non-finite value predicts NaN there instead of being refused).
+    ``simple``: write the matrices of simple right-hand sides with NumPy (``_simple_design``),
+    their model specs made when first used; a fit's own rows only (chunks and new rows are
+    evaluated by the spec of the rows before them)."""
     n = len(frame)
     cols = list(frame.columns)
     y = None
@@ -430,13 +434,13 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
     if fixed_spec is None:
         tr = translate(parsed.fixed, cols, allow_python, "the fixed effects")
         fixed_contrasts = resolve_contrasts(contrasts or {}, frame, tr.variables)
-        Xmm = model_matrix(tr, frame, f"the fixed effects {parsed.fixed!r}", fixed_contrasts, allow_python)
-        fixed_spec = Xmm.model_spec
+        X, names, fixed_spec = _rhs_matrix(tr, frame, f"the fixed effects {parsed.fixed!r}", fixed_contrasts,
+                                           allow_python, simple)
     else:
         fixed_contrasts = dict((fixed_spec.materializer_params or {}).get("contrasts", {}))
         Xmm = _from_spec(fixed_spec, frame, f"the fixed effects {parsed.fixed!r}")
-    X = np.asarray(Xmm.to_numpy(dtype=np.float64), dtype=np.float64).reshape(n, -1)
-    names = r_column_names(fixed_spec)
+        X = np.asarray(Xmm.to_numpy(dtype=np.float64), dtype=np.float64).reshape(n, -1)
+        names = r_column_names(fixed_spec)
     if finite and not np.isfinite(X).all():
         bad = [c for c, ok in zip(names, np.isfinite(X).all(axis=0)) if not ok]
         raise DataError(f"fixed-effects columns {bad} have non-finite values")
@@ -452,28 +456,51 @@ def evaluate_rows(parsed: ParsedFormula, frame: pd.DataFrame, group_codes, offse
         where = f"the random-effects term ({expr} | {label})"
         if spec is None:
             tr = translate(expr, cols, allow_python, where)
-            Zmm = model_matrix(tr, frame, where, default_contrasts(frame, tr.variables), allow_python)
+            Xi, cnm, spec = _rhs_matrix(tr, frame, where, default_contrasts(frame, tr.variables), allow_python, simple)
         else:
             Zmm = _from_spec(spec, frame, where)
-        Xi = np.ascontiguousarray(Zmm.to_numpy(dtype=np.float64)).reshape(n, -1)
+            Xi, cnm = Zmm.to_numpy(dtype=np.float64), r_column_names(spec)
+        Xi = np.ascontiguousarray(Xi, dtype=np.float64).reshape(n, -1)
         if Xi.shape[1] == 0:
             raise FormulaError(f"random-effects term ({expr} | {label}) has no columns")
         if finite and not np.isfinite(Xi).all():
             raise DataError(f"random-effects term ({expr} | {label}) has non-finite values")
-        cnms.append(r_column_names(Zmm.model_spec))
+        cnms.append(cnm)
         Xis.append(Xi)
-        specs.append(Zmm.model_spec)
+        specs.append(spec)
         codes.append(group_codes(group))
     return RowBlock(y=y, X=X, fixef_names=names, fixed_spec=fixed_spec, offset=off_total,
                     term_cnms=cnms, term_Xi=Xis, term_codes=codes, term_specs=specs, contrasts=fixed_contrasts,
                     frame=frame)
 
 
+def _rhs_matrix(tr, frame: pd.DataFrame, where: str, contrasts: dict, allow_python: bool, simple: bool):
+    """(matrix, R's column names, model spec) of the translated right-hand side ``tr`` on
+    ``frame``: by ``_simple_design`` when ``simple`` and it applies (plain columns only, nothing
+    evaluated), else by formulaic."""
+    if simple and not allow_python and not tr.exprs and not tr.labels:
+        got = simple_model_matrix(tr.text, frame, contrasts)
+        if got is not None:
+            def make(rows):
+                return model_matrix(tr, rows, where, contrasts, allow_python).model_spec
+            return got[0], got[1], DeferredSpec.of(make, frame, tr.columns)
+    mm = model_matrix(tr, frame, where, contrasts, allow_python)
+    return (np.asarray(mm.to_numpy(dtype=np.float64), dtype=np.float64).reshape(len(frame), -1),
+            r_column_names(mm.model_spec), mm.model_spec)
+
+
 def fixed_basis_rows(block: RowBlock, G: np.ndarray, columns, rank: int | None = None) -> pd.DataFrame:
     """The data columns of the fixed part at the rows :func:`basis_rows` picks from the block's
     X (G its XᵀX): what ``ModelStructure.fixed_rows`` keeps for the ANOVA hypotheses."""
-    cols = [c for c in block.frame.columns if c in set(columns)]
-    return block.frame.iloc[basis_rows(block.X, G, rank=rank)][cols]
+    S = basis_rows(block.X, G, rank=rank)
+    wanted = set(columns)
+    out = {}
+    for c in block.frame.columns:
+        if c in wanted:
+            v = block.frame[c]
+            out[c] = (pd.Categorical.from_codes(np.asarray(v.cat.codes)[S], dtype=v.dtype)
+                      if isinstance(v.dtype, pd.CategoricalDtype) else v.to_numpy()[S])
+    return pd.DataFrame(out, index=block.frame.index[S])
 
 
 def _from_spec(spec, frame: pd.DataFrame, what: str):
@@ -567,10 +594,7 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
 
     check_response_type(parsed, mv, df2)
     frame = prepare_factors(df2, mv.frame_columns)
-    for g in mv.groups:
-        if g not in frame.columns:
-            frame[g] = df2[g].to_numpy()
-    n = len(frame)
+    n = len(df2)
 
     term_levels: list[list[str]] = []
 
@@ -580,7 +604,7 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
         return codes
 
     rows = evaluate_rows(parsed, frame, group_codes, offset_arg=o_all, allow_python=allow_python,
-                         contrasts=user_contrasts)
+                         contrasts=user_contrasts, simple=True)
     G = rows.X.T @ rows.X
     keep = independent_columns(rows.X)          # lme4 decides on X itself (pivoted QR, tol 1e-7)
     dropped = [nm for j, nm in enumerate(rows.fixef_names) if j not in keep]
@@ -603,15 +627,19 @@ def build_structure(formula: str, data, weights=None, offset=None, allow_python:
         row_index=df2.index, fixed_spec=rows.fixed_spec, factor_levels=factor_levels,
         variable_levels=variable_levels_of(frame), allow_python=bool(allow_python), contrasts=rows.contrasts,
         fixed_rows=fixed_basis_rows(rows, G, mv.fixed, len(keep)), fixed_gram=G[np.ix_(keep, keep)],
-        covariate_means={c: float(np.mean(frame[c])) for c in sorted(mv.fixed)
+        covariate_means={c: float(np.mean(frame[c].to_numpy())) for c in sorted(mv.fixed)
                          if c in frame.columns and not isinstance(frame[c].dtype, pd.CategoricalDtype)},
         aliased=alias_matrix(G, keep))
 
 
 def variable_levels_of(frame: pd.DataFrame) -> dict:
     """Categories (and orderedness) of every factor column the model matrices read, for predict."""
-    return {str(c): (list(frame[c].cat.categories), bool(frame[c].cat.ordered))
-            for c in frame.columns if isinstance(frame[c].dtype, pd.CategoricalDtype)}
+    out = {}
+    for c in frame.columns:
+        dt = frame[c].dtype
+        if isinstance(dt, pd.CategoricalDtype):
+            out[str(c)] = (dt.categories.tolist(), bool(dt.ordered))
+    return out
 
 
 def _group_codes(df: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:

@@ -15,6 +15,8 @@ Rules (those of lme4):
 """
 from __future__ import annotations
 
+import functools
+
 import re
 from dataclasses import dataclass
 
@@ -341,10 +343,17 @@ def findbars(formula: str) -> list[tuple[str, RandomTerm]]:
 def parse_formula(formula: str) -> ParsedFormula:
     """Split an lme4 formula into response, fixed part, random terms and offsets.
 
-    Raises :class:`FormulaError`, quoting the offending part, for a malformed formula.
+    Raises :class:`FormulaError`, quoting the offending part, for a malformed formula.  The
+    result is immutable, so a formula fitted again (fit_many, bootstrap refits, benchmarks) is
+    parsed once (an LRU cache of recent formulas).
     """
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
+    return _parse_formula(formula)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_formula(formula: str) -> ParsedFormula:
     if not formula.strip():
         raise FormulaError("formula is empty")
     tildes = _top(formula, "~")

@@ -95,14 +95,12 @@ class LmerResult(PredictMixin, InferenceMixin, InfluenceMixin, StatsmodelsMixin)
         self.nobs: int = s.n
         self.n_dropped: int = s.n_dropped
         self.sigma: float = float(np.sqrt(state.pwrss / residual_df(s.n, s.p, self.REML)))
-        self.fixef = pd.Series(state.beta, index=list(s.fixef_names), name="Estimate", dtype=float)
         if s.p:
             # (R_XᵀR_X)⁻¹ through two triangular solves with the factor, not an explicit inverse of R_XᵀR_X.
             Rinv_t = la.solve_triangular(state.RX, np.eye(s.p), lower=False)
-            V = self.sigma ** 2 * (Rinv_t @ Rinv_t.T)
+            self._V = self.sigma ** 2 * (Rinv_t @ Rinv_t.T)
         else:
-            V = np.zeros((0, 0))
-        self.vcov = pd.DataFrame(V, index=list(s.fixef_names), columns=list(s.fixef_names))
+            self._V = np.zeros((0, 0))
         self.npar: int = s.p + s.ntheta + 1
         self.loglik: float = -self.criterion / 2.0
         self.aic: float = self.criterion + 2.0 * self.npar
@@ -115,6 +113,17 @@ class LmerResult(PredictMixin, InferenceMixin, InfluenceMixin, StatsmodelsMixin)
             self.ngrps.setdefault(t.factor, t.nlevels)
 
     # ------------------------------------------------------------------ lme4-style accessors
+    @cached_property
+    def fixef(self) -> pd.Series:
+        """β̂, named by X's columns (lme4's ``fixef``)."""
+        return pd.Series(self._state.beta, index=list(self.structure.fixef_names), name="Estimate", dtype=float)
+
+    @cached_property
+    def vcov(self) -> pd.DataFrame:
+        """Var(β̂) = σ̂² (R_XᵀR_X)⁻¹ (lme4's ``vcov``), named by X's columns."""
+        names = list(self.structure.fixef_names)
+        return pd.DataFrame(self._V, index=names, columns=names)
+
     @property
     def theta_names(self) -> list[str]:
         return self.structure.theta_names
