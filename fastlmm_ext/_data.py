@@ -141,7 +141,7 @@ def drop_missing(df: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, np
         raise DataError("data has no rows")
     bad = np.zeros(len(df), bool)
     for c in columns:
-        bad |= df[c].isna().to_numpy()
+        bad |= _missing(df[c])
     n_bad = int(bad.sum())
     if not n_bad:
         return df, ~bad
@@ -155,6 +155,18 @@ def drop_missing(df: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, np
                       MissingValuesWarning, stacklevel=4)
         sub = sub.loc[~bad]
     return sub, ~bad
+
+
+def _missing(s: pd.Series) -> np.ndarray:
+    """Rows where ``s`` is missing, as pandas' isna decides (NumPy floats and categoricals directly)."""
+    dt = s.dtype
+    if isinstance(dt, np.dtype) and dt.kind in "iub":
+        return np.zeros(len(s), bool)
+    if isinstance(dt, np.dtype) and dt.kind == "f":
+        return np.isnan(s.to_numpy())
+    if isinstance(dt, pd.CategoricalDtype):
+        return np.asarray(s.cat.codes) < 0
+    return s.isna().to_numpy()
 
 
 def factor_codes(values: pd.Series, name: str) -> tuple[np.ndarray, list[str]]:
@@ -319,8 +331,11 @@ def as_numeric_array(s, name: str, what: str = "column") -> np.ndarray:
         raise DataError(f"{what} {name!r} must be numeric, but has type {s.dtype}")
     reject_complex(s, name, what)
     try:
-        arr = np.asarray(s.to_numpy(dtype=np.float64, na_value=np.nan) if isinstance(s, pd.Series)
-                         else s, dtype=np.float64)
+        if isinstance(s, pd.Series) and isinstance(s.dtype, np.dtype) and s.dtype.kind in "iuf":
+            arr = np.array(s.to_numpy(), dtype=np.float64)      # NumPy dtypes: no NA to map, a copy
+        else:
+            arr = np.asarray(s.to_numpy(dtype=np.float64, na_value=np.nan) if isinstance(s, pd.Series)
+                             else s, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise DataError(f"{what} {name!r} must be numeric: {e}") from e
     if np.isinf(arr).any():

@@ -91,6 +91,37 @@ class _AssembledOnUse:
         obj.__dict__["_Z"] = value
 
 
+class RowsAt:
+    """A few rows of some data columns, kept as arrays ({column: (Categorical dtype or None,
+    values)} and the rows' index labels) until a DataFrame of them is asked for."""
+
+    def __init__(self, columns: dict, index):
+        self.columns = columns
+        self.index = index
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({c: (pd.Categorical.from_codes(v, dtype=dt) if dt is not None else v)
+                             for c, (dt, v) in self.columns.items()}, index=self.index)
+
+
+class _FramedOnUse:
+    """The ``fixed_rows`` field of :class:`ModelStructure`: a DataFrame, None, or a
+    :class:`RowsAt` that becomes its DataFrame on first use (only the ANOVA hypotheses read it,
+    and building a DataFrame costs a small fit a noticeable share of its time).  Its class
+    access gives the field's default, None."""
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None
+        v = obj.__dict__.get("_fixed_rows")
+        if isinstance(v, RowsAt):
+            v = obj.__dict__["_fixed_rows"] = v.frame()
+        return v
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__["_fixed_rows"] = None if value is self else value   # the default is the descriptor
+
+
 @dataclass(frozen=True)
 class ModelStructure:
     """Everything the criterion needs, fixed once per model (θ-independent).
@@ -121,7 +152,7 @@ class ModelStructure:
     contrasts: dict = field(default_factory=dict)   # factor column -> RContrasts of the fixed part (non-treatment)
     # For the ANOVA hypotheses (lmerTest builds them from the data): the fixed part's data columns
     # at a few rows on which X has its full rank (basis_rows), and the unweighted XᵀX.
-    fixed_rows: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    fixed_rows: pd.DataFrame | None = field(default=_FramedOnUse(), repr=False, compare=False)
     fixed_gram: np.ndarray | None = field(default=None, repr=False, compare=False)
     # For marginal means (_means): the fixed part's numeric variables at their means over the used
     # rows, and the dropped columns of X as combinations of the kept ones (alias_matrix).
@@ -489,7 +520,7 @@ def _rhs_matrix(tr, frame: pd.DataFrame, where: str, contrasts: dict, allow_pyth
             r_column_names(mm.model_spec), mm.model_spec)
 
 
-def fixed_basis_rows(block: RowBlock, G: np.ndarray, columns, rank: int | None = None) -> pd.DataFrame:
+def fixed_basis_rows(block: RowBlock, G: np.ndarray, columns, rank: int | None = None) -> RowsAt:
     """The data columns of the fixed part at the rows :func:`basis_rows` picks from the block's
     X (G its XᵀX): what ``ModelStructure.fixed_rows`` keeps for the ANOVA hypotheses."""
     S = basis_rows(block.X, G, rank=rank)
@@ -498,9 +529,9 @@ def fixed_basis_rows(block: RowBlock, G: np.ndarray, columns, rank: int | None =
     for c in block.frame.columns:
         if c in wanted:
             v = block.frame[c]
-            out[c] = (pd.Categorical.from_codes(np.asarray(v.cat.codes)[S], dtype=v.dtype)
-                      if isinstance(v.dtype, pd.CategoricalDtype) else v.to_numpy()[S])
-    return pd.DataFrame(out, index=block.frame.index[S])
+            out[c] = ((v.dtype, np.asarray(v.cat.codes)[S]) if isinstance(v.dtype, pd.CategoricalDtype)
+                      else (None, v.to_numpy()[S]))
+    return RowsAt(out, block.frame.index[S])
 
 
 def _from_spec(spec, frame: pd.DataFrame, what: str):

@@ -108,8 +108,9 @@ def simple_model_matrix(text: str, frame: pd.DataFrame, contrasts: Mapping | Non
 def _plain_labels(cats: pd.Index) -> bool:
     """Level labels that formulaic writes as ``str(level)`` and R as the same text: strings and
     integers (a float or other level goes to formulaic, which names it its own way)."""
-    kind = getattr(cats.dtype, "kind", "O")
-    if kind in "iu":
+    if isinstance(cats.dtype, np.dtype) and cats.dtype.kind in "iu":
+        return True
+    if isinstance(cats.dtype, pd.StringDtype):
         return True
     return all(isinstance(c, str) for c in cats)
 
