@@ -13,6 +13,7 @@ from __future__ import annotations
 from ._chunked import DEFAULT_CHUNKSIZE
 from ._model import LinearMixedModel
 from ._results import LmerResult
+from ._threads import fit_threads
 
 __all__ = ["lmer", "lmer_chunked"]
 
@@ -91,9 +92,10 @@ def lmer(formula: str, data, REML: bool = True, backend: str = "auto", *, weight
     >>> round(res.sigma, 4)
     3.2205
     """
-    model = LinearMixedModel(formula, data, REML=REML, backend=backend, weights=weights, offset=offset,
-                             ordering=ordering, contrasts=contrasts, allow_python=allow_python, threads=threads)
-    return model.fit(**fit_options)
+    with fit_threads(threads):      # one choice of the thread count for the build and the fit
+        model = LinearMixedModel(formula, data, REML=REML, backend=backend, weights=weights, offset=offset,
+                                 ordering=ordering, contrasts=contrasts, allow_python=allow_python, threads=threads)
+        return model.fit(**fit_options)
 
 
 def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None = None,
@@ -144,7 +146,8 @@ def lmer_chunked(formula: str, chunks, REML: bool = True, *, weights: str | None
         condVar, logLik, AIC/BIC, summary, Satterthwaite tests, profile CIs, predict on new
         data); row-level quantities (fitted, residuals, simulate, parametric bootstrap) raise
         ``DataError`` because the rows are gone."""
-    model = LinearMixedModel.from_chunks(formula, chunks, REML, weights=weights, offset=offset, chunksize=chunksize,
-                                         ordering=ordering, progress=progress, contrasts=contrasts,
-                                         allow_python=allow_python, threads=threads)
-    return model.fit(**fit_options)
+    with fit_threads(threads):
+        model = LinearMixedModel.from_chunks(formula, chunks, REML, weights=weights, offset=offset,
+                                             chunksize=chunksize, ordering=ordering, progress=progress,
+                                             contrasts=contrasts, allow_python=allow_python, threads=threads)
+        return model.fit(**fit_options)
