@@ -22,6 +22,12 @@ Minimises f(θ) over {θ : θ ≥ lower} (lower = 0 or −∞ per component) by 
   even where moving inwards lowers f.  After stopping, each component on its bound is probed at
   lower + ``EDGE_PROBE``; a lower f there restarts the method from the probe (lme4's
   ``restart_edge``).
+* **Rows.** Where a vector term has an effect of nearly no variance (a diagonal of T below
+  ``NEAR_SINGULAR`` times its largest row norm), f hardly depends on the directions of T's rows
+  (the correlations with that effect), and its minimum may lie at the end of a nearly flat
+  valley, at a correlation of ±1 (T_ii = 0), where the gradient test stops too early (seen: 4e-4
+  above BOBYQA's optimum).  After stopping, each later row of such a term is also probed at its
+  end: T_ii = 0 with the row's norm (the effect's variance) kept; a lower f restarts from there.
 
 Every θ is evaluated at most once (:class:`Evaluations` caches f and g by θ's bytes).
 """
@@ -42,6 +48,7 @@ MAX_RESTARTS = 3
 NOISE_ULPS = 64        # f's rounding: NOISE_ULPS · eps · |f|
 KEEP = 0.2             # fraction to the boundary: one step keeps ≥ KEEP of a component's distance to its bound
 NEAR_BOUND = 0.01      # ... unless the component is this close to it: then the step may put it on the bound
+NEAR_SINGULAR = 0.05   # a vector term's diagonal below this times its largest row norm: probe its rows' ends
 
 #: Why :func:`minimize_bfgs` stopped (``OptSummary.stop_reason``).
 STOP_REASONS = ("scaled gradient", "rounding", "projected gradient zero", "maxeval", "no parameters")
@@ -93,8 +100,9 @@ class BFGSResult:
     fun: float
     stop_reason: str
     converged: bool
-    restarts: int
+    restarts: int          # restarts from a probe, of either kind
     iterations: int
+    row_restarts: int = 0  # of them, from the end of a row of T (the row probe)
 
 
 def _noise(fx: float) -> float:
@@ -127,13 +135,15 @@ def _free_step(B: np.ndarray, g: np.ndarray, at_bound: np.ndarray) -> tuple[np.n
 
 def minimize_bfgs(ev: Evaluations, x0: np.ndarray, lower: np.ndarray, ftol: float = 1e-7,
                   maxeval: int = 10_000, curvature: np.ndarray | None = None,
-                  mirrors: dict[int, np.ndarray] | None = None) -> BFGSResult:
+                  mirrors: dict[int, np.ndarray] | None = None, rows: list | None = None) -> BFGSResult:
     """Minimise over {θ ≥ lower} from x0 (projected onto the box); see the module docstring.
 
     ``curvature``: the relative sizes of the Hessian's diagonal, up to one common factor (B
     starts as that diagonal, the factor fitted by the first step's secant); default all equal.
     ``mirrors``: {j: indices S} where f is unchanged by changing the sign of θ_S while θ_j is
-    on its bound; the edge probe of j then also tries the mirror image (θ_S → −θ_S)."""
+    on its bound; the edge probe of j then also tries the mirror image (θ_S → −θ_S).  ``rows``:
+    (θ indices of a vector term's diagonal, of T_ii, of T_i0 … T_i,i−1) per later row of T, for
+    the row probe (``_start.row_directions``)."""
     lower = np.asarray(lower, dtype=float)
     x = np.maximum(np.asarray(x0, dtype=float), lower)
     n = x.size
@@ -141,7 +151,7 @@ def minimize_bfgs(ev: Evaluations, x0: np.ndarray, lower: np.ndarray, ftol: floa
     fx, g = ev.fg(x)
     B = np.diag(np.ones(n) if curvature is None else np.asarray(curvature, dtype=float))
     scaled = False
-    restarts = iterations = 0
+    restarts = iterations = row_restarts = 0
     reason = ""
     while True:
         reason, x, fx, g, B, scaled, it = _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval)
@@ -150,11 +160,14 @@ def minimize_bfgs(ev: Evaluations, x0: np.ndarray, lower: np.ndarray, ftol: floa
             break
         probe = _edge_probe(ev, x, fx, lower, bounded, maxeval, mirrors or {})
         if probe is None:
+            probe = _row_probe(ev, x, fx, maxeval, rows or [])
+            row_restarts += probe is not None
+        if probe is None:
             break
         restarts += 1
         x = probe
         fx, g = ev.fg(x)
-    return BFGSResult(x, fx, reason, reason != "maxeval", restarts, iterations)
+    return BFGSResult(x, fx, reason, reason != "maxeval", restarts, iterations, row_restarts)
 
 
 def _edge_probe(ev: Evaluations, x, fx, lower, bounded, maxeval, mirrors) -> np.ndarray | None:
@@ -177,6 +190,27 @@ def _edge_probe(ev: Evaluations, x, fx, lower, bounded, maxeval, mirrors) -> np.
                     better, fbest = probe, fp
                 else:
                     better = np.maximum(better, probe)
+    return better
+
+
+def _row_probe(ev: Evaluations, x, fx, maxeval, rows) -> np.ndarray | None:
+    """The best of the rows' end points (module docstring) of the nearly singular vector terms
+    where that lowers f, or None.  At an end the row keeps its norm and its direction among the
+    earlier effects, and T_ii = 0 (its bound)."""
+    better, fbest = None, fx - max(1e-10, _noise(fx))
+    for diag, d, off in rows:
+        norms = [np.hypot(x[d], np.linalg.norm(x[o])) for _, d, o in rows if d in diag]
+        if x[diag].min() > NEAR_SINGULAR * max(norms + [float(x[diag[0]])]) or x[d] == 0.0:
+            continue
+        r_off = float(np.linalg.norm(x[off]))
+        if r_off == 0.0 or ev.nf >= maxeval:
+            continue
+        probe = x.copy()
+        probe[off] *= float(np.hypot(x[d], r_off)) / r_off
+        probe[d] = 0.0
+        fp = ev.f(probe)
+        if fp < fbest:
+            better, fbest = probe, fp
     return better
 
 

@@ -22,7 +22,7 @@ from ._optimize import (GRADIENT_OPTIMIZERS, SINGULAR_MESSAGE, OptSummary, check
 from ._progress import Progress
 from ._response import check_not_exact, response_crossproducts
 from ._results import LmerResult
-from ._start import column_mirrors, curvature_guess, moment_theta0
+from ._start import column_mirrors, curvature_guess, moment_theta0, row_directions
 from ._threads import check_threads, fit_threads
 
 __all__ = ["LinearMixedModel"]
@@ -328,7 +328,7 @@ class LinearMixedModel:
         if optimizer != "bfgs":
             return {}
         return {"curvature": curvature_guess(self.structure, self.backend.crossprod, theta0),
-                "mirrors": column_mirrors(self.structure)}
+                "mirrors": column_mirrors(self.structure), "rows": row_directions(self.structure)}
 
     def result_at(self, theta) -> LmerResult:
         """The result object at a given θ, without optimising (e.g. at lme4's estimate, to compare

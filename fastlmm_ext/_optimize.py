@@ -68,17 +68,19 @@ def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: 
                    optimizer: str = "bobyqa", ftol_abs: float = 1e-12, xtol_abs: float = 1e-10,
                    maxeval: int = 100_000, initial_step: float | None = None,
                    grad: Callable[[np.ndarray], np.ndarray] | None = None,
-                   curvature: np.ndarray | None = None, mirrors: dict | None = None) -> OptSummary:
+                   curvature: np.ndarray | None = None, mirrors: dict | None = None,
+                   rows: list | None = None) -> OptSummary:
     """Minimise f over {θ : θ ≥ lower} from theta0; returns the filled OptSummary.
 
     ``optimizer="bfgs"`` (``_bfgs``) and ``"lbfgsb"`` (SciPy's L-BFGS-B) need ``grad`` (the
     analytic gradient); the others are NLopt's derivative-free methods.  ``curvature`` (``"bfgs"``
     only): relative sizes of the Hessian's diagonal, its starting matrix; ``mirrors`` (``"bfgs"``
-    only): sign symmetries on the bounds, for the edge probe (``_bfgs.minimize_bfgs``)."""
+    only): sign symmetries on the bounds, for the edge probe; ``rows`` (``"bfgs"`` only): the vector
+    terms' rows of T, for the row probe (``_bfgs.minimize_bfgs``)."""
     if optimizer in GRADIENT_OPTIMIZERS and grad is None:
         raise ValueError(f"optimizer {optimizer!r} needs a backend with an analytic gradient")
     if optimizer == "bfgs":
-        return _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature, mirrors)
+        return _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature, mirrors, rows)
     if optimizer == "lbfgsb":
         return _minimize_lbfgsb(f, grad, theta0, lower, maxeval)
     algo = {"bobyqa": nlopt.LN_BOBYQA, "nelder_mead": nlopt.LN_NELDERMEAD, "cobyla": nlopt.LN_COBYLA}
@@ -143,7 +145,7 @@ def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: 
     return summ
 
 
-def _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature=None, mirrors=None) -> OptSummary:
+def _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature=None, mirrors=None, rows=None) -> OptSummary:
     theta0 = np.asarray(theta0, dtype=float)
     lower = np.asarray(lower, dtype=float)
     summ = OptSummary(optimizer="bfgs", theta_initial=theta0.copy(), lower=lower.copy(), maxeval=maxeval)
@@ -154,13 +156,15 @@ def _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature=None, mirrors=None
         summ.return_code = summ.stop_reason = "no parameters"
         return summ
     ev = Evaluations(f, grad)
-    r = minimize_bfgs(ev, theta0, lower, maxeval=maxeval, curvature=curvature, mirrors=mirrors)
+    r = minimize_bfgs(ev, theta0, lower, maxeval=maxeval, curvature=curvature, mirrors=mirrors, rows=rows)
     summ.theta_final, summ.fmin = r.x, r.fun
     summ.f_initial, summ.feval, summ.geval = ev.f_initial, ev.nf, ev.ng
     summ.stop_reason = summ.return_code = r.stop_reason
     summ.converged = r.converged
-    if r.restarts:
+    if r.restarts > r.row_restarts:
         summ.messages.append("restarted from the boundary: the criterion decreases inside")
+    if r.row_restarts:
+        summ.messages.append("restarted from a correlation of ±1: the criterion is lower there")
     if not r.converged:
         summ.messages.append(f"bfgs: stopped by {r.stop_reason}")
     summ.elapsed_s = time.perf_counter() - t0

@@ -38,7 +38,7 @@ from ._crossprod import CrossProducts, level_blocks
 from ._design import ModelStructure
 from ._params import theta_from_T
 
-__all__ = ["moment_theta0", "curvature_guess", "column_mirrors"]
+__all__ = ["moment_theta0", "curvature_guess", "column_mirrors", "row_directions"]
 
 MIN_START = 0.05
 MAX_START = 20.0
@@ -130,6 +130,23 @@ def column_mirrors(s: ModelStructure) -> dict[int, np.ndarray]:
         for c in range(t.k - 1):
             start = t.theta_offset + c * t.k - c * (c - 1) // 2
             out[start] = np.arange(start + 1, start + t.k - c)
+    return out
+
+
+def row_directions(s: ModelStructure) -> list[tuple[np.ndarray, int, np.ndarray]]:
+    """For each row i ≥ 1 of a vector term's T: (the θ indices of the term's diagonal, the θ index
+    of T_ii, the θ indices of T_i0 … T_i,i−1).  The variance of effect i is σ²‖row i‖², and the
+    row's direction sets its correlations with the effects before it; where some effect's variance
+    is nearly 0, f hardly depends on the direction of the rows, and an optimum at a correlation of
+    ±1 (T_ii = 0, a singular fit) lies at the end of a nearly flat valley (``_bfgs``'s row probe)."""
+    out = []
+    for t in s.terms:
+        if t.k == 1 or t.ntheta != t.k * (t.k + 1) // 2:
+            continue
+        pos = lambda i, c: t.theta_offset + c * t.k - c * (c - 1) // 2 + (i - c)   # noqa: E731 - T[i, c]'s θ index
+        diag = np.array([pos(c, c) for c in range(t.k)])
+        for i in range(1, t.k):
+            out.append((diag, pos(i, i), np.array([pos(i, c) for c in range(i)])))
     return out
 
 

@@ -255,3 +255,15 @@ def test_nested_start_and_curvature():
     for model in (m, v):
         c = curvature_guess(model.structure, model.backend.crossprod, model.theta0)
         assert np.all(np.isfinite(c)) and np.all(c > 0)
+
+
+@pytest.mark.parametrize("seed,sa,REML", [(6447, 0.0, False), (7, 0.05, True), (7, 0.05, False), (19, 0.05, False),
+                                          (33, 0.0, False)])
+def test_bfgs_row_probe_reaches_a_correlation_of_one(seed, sa, REML):
+    """A vector term whose intercept variance is nearly 0: f hardly depends on the correlation, and
+    its minimum lies at a correlation of ±1 (T₁₁ = 0) at the end of a flat valley, where the
+    gradient test stopped 2e-4 to 1.1e-3 above BOBYQA's optimum before the row probe."""
+    df = crossed(seed, 600, 40, 15, sa, 0.3, slope=True)
+    res = check_against_bobyqa("y ~ x + (1 + x|a) + (1|b)", df, "compiled", REML)
+    assert res.theta[2] < 1e-4 and res.singular          # at (or next to) the end of the row
+    assert any("correlation of ±1" in m for m in res.optsummary.messages)
