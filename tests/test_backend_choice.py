@@ -278,3 +278,15 @@ def test_auto_orders_the_pattern_once(monkeypatch):
     # a blocked choice keeps nothing
     fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", crossed(60_000, 2000, 600), threads=1)
     assert backends._kept_analysis == []
+
+
+def test_insteval_picks_blocked_on_one_thread_too():
+    """InstEval's (f, g) measured at one thread: blocked 51–59 ms CPU, CHOLMOD 62–68 ms (see
+    _cost's docstring); with one core busy (threads=1) auto must not take CHOLMOD."""
+    from conftest import REFERENCE
+    df = pd.read_csv(REFERENCE / "InstEval.csv.gz", usecols=["s", "d", "dept", "service", "y"])
+    for col in ("s", "d", "dept", "service"):
+        df[col] = pd.Categorical(df[col])
+    s, cp = structure("y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)", df)
+    for threads in (1, 2):
+        assert choose_backend(s, crossprod=cp, threads=threads).backend == "blocked"
