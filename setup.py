@@ -12,6 +12,7 @@ shipped by SuiteSparse >= 7), and from the usual system paths
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 from Cython.Build import cythonize
@@ -48,6 +49,8 @@ def _cholmod_paths():
 
 
 include_dirs, library_dirs = _cholmod_paths()
+# GCC's and Clang's OpenMP flag on Linux (libgomp / libomp); elsewhere the prange loops run serially.
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 extensions = [
     Extension(
@@ -61,13 +64,15 @@ extensions = [
     )
     for name in ("_kernel", "_selinv")
 ] + [
-    # Sparse Gram products into dense matrices for the two-block path (no CHOLMOD needed).
+    # Sparse Gram products into dense matrices for the two-block path (no CHOLMOD needed); its
+    # inverse_gram splits the levels over OpenMP threads (prange; serial where OPENMP is empty).
     Extension(
         "fastlmm_ext._gram",
         sources=["src_c/_gram.pyx"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3"],
+        extra_compile_args=["-O3", *OPENMP],
+        extra_link_args=OPENMP,
     ),
     # Closed-form PLS of one-term models, block by block (no CHOLMOD).  No contraction into
     # fused multiply-adds: its row sums equal NumPy's bincount and CSR products operation by operation.

@@ -103,12 +103,14 @@ class _SharedKernel:
 
     It keeps what the kernel is built from (ZᵀWZ's arrays, the block layout, the ordering), so
     it pickles without CHOLMOD's factor: a copy builds its kernel, and so redoes the symbolic
-    analysis, on first use."""
-    __slots__ = ("M", "owner", "_design", "_kernel", "_threads")
+    analysis, on first use.  ``analysis``: a symbolic analysis of the pattern already made
+    (``choose_backend``'s), handed to the first kernel so that the pattern is ordered once."""
+    __slots__ = ("M", "owner", "_design", "_kernel", "_threads", "_analysis")
 
-    def __init__(self, s: ModelStructure, cp: CrossProducts, ordering: str):
+    def __init__(self, s: ModelStructure, cp: CrossProducts, ordering: str, analysis: dict | None = None):
         self._design = (cp.Ap, cp.Ai, cp.Mx, kernel_layout(s), ordering)
         self._kernel, self.owner, self.M, self._threads = None, None, None, None
+        self._analysis = analysis
 
     def kernel_for(self, cp: CrossProducts, token: int) -> PLSKernel:
         """The kernel holding ``cp``'s response and ZᵀWZ values (built from the design on first
@@ -117,7 +119,8 @@ class _SharedKernel:
             openmp_dynamic()
             Ap, Ai, _, (bstart, bsize, toff, Tflat, theta_pos), ordering = self._design
             self._kernel = PLSKernel(Ap, Ai, cp.Mx, bstart, bsize, toff, Tflat, theta_pos, cp.ZtXy, cp.XyXy,
-                                     ordering)
+                                     ordering, self._analysis)
+            self._analysis = None
         elif self.owner != token:
             self._kernel.set_response(cp.ZtXy, cp.XyXy, cp.Mx)    # drops the factor of the other response
         self.owner = token
@@ -136,7 +139,7 @@ class _SharedKernel:
 
     def __setstate__(self, design) -> None:
         self._design = design
-        self._kernel, self.owner, self.M, self._threads = None, None, None, None
+        self._kernel, self.owner, self.M, self._threads, self._analysis = None, None, None, None, None
 
 
 _tokens = itertools.count()
@@ -153,13 +156,14 @@ class CompiledBackend:
     has_gradient = True
 
     def __init__(self, s: ModelStructure, ordering: str = "default", crossprod: CrossProducts | None = None,
-                 _shared: _SharedKernel | None = None):
+                 _shared: _SharedKernel | None = None, analysis: dict | None = None):
         self.s = s
         self.crossprod = crossprod if crossprod is not None else CrossProducts.from_structure(s)
         self._token = next(_tokens)
         self._M_blocks = None    # level blocks of ZᵀWZ, for the one-term gradient
         if _shared is None:
-            _shared = _SharedKernel(s, self.crossprod, ordering)
+            # analysis: symbolic_facts of this pattern with this ordering, if already made
+            _shared = _SharedKernel(s, self.crossprod, ordering, analysis)
             _shared.kernel_for(self.crossprod, self._token)   # the symbolic analysis, now
         self._shared = _shared
 
@@ -389,7 +393,10 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
     path with the lower estimate of seconds per (f, g) (``_cost``) at ``threads`` threads (None:
     the cores free now): CHOLMOD's from its symbolic analysis of ZᵀZ's pattern (the flops of the
     factor under CHOLMOD's own ordering, which leaves a Zipf-skewed design's heavy levels to the
-    end), the blocked path's from its dense q₂ × q₂ block and the Gram products that fill it."""
+    end), the blocked path's from its dense q₂ × q₂ block and the Gram products that fill it.
+    When that picks ``"compiled"``, the analysis is kept for the kernel that :func:`make_backend`
+    builds next on the same cross-products, which then uses its permutation as given instead of
+    ordering the pattern again (the same factor)."""
     check_backend(backend, ordering)
     if backend != "auto":
         return BackendChoice(backend, backend, f"backend={backend!r} given")
@@ -407,11 +414,28 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
     cp = crossprod if crossprod is not None else CrossProducts.from_structure(s)
     n = threads if threads is not None else available_cores()
     counts = blocked_counts(s, cp)
-    estimates = (compiled_cost(symbolic_facts(cp.Ap, cp.Ai, "default"), counts, n), blocked_cost(counts, n))
+    facts = symbolic_facts(cp.Ap, cp.Ai, "default")
+    estimates = (compiled_cost(facts, counts, n), blocked_cost(counts, n))
     best = min(estimates, key=lambda e: e.seconds)
+    _kept_analysis[:] = [(cp.Ap, cp.Ai, facts)] if best.backend == "compiled" else []
     reason = (f"lower estimated time per (f, g) at {n} thread{'s' if n > 1 else ''}: "
               + ", ".join(str(e) for e in estimates))
     return BackendChoice(best.backend, "auto", reason, estimates, n)
+
+
+# The analysis behind the last choice of "compiled" by estimate, with the pattern's arrays it was
+# made of: the CompiledBackend built next for those very arrays (make_backend right after
+# choose_backend) takes it, so the pattern is ordered once.  One entry, taken when used.
+_kept_analysis: list = []
+
+
+def _take_analysis(cp: CrossProducts, ordering: str) -> dict | None:
+    """The kept analysis if it is of ``cp``'s pattern (the same arrays) under ``ordering``."""
+    kept = _kept_analysis[:1]
+    if ordering != "default" or not kept or kept[0][0] is not cp.Ap or kept[0][1] is not cp.Ai:
+        return None
+    _kept_analysis.clear()
+    return kept[0][2]
 
 
 def check_backend(backend: str, ordering: str = "default") -> None:
@@ -444,4 +468,4 @@ def make_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = "d
         return BlockedBackend(s, crossprod=crossprod)
     if backend == "single":
         return SingleTermBackend(s, crossprod=crossprod)
-    return CompiledBackend(s, ordering=ordering, crossprod=crossprod)
+    return CompiledBackend(s, ordering=ordering, crossprod=crossprod, analysis=_take_analysis(crossprod, ordering))

@@ -7,7 +7,8 @@ A fit's work runs in three pools of threads:
 * the OpenBLAS copies bundled in NumPy's and SciPy's wheels: the blocked path's dense Cholesky
   factor and inverse of the q₂ × q₂ Schur complement, and every small NumPy call;
 * OpenMP (libgomp), which CHOLMOD ≥ 4 (SuiteSparse 7) uses in its supernodal factorization
-  (CHOLMOD 3, SuiteSparse 5, uses it only in update routines the kernel does not call).
+  (CHOLMOD 3, SuiteSparse 5, uses it only in update routines the kernel does not call), and the
+  blocked gradient's ``_gram.inverse_gram``, which is given the fit's n (:func:`active_threads`).
 
 OpenBLAS's threads spin for a while after each call before they sleep, so a thread that finds
 no free core does not just wait: it takes the core from the thread it waits for, or from another

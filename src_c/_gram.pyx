@@ -27,16 +27,24 @@ q·nnz(A[:, a]) at most; the rows of Li are taken in panels of NB: a panel's str
 is copied once into a contiguous buffer (NB values per column of Li, in L2 cache), and each
 entry A[r, j] adds A[r, j]·Li[panel, r] to the panel's slice of column j of W.  Entries with r
 past the panel's last row meet zeros of Li and are skipped (rows sorted), which halves the work.
+The groups a are independent, so they are split over ``threads`` OpenMP threads: each thread
+takes a contiguous range of groups of about equal work (Σ over its entries of the panels that
+reach them) and walks all panels with its own copy of the strip, so the threads meet only once,
+at the end (a barrier per panel costs a descheduled thread's time slice at every panel on a
+busy machine).  Each Y_a is accumulated by one thread in the same order whatever the count,
+and d by the first thread alone, so Y and d do not depend on the thread count, not even in rounding.
 
 Python checks shapes and dtypes ("Python validates, Cython trusts").
 """
 import numpy as np
 cimport numpy as cnp
+from cython.parallel cimport prange
 
 cnp.import_array()
 
 cdef enum:
     NB = 32      # rows of Li per panel: the strip (NB × q doubles) stays in L2 for q up to ~4000
+    PAD = 16     # doubles between the threads' buffers: two 64-byte cache lines, whatever the alignment
 
 
 def schur_lower(double[::1, :] S, const double[::1] lam,
@@ -79,80 +87,122 @@ def schur_lower(double[::1, :] S, const double[::1] lam,
                 nxt[j] += 1
 
 
-def inverse_gram(const double[::1, :] Li, const int[::1] cp, const int[::1] ci, const double[::1] cx,
-                 int k):
-    """(Y, d) for the lower-triangular Li (q × q, its upper triangle is not read) and A (q × m,
-    m = ℓk, CSC with rows sorted): Y[a] = W_aᵀ W_a (ℓ × k × k) with W_a = Li A[:, ak:ak+k], and
-    d[r] = Σ_i Li[i, r]² (the diagonal of LiᵀLi)."""
-    cdef Py_ssize_t q = Li.shape[0], m = cp.shape[0] - 1
-    cdef Py_ssize_t nlev = m // k
-    out_arr = np.zeros((nlev, k, k), dtype=np.float64)
-    d_arr = np.zeros(q, dtype=np.float64)
-    pan_arr = np.zeros(max(q, 1) * NB, dtype=np.float64)
-    x_arr = np.zeros(k * NB, dtype=np.float64)
-    first_arr = np.empty(max(nlev, 1), dtype=np.intp)
-    cdef double[:, :, ::1] out = out_arr
-    cdef double[::1] d = d_arr, pan = pan_arr, x = x_arr
-    cdef Py_ssize_t[::1] first = first_arr
+cdef void _gram_groups(const double[::1, :] Li, const int[::1] cp, const int[::1] ci, const double[::1] cx,
+                       Py_ssize_t k, Py_ssize_t a0, Py_ssize_t a1, const Py_ssize_t[::1] first,
+                       double *pan, double *x, double[:, :, ::1] out, double[::1] d, bint with_d) noexcept nogil:
+    """Y[a] (lower triangles) for the groups a0 ≤ a < a1, over all panels of Li's rows, with the
+    buffers ``pan`` (q·NB: the strip) and ``x`` (k·NB: the panel's slice of W_a); with ``with_d``
+    also d (module docstring)."""
+    cdef Py_ssize_t q = Li.shape[0]
     cdef Py_ssize_t i0, i1, w, r, t, a, c, e, col, ll, top
     cdef double v, acc
     cdef double *pr
     cdef double *xc
     cdef double *xe
     cdef const double *lr
+    i0 = 0
+    while i0 < q:
+        i1 = min(i0 + NB, q)
+        w = i1 - i0
+        # the strip: pan[r, t] = Li[i0 + t, r] for r < i1, zero above Li's diagonal and past q
+        for r in range(i1):
+            pr = &pan[r * NB]
+            lr = &Li[i0, r]
+            top = r - i0 if r > i0 else 0
+            for t in range(top):
+                pr[t] = 0.0
+            for t in range(top, w):
+                pr[t] = lr[t]
+            for t in range(w, NB):
+                pr[t] = 0.0
+            if with_d:
+                acc = 0.0
+                for t in range(NB):
+                    acc = acc + pr[t] * pr[t]
+                d[r] += acc
+        for a in range(a0, a1):
+            if first[a] >= i1:
+                continue
+            col = a * k
+            for c in range(k):
+                xc = &x[c * NB]
+                for t in range(NB):
+                    xc[t] = 0.0
+                for ll in range(cp[col + c], cp[col + c + 1]):
+                    r = ci[ll]
+                    if r >= i1:
+                        break
+                    v = cx[ll]
+                    pr = &pan[r * NB]
+                    for t in range(NB):
+                        xc[t] += v * pr[t]
+            for c in range(k):
+                xc = &x[c * NB]
+                for e in range(c + 1):
+                    xe = &x[e * NB]
+                    acc = 0.0
+                    for t in range(NB):
+                        acc = acc + xc[t] * xe[t]
+                    out[a, c, e] += acc
+        i0 = i1
+
+
+def inverse_gram(const double[::1, :] Li, const int[::1] cp, const int[::1] ci, const double[::1] cx,
+                 int k, int threads=1):
+    """(Y, d) for the lower-triangular Li (q × q, its upper triangle is not read) and A (q × m,
+    m = ℓk, CSC with rows sorted): Y[a] = W_aᵀ W_a (ℓ × k × k) with W_a = Li A[:, ak:ak+k], and
+    d[r] = Σ_i Li[i, r]² (the diagonal of LiᵀLi); the groups split over ``threads`` OpenMP
+    threads (at least one, at most one per group; the result is the same for every count)."""
+    cdef Py_ssize_t q = Li.shape[0], m = cp.shape[0] - 1
+    cdef Py_ssize_t nlev = m // k
+    cdef Py_ssize_t nt = max(1, min(threads, nlev))
+    out_arr = np.zeros((nlev, k, k), dtype=np.float64)
+    d_arr = np.zeros(q, dtype=np.float64)
+    # per thread: its strip and its W slice, PAD doubles apart so that no two threads write one
+    # cache line
+    cdef Py_ssize_t pstride = max(q, 1) * NB + PAD, xstride = k * NB + PAD
+    pan_arr = np.zeros(nt * pstride, dtype=np.float64)
+    x_arr = np.zeros(nt * xstride, dtype=np.float64)
+    first_arr = np.empty(max(nlev, 1), dtype=np.intp)
+    bound_arr = np.zeros(nt + 1, dtype=np.intp)
+    cdef double[:, :, ::1] out = out_arr
+    cdef double[::1] d = d_arr, pan = pan_arr, x = x_arr
+    cdef Py_ssize_t[::1] first = first_arr, bound = bound_arr
+    cdef Py_ssize_t a, c, col, ll, tid
+    cdef double total = 0.0, acc = 0.0
     with nogil:
         # the first row of each group of k columns (q when they are all empty): a panel above it
-        # adds nothing to the group
+        # adds nothing to the group; the groups' work, Σ over entries of the panels reaching them
         for a in range(nlev):
             first[a] = q
             for c in range(k):
                 col = a * k + c
                 if cp[col] < cp[col + 1] and ci[cp[col]] < first[a]:
                     first[a] = ci[cp[col]]
-        i0 = 0
-        while i0 < q:
-            i1 = min(i0 + NB, q)
-            w = i1 - i0
-            # the strip: pan[r, t] = Li[i0 + t, r] for r < i1, zero above Li's diagonal and past q
-            for r in range(i1):
-                pr = &pan[r * NB]
-                lr = &Li[i0, r]
-                top = r - i0 if r > i0 else 0
-                for t in range(top):
-                    pr[t] = 0.0
-                for t in range(top, w):
-                    pr[t] = lr[t]
-                for t in range(w, NB):
-                    pr[t] = 0.0
-                acc = 0.0
-                for t in range(NB):
-                    acc = acc + pr[t] * pr[t]
-                d[r] += acc
-            for a in range(nlev):
-                if first[a] >= i1:
-                    continue
-                col = a * k
-                for c in range(k):
-                    xc = &x[c * NB]
-                    for t in range(NB):
-                        xc[t] = 0.0
-                    for ll in range(cp[col + c], cp[col + c + 1]):
-                        r = ci[ll]
-                        if r >= i1:
-                            break
-                        v = cx[ll]
-                        pr = &pan[r * NB]
-                        for t in range(NB):
-                            xc[t] += v * pr[t]
-                for c in range(k):
-                    xc = &x[c * NB]
-                    for e in range(c + 1):
-                        xe = &x[e * NB]
-                        acc = 0.0
-                        for t in range(NB):
-                            acc = acc + xc[t] * xe[t]
-                        out[a, c, e] += acc
-            i0 = i1
+                for ll in range(cp[col], cp[col + 1]):
+                    total += (q - ci[ll]) // NB + 1
+        # thread tid takes the groups bound[tid] ≤ a < bound[tid + 1], about total / nt work each
+        tid = 1
+        for a in range(nlev):
+            if tid >= nt:
+                break
+            for c in range(k):
+                col = a * k + c
+                for ll in range(cp[col], cp[col + 1]):
+                    acc += (q - ci[ll]) // NB + 1
+            if acc >= total * tid / nt:
+                bound[tid] = a + 1
+                tid += 1
+        while tid < nt:
+            bound[tid] = nlev
+            tid += 1
+        bound[nt] = nlev
+        if nt == 1:
+            _gram_groups(Li, cp, ci, cx, k, 0, nlev, first, &pan[0], &x[0], out, d, True)
+        else:
+            for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+                _gram_groups(Li, cp, ci, cx, k, bound[tid], bound[tid + 1], first, &pan[tid * pstride],
+                             &x[tid * xstride], out, d, tid == 0)
         for a in range(nlev):
             for c in range(k):
                 for e in range(c):

@@ -90,9 +90,11 @@ cdef dict _factor_facts(cholmod_factor *L, cholmod_common *c):
     cdef long long nupdates = 0
     cdef long long[::1] ncols, nrows
     cdef int[::1] col2sn
+    cdef int[::1] Lperm = <int[:L.n]> (<int *> L.Perm) if L.n > 0 else None
     info = {"is_super": bool(L.is_super), "ordering": int(L.ordering), "n": int(L.n),
             "lnz": float(c.lnz), "fl": float(c.fl), "anz": float(c.anz),
-            "nsuper": 0, "super_ncols": None, "super_nrows": None, "nupdates": 0}
+            "nsuper": 0, "super_ncols": None, "super_nrows": None, "nupdates": 0,
+            "perm": np.array(Lperm, dtype=np.int32) if L.n > 0 else np.zeros(0, dtype=np.int32)}
     if L.is_super:
         nsn = L.nsuper
         sup = <int *> L.super
@@ -127,7 +129,9 @@ def symbolic_facts(const int[::1] Ap, const int[::1] Ai, str ordering="default")
     pattern (Ap, Ai), as the kernel would analyse it with ``ordering``: the facts of
     :attr:`PLSKernel.factor_info` (fl, lnz, supernodes), without values and without keeping a
     factor (what ``backend="auto"`` weighs the CHOLMOD path by).  CHOLMOD's defaults otherwise,
-    so the simplicial/supernodal switch is the kernel's."""
+    so the simplicial/supernodal switch is the kernel's.  ``perm`` is the analysis's final
+    permutation (fill-reducing ordering and postorder): a kernel on the same pattern given these
+    facts (``PLSKernel(..., analysis=facts)``) builds the same factor without ordering again."""
     cdef cholmod_common c
     cdef cholmod_sparse A
     cdef cholmod_factor *L = NULL
@@ -181,6 +185,10 @@ cdef class PLSKernel:
     ZtXy : float64 (q, p+1) Fortran order, [ZᵀX  Zᵀy].
     XyXy : float64 (p+1, p+1) Fortran order, [XᵀX Xᵀy; yᵀX yᵀy].
     ordering : "default" (CHOLMOD's choice), "amd" or "natural".
+    analysis : optional, :func:`symbolic_facts` of this pattern with this ordering: its final
+        permutation is used as given (CHOLMOD_GIVEN, no postorder), so the ordering is not searched
+        again and the factor is the one the analysis describes (its facts are checked; on any
+        difference the kernel analyses the pattern itself).
 
     :meth:`set_response` swaps [ZᵀX Zᵀy] and the Gram matrix for another response on the same
     design: ZᵀZ, its symbolic analysis and the factor's pattern are kept.
@@ -192,7 +200,7 @@ cdef class PLSKernel:
         cholmod_start(&self.c)
 
     def __init__(self, Ap, Ai, Mx, col_bstart, col_bsize, col_toff, Tflat, theta_pos,
-                 ZtXy, XyXy, str ordering="default"):
+                 ZtXy, XyXy, str ordering="default", dict analysis=None):
         self._keep = (Ap, Ai, Mx)
         self.Ap = Ap
         self.Ai = Ai
@@ -234,15 +242,50 @@ cdef class PLSKernel:
 
         self.c.print = 0          # errors are raised as exceptions, not printed
         self.c.final_ll = 1       # keep L in LLᵀ form: log|L| is read off its diagonal
-        _set_ordering(&self.c, ordering)
-        with nogil:
-            self.L = cholmod_analyze(&self.A, &self.c)
-        _check(&self.c, "cholmod_analyze")
+        self.analysis_reused = False
+        if analysis is not None:
+            self._facts = self._analyse_given(analysis)
         if self.L == NULL:
-            raise CholmodError("cholmod_analyze returned no factor")
-        self._facts = _factor_facts(self.L, &self.c)    # Common's statistics change with later calls
+            _set_ordering(&self.c, ordering)
+            with nogil:
+                self.L = cholmod_analyze(&self.A, &self.c)
+            _check(&self.c, "cholmod_analyze")
+            if self.L == NULL:
+                raise CholmodError("cholmod_analyze returned no factor")
+            self._facts = _factor_facts(self.L, &self.c)    # Common's statistics change with later calls
         self.B = cholmod_allocate_dense(self.q, self.p + 1, self.q, CHOLMOD_REAL, &self.c)
         _check(&self.c, "cholmod_allocate_dense")
+
+    cdef dict _analyse_given(self, dict analysis):
+        """Analyse with ``analysis``'s final permutation as given (no ordering search, no postorder:
+        the permutation is already postordered); the facts, with the analysis's ordering code, if
+        they are the analysis's, else None and no factor (the caller then analyses the pattern)."""
+        perm_arr = np.ascontiguousarray(analysis.get("perm"), dtype=np.int32)
+        if perm_arr.ndim != 1 or perm_arr.shape[0] != self.q or self.q == 0:
+            return None
+        cdef int[::1] perm = perm_arr
+        cdef int nmethods = self.c.nmethods, postorder = self.c.postorder, first = self.c.method[0].ordering
+        self.c.nmethods = 1
+        self.c.method[0].ordering = CHOLMOD_GIVEN
+        self.c.postorder = 0
+        with nogil:
+            self.L = cholmod_analyze_p(&self.A, &perm[0], NULL, 0, &self.c)
+        self.c.nmethods, self.c.postorder, self.c.method[0].ordering = nmethods, postorder, first
+        _check(&self.c, "cholmod_analyze_p")
+        if self.L == NULL:
+            return None
+        facts = _factor_facts(self.L, &self.c)
+        same = all(facts[key] == analysis.get(key) for key in ("is_super", "n", "lnz", "fl", "nsuper")) \
+            and np.array_equal(facts["perm"], perm_arr) and (not facts["is_super"] or (
+                np.array_equal(facts["super_ncols"], analysis.get("super_ncols"))
+                and np.array_equal(facts["super_nrows"], analysis.get("super_nrows"))))
+        if not same:
+            cholmod_free_factor(&self.L, &self.c)
+            self.L = NULL
+            return None
+        facts["ordering"] = int(analysis["ordering"])     # the ordering that found the permutation
+        self.analysis_reused = True
+        return facts
 
     def __dealloc__(self):
         if self.C != NULL:

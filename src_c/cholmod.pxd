@@ -21,6 +21,7 @@ cdef extern from "cholmod.h" nogil:
     int CHOLMOD_P
     int CHOLMOD_Pt
     int CHOLMOD_NATURAL
+    int CHOLMOD_GIVEN
     int CHOLMOD_AMD
     int CHOLMOD_METIS
     int CHOLMOD_NESDIS
@@ -92,6 +93,8 @@ cdef extern from "cholmod.h" nogil:
     int cholmod_start(cholmod_common *c)
     int cholmod_finish(cholmod_common *c)
     cholmod_factor *cholmod_analyze(cholmod_sparse *A, cholmod_common *c)
+    cholmod_factor *cholmod_analyze_p(cholmod_sparse *A, int *UserPerm, int *fset, size_t fsize,
+                                      cholmod_common *c)
     int cholmod_factorize_p(cholmod_sparse *A, double *beta, int *fset, size_t fsize,
                             cholmod_factor *L, cholmod_common *c)
     cholmod_dense *cholmod_solve(int sys, cholmod_factor *L, cholmod_dense *B, cholmod_common *c)

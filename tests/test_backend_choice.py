@@ -199,3 +199,94 @@ def test_requested_backends_and_orderings():
     assert res.model.backend_choice.backend == res.backend and str(res.model.backend_choice).startswith(res.backend)
     # the model refitted, or as its ML twin, keeps the record
     assert res.model.ml_twin().backend_choice == res.model.backend_choice
+
+
+def _kernel_pair(formula, df, analysis_of):
+    """The compiled backend's kernel built from its own analysis, and one given ``analysis_of(cp)``."""
+    from fastlmm_ext._backends import CompiledBackend
+    s, cp = structure(formula, df)
+    return CompiledBackend(s, crossprod=cp).kernel, CompiledBackend(s, crossprod=cp, analysis=analysis_of(cp)).kernel
+
+
+def _same_factor(k1, k2, nth, seed=0):
+    """Equal facts (every key: permutation, supernodes) and, at random θ's, the same criterion
+    pieces and solves bit for bit: the same factor."""
+    f1, f2 = k1.factor_info, k2.factor_info
+    assert f1.keys() == f2.keys()
+    for key in f1:
+        if isinstance(f1[key], np.ndarray) or isinstance(f2[key], np.ndarray):
+            np.testing.assert_array_equal(f1[key], f2[key], err_msg=key)
+        else:
+            assert f1[key] == f2[key], key
+    rng = np.random.default_rng(seed)
+    rhs = rng.normal(size=(f1["n"], 2))
+    for _ in range(2):
+        theta = rng.uniform(0.2, 1.5, nth)
+        assert k1.update(theta) == k2.update(theta)
+        assert (k1.ldL2, k1.ldRX2) == (k2.ldL2, k2.ldRX2)
+        np.testing.assert_array_equal(k1.solve_L(rhs), k2.solve_L(rhs))
+
+
+@pytest.mark.parametrize("formula, df", [
+    ("y ~ x + (1|a) + (1|b)", crossed(8000, 800, 400, zipf=(1.6, 1.4))),     # supernodal, AMD
+    ("y ~ x + (1|a) + (1|b)", crossed(3000, 300, 60)),
+    ("y ~ x + (1|a/b)", crossed(3000, 40, 8)),
+    ("y ~ x + (1 + x|a) + (1|b)", crossed(3000, 100, 30, seed=3)),
+])
+def test_a_handed_analysis_gives_the_same_factor(formula, df):
+    """A kernel given symbolic_facts' analysis of its pattern uses the permutation as given and
+    builds the factor of a kernel that orders the pattern itself: the same facts (the ordering
+    code of the search that found it included) and the same numbers."""
+    k1, k2 = _kernel_pair(formula, df, lambda cp: symbolic_facts(cp.Ap, cp.Ai, "default"))
+    assert k2.analysis_reused and not k1.analysis_reused
+    _same_factor(k1, k2, len(build_structure(formula, df).lower))
+
+
+def test_a_foreign_analysis_is_not_used():
+    """An analysis of another pattern (or a permutation of the wrong length) is refused by its
+    facts, and the kernel orders the pattern itself."""
+    df, other = crossed(3000, 300, 60), crossed(3000, 300, 60, seed=5)
+    s2, cp2 = structure("y ~ x + (1|a) + (1|b)", other)
+    foreign = symbolic_facts(cp2.Ap, cp2.Ai, "default")
+    for bad in (foreign, {**foreign, "perm": foreign["perm"][:-1]}):
+        k1, k2 = _kernel_pair("y ~ x + (1|a) + (1|b)", df, lambda cp: bad)
+        assert not k2.analysis_reused
+        _same_factor(k1, k2, 2)
+
+
+def test_auto_orders_the_pattern_once(monkeypatch):
+    """When the estimate picks CHOLMOD, the model's kernel is built from the estimate's analysis
+    (handed over, not redone), and the criterion is the one of backend='compiled'."""
+    import fastlmm_ext._backends as backends
+    seen = []
+    real = backends.PLSKernel
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(backends, "PLSKernel", spy)
+    df = crossed(20_000, 2000, 1000, zipf=(1.6, 1.4))
+    m = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", df)
+    assert m.backend_name == "compiled" and m.backend_choice.requested == "auto"
+    assert len(seen) == 1 and isinstance(seen[0], dict) and "perm" in seen[0]
+    assert backends._kept_analysis == [] and m.backend.kernel.analysis_reused   # taken by the kernel, used
+    theta = np.array([0.7, 0.4])
+    ref = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", df, backend="compiled")
+    assert len(seen) == 2 and seen[1] is None              # asked for by name: its own analysis
+    assert m.backend.objective(theta, True) == ref.backend.objective(theta, True)
+    # a blocked choice keeps nothing
+    fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", crossed(60_000, 2000, 600), threads=1)
+    assert backends._kept_analysis == []
+
+
+def test_insteval_picks_blocked_on_one_thread_too():
+    """InstEval's (f, g) measured at one thread: blocked 51–59 ms CPU, CHOLMOD 62–68 ms (see
+    _cost's docstring); with one core busy (threads=1) auto must not take CHOLMOD."""
+    from conftest import REFERENCE
+    df = pd.read_csv(REFERENCE / "InstEval.csv.gz", usecols=["s", "d", "dept", "service", "y"])
+    for col in ("s", "d", "dept", "service"):
+        df[col] = pd.Categorical(df[col])
+    s, cp = structure("y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)", df)
+    for threads in (1, 2):
+        assert choose_backend(s, crossprod=cp, threads=threads).backend == "blocked"

@@ -76,6 +76,55 @@ def test_inverse_gram_equals_dense(q, nlev, k, density, shared, seed):
     np.testing.assert_allclose(d, (Lt ** 2).sum(axis=0), rtol=1e-13, atol=0)
 
 
+@settings(max_examples=40, deadline=None)
+@given(q=st.integers(1, 110), nlev=st.integers(1, 25), k=st.integers(1, 3), density=st.floats(0.0, 0.5),
+       threads=st.integers(2, 5), seed=st.integers(0, 2**31 - 1))
+def test_inverse_gram_threads_exact(q, nlev, k, density, threads, seed):
+    """Split over threads, every group's Y_a is still summed by one thread in the same order:
+    the result equals the one-thread result exactly (more threads than groups included), and
+    the dense computation."""
+    rng = np.random.default_rng(seed)
+    A = _grouped(rng, q, nlev, k, density, True)
+    Li = np.asfortranarray(rng.normal(size=(q, q)))
+    cp, ci, cx = _csc(A)
+    Y1, d1 = inverse_gram(Li, cp, ci, cx, k, 1)
+    Yn, dn = inverse_gram(Li, cp, ci, cx, k, threads)
+    np.testing.assert_array_equal(Yn, Y1)
+    np.testing.assert_array_equal(dn, d1)
+    W = (np.tril(Li) @ A.toarray()).reshape(q, nlev, k)
+    want = np.einsum("rai,raj->aij", W, W)
+    np.testing.assert_allclose(Yn, want, rtol=0, atol=1e-12 * (1.0 + np.abs(want).max()))
+
+
+@pytest.mark.parametrize("formula, theta", [("y ~ x + (1|g1) + (1|g2)", [0.8, 0.5]),
+                                            ("y ~ x + (x|g1) + (1|g2)", [0.9, 0.2, 0.6, 0.5])])
+def test_inverse_gram_threads_on_a_crossed_design(formula, theta):
+    """On a crossed design of several panels and uneven levels: the kernel on the blocked
+    backend's L₂₂⁻¹ and L₂₁ gives the same Y and d at 1, 2 and 3 threads, bit for bit; the
+    gradient of a fit at two threads (threaded LAPACK too, which rounds differently) agrees with
+    the one at one thread to rounding, and with the compiled backend's."""
+    import scipy.linalg as la
+    from fastlmm_ext._threads import fit_threads
+    df = _crossed(3, 4000, 300, 150)
+    m = fl.LinearMixedModel(formula, df, backend="blocked")
+    be, theta = m.backend, np.array(theta)
+    f = be._factor(theta)
+    Li = la.lapack.dtrtri(np.asfortranarray(f["L22"]), lower=1)[0]
+    Y1, d1 = inverse_gram(Li, be._cp, be._ci, f["L21c"], be.k, 1)
+    for n in (2, 3):
+        Yn, dn = inverse_gram(Li, be._cp, be._ci, f["L21c"], be.k, n)
+        np.testing.assert_array_equal(Yn, Y1)
+        np.testing.assert_array_equal(dn, d1)
+    g = {}
+    for n in (1, 2):
+        b = be.with_response(m.structure, be.crossprod)
+        with fit_threads(n):
+            g[n] = b.gradient(theta, True)
+    want = fl.LinearMixedModel(formula, df, backend="compiled").backend.gradient(theta, True)
+    np.testing.assert_allclose(g[2], g[1], rtol=1e-9, atol=1e-9 * np.abs(g[1]).max())
+    np.testing.assert_allclose(g[2], want, rtol=1e-7, atol=1e-7 * np.abs(want).max())
+
+
 def _crossed(seed: int, n: int, l1: int, l2: int):
     rng = np.random.default_rng(seed)
     g1, g2 = rng.integers(0, l1, n), rng.integers(0, l2, n)

@@ -19,6 +19,7 @@ cdef class PLSKernel:
     cdef double[::1, :] S
     cdef readonly double ldL2, ldRX2, pwrss
     cdef readonly bint has_state
+    cdef readonly bint analysis_reused   # built from a handed analysis's permutation (not ordered here)
     cdef object _keep
     cdef dict _facts            # factor_info, read off the symbolic analysis
     cdef object selinv_cache    # (key, Z, layout) of the factor's selected inverse, kept by _selinv
@@ -28,3 +29,4 @@ cdef class PLSKernel:
     cdef void _lambdat_dense(self, const double[::1, :] src, double *dst, int ncol) noexcept nogil
     cdef double _logdet_L2(self) noexcept nogil
     cdef object _solve(self, int system, cnp.ndarray rhs)
+    cdef dict _analyse_given(self, dict analysis)
