@@ -28,7 +28,7 @@ CHOLMOD option, so with it ``"auto"`` means ``"compiled"``.  ``ordering`` with `
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -378,6 +378,9 @@ class BackendChoice:
     reason: str
     estimates: tuple[PathCost, ...] = ()
     threads: int | None = None
+    #: the symbolic analysis behind a choice of "compiled" by estimate, for :func:`make_backend`
+    #: to hand to the kernel (the pattern is then ordered once); None once handed over
+    analysis: dict | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.backend} ({self.reason})"
@@ -394,9 +397,9 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
     the cores free now): CHOLMOD's from its symbolic analysis of ZᵀZ's pattern (the flops of the
     factor under CHOLMOD's own ordering, which leaves a Zipf-skewed design's heavy levels to the
     end), the blocked path's from its dense q₂ × q₂ block and the Gram products that fill it.
-    When that picks ``"compiled"``, the analysis is kept for the kernel that :func:`make_backend`
-    builds next on the same cross-products, which then uses its permutation as given instead of
-    ordering the pattern again (the same factor)."""
+    When that picks ``"compiled"``, the choice carries the analysis (``analysis``), and
+    :func:`make_backend` given the choice builds the kernel with its permutation as given instead
+    of ordering the pattern again (the same factor)."""
     check_backend(backend, ordering)
     if backend != "auto":
         return BackendChoice(backend, backend, f"backend={backend!r} given")
@@ -417,25 +420,10 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
     facts = symbolic_facts(cp.Ap, cp.Ai, "default")
     estimates = (compiled_cost(facts, counts, n), blocked_cost(counts, n))
     best = min(estimates, key=lambda e: e.seconds)
-    _kept_analysis[:] = [(cp.Ap, cp.Ai, facts)] if best.backend == "compiled" else []
     reason = (f"lower estimated time per (f, g) at {n} thread{'s' if n > 1 else ''}: "
               + ", ".join(str(e) for e in estimates))
-    return BackendChoice(best.backend, "auto", reason, estimates, n)
-
-
-# The analysis behind the last choice of "compiled" by estimate, with the pattern's arrays it was
-# made of: the CompiledBackend built next for those very arrays (make_backend right after
-# choose_backend) takes it, so the pattern is ordered once.  One entry, taken when used.
-_kept_analysis: list = []
-
-
-def _take_analysis(cp: CrossProducts, ordering: str) -> dict | None:
-    """The kept analysis if it is of ``cp``'s pattern (the same arrays) under ``ordering``."""
-    kept = _kept_analysis[:1]
-    if ordering != "default" or not kept or kept[0][0] is not cp.Ap or kept[0][1] is not cp.Ai:
-        return None
-    _kept_analysis.clear()
-    return kept[0][2]
+    return BackendChoice(best.backend, "auto", reason, estimates, n,
+                         analysis=facts if best.backend == "compiled" else None)
 
 
 def check_backend(backend: str, ordering: str = "default") -> None:
@@ -450,10 +438,15 @@ def check_backend(backend: str, ordering: str = "default") -> None:
                             "does not use CHOLMOD; use backend='compiled' (or 'auto') with it")
 
 
-def make_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = "default",
+def make_backend(s: ModelStructure, backend: str | BackendChoice = "auto", *, ordering: str = "default",
                  crossprod: CrossProducts | None = None, threads: int | None = None) -> Backend:
     """The backend ``backend`` for structure ``s`` (``crossprod``: its cross-products, if already
-    formed).  ``"auto"``: :func:`choose_backend` (at ``threads`` threads)."""
+    formed).  ``"auto"``: :func:`choose_backend` (at ``threads`` threads).  A
+    :class:`BackendChoice` of ``s`` and ``crossprod`` (``choose_backend``'s) builds its backend,
+    the compiled kernel from the choice's analysis when it has one."""
+    analysis = None
+    if isinstance(backend, BackendChoice):
+        backend, analysis = backend.backend, backend.analysis
     check_backend(backend, ordering)
     if backend == "reference":
         if not s.has_rows:
@@ -463,9 +456,10 @@ def make_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = "d
     if crossprod is None:
         crossprod = CrossProducts.from_structure(s)
     if backend == "auto":
-        backend = choose_backend(s, backend, ordering=ordering, crossprod=crossprod, threads=threads).backend
+        choice = choose_backend(s, backend, ordering=ordering, crossprod=crossprod, threads=threads)
+        backend, analysis = choice.backend, choice.analysis
     if backend == "blocked":
         return BlockedBackend(s, crossprod=crossprod)
     if backend == "single":
         return SingleTermBackend(s, crossprod=crossprod)
-    return CompiledBackend(s, ordering=ordering, crossprod=crossprod, analysis=_take_analysis(crossprod, ordering))
+    return CompiledBackend(s, ordering=ordering, crossprod=crossprod, analysis=analysis)

@@ -135,8 +135,8 @@ class LinearMixedModel:
             if crossprod is None and backend != "reference":
                 crossprod = CrossProducts.from_structure(s)
             choice = choose_backend(s, backend, ordering=ordering, crossprod=crossprod, threads=n)
-            be = make_backend(s, choice.backend, ordering=ordering, crossprod=crossprod)
-        self._assemble(s, REML, be, threads, choice)
+            be = make_backend(s, choice, ordering=ordering, crossprod=crossprod)
+        self._assemble(s, REML, be, threads, dataclasses.replace(choice, analysis=None))   # handed over
 
     @property
     def backend_name(self) -> str:

@@ -270,14 +270,16 @@ def test_auto_orders_the_pattern_once(monkeypatch):
     m = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", df)
     assert m.backend_name == "compiled" and m.backend_choice.requested == "auto"
     assert len(seen) == 1 and isinstance(seen[0], dict) and "perm" in seen[0]
-    assert backends._kept_analysis == [] and m.backend.kernel.analysis_reused   # taken by the kernel, used
+    assert m.backend.kernel.analysis_reused and m.backend_choice.analysis is None   # used, and not kept
     theta = np.array([0.7, 0.4])
     ref = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", df, backend="compiled")
     assert len(seen) == 2 and seen[1] is None              # asked for by name: its own analysis
     assert m.backend.objective(theta, True) == ref.backend.objective(theta, True)
-    # a blocked choice keeps nothing
-    fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", crossed(60_000, 2000, 600), threads=1)
-    assert backends._kept_analysis == []
+    # a blocked choice carries no analysis
+    m = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", crossed(60_000, 2000, 600), threads=1)
+    assert m.backend_name == "blocked"
+    s = m.structure
+    assert backends.choose_backend(s, crossprod=m.backend.crossprod, threads=1).analysis is None
 
 
 def test_insteval_picks_blocked_on_one_thread_too():
