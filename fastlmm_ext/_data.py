@@ -20,7 +20,7 @@ import pandas as pd
 
 from ._exceptions import ArgumentError, DataError, MissingColumnError, MissingValuesWarning
 
-__all__ = ["as_frame", "check_columns", "drop_missing", "prepare_factors", "factor_codes",
+__all__ = ["as_frame", "check_columns", "drop_missing", "prepare_factors", "factor_codes", "RowsAt",
            "is_factor_dtype", "as_numeric_array", "reject_complex", "check_weights", "no_positive_weight",
            "unique_labels", "is_polars_frame", "row_labels", "interaction_labels", "combine_factors",
            "recode_combinations", "check_reml"]
@@ -145,16 +145,13 @@ def drop_missing(df: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, np
     n_bad = int(bad.sum())
     if not n_bad:
         return df, ~bad
-    sub = df[columns]
-    if n_bad:
-        if n_bad == len(df):
-            raise DataError(
-                f"no complete rows: every one of the {len(df)} rows has a missing value in "
-                f"{', '.join(map(repr, columns))}")
-        warnings.warn(f"dropped {n_bad} of {len(df)} rows with missing values in the model's columns",
-                      MissingValuesWarning, stacklevel=4)
-        sub = sub.loc[~bad]
-    return sub, ~bad
+    if n_bad == len(df):
+        raise DataError(
+            f"no complete rows: every one of the {len(df)} rows has a missing value in "
+            f"{', '.join(map(repr, columns))}")
+    warnings.warn(f"dropped {n_bad} of {len(df)} rows with missing values in the model's columns",
+                  MissingValuesWarning, stacklevel=4)
+    return df[columns].loc[~bad], ~bad
 
 
 def _missing(s: pd.Series) -> np.ndarray:
@@ -167,6 +164,31 @@ def _missing(s: pd.Series) -> np.ndarray:
     if isinstance(dt, pd.CategoricalDtype):
         return np.asarray(s.cat.codes) < 0
     return s.isna().to_numpy()
+
+
+class RowsAt:
+    """A few rows of some prepared data columns, kept as arrays ({column: (Categorical dtype or
+    None, values)} and the rows' index labels) until a DataFrame of them is asked for: building
+    a DataFrame costs a small fit a noticeable share of its time, and these are rarely read."""
+
+    def __init__(self, columns: dict, index):
+        self.columns = columns
+        self.index = index
+
+    @classmethod
+    def take(cls, frame: pd.DataFrame, columns, rows) -> RowsAt:
+        """``rows`` (positions) of ``frame``'s ``columns`` (a factor as its codes and dtype)."""
+        wanted, out = set(columns), {}
+        for c in frame.columns:
+            if c in wanted:
+                v = frame[c]
+                out[c] = ((v.dtype, np.asarray(v.cat.codes)[rows]) if isinstance(v.dtype, pd.CategoricalDtype)
+                          else (None, v.to_numpy()[rows]))
+        return cls(out, frame.index[rows])
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({c: (pd.Categorical.from_codes(v, dtype=dt) if dt is not None else v)
+                             for c, (dt, v) in self.columns.items()}, index=self.index)
 
 
 def factor_codes(values: pd.Series, name: str) -> tuple[np.ndarray, list[str]]:

@@ -23,8 +23,8 @@ import scipy.linalg as la
 import scipy.sparse as sp
 from . import _params
 from ._contrasts import check_contrast_names, default_contrasts, resolve_contrasts
-from ._data import (as_frame, as_numeric_array, check_columns, check_weights, combine_factors, drop_missing,
-                    factor_codes, is_factor_dtype, prepare_factors)
+from ._data import (RowsAt, as_frame, as_numeric_array, check_columns, check_weights, combine_factors,
+                    drop_missing, factor_codes, is_factor_dtype, prepare_factors)
 from ._exceptions import (DataError, FormulaError, GroupingFactorError, IdentifiabilityError,
                           RankDeficiencyWarning)
 from ._formula import ParsedFormula, parse_formula
@@ -89,19 +89,6 @@ class _AssembledOnUse:
 
     def __set__(self, obj, value) -> None:
         obj.__dict__["_Z"] = value
-
-
-class RowsAt:
-    """A few rows of some data columns, kept as arrays ({column: (Categorical dtype or None,
-    values)} and the rows' index labels) until a DataFrame of them is asked for."""
-
-    def __init__(self, columns: dict, index):
-        self.columns = columns
-        self.index = index
-
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame({c: (pd.Categorical.from_codes(v, dtype=dt) if dt is not None else v)
-                             for c, (dt, v) in self.columns.items()}, index=self.index)
 
 
 class _FramedOnUse:
@@ -523,15 +510,7 @@ def _rhs_matrix(tr, frame: pd.DataFrame, where: str, contrasts: dict, allow_pyth
 def fixed_basis_rows(block: RowBlock, G: np.ndarray, columns, rank: int | None = None) -> RowsAt:
     """The data columns of the fixed part at the rows :func:`basis_rows` picks from the block's
     X (G its XᵀX): what ``ModelStructure.fixed_rows`` keeps for the ANOVA hypotheses."""
-    S = basis_rows(block.X, G, rank=rank)
-    wanted = set(columns)
-    out = {}
-    for c in block.frame.columns:
-        if c in wanted:
-            v = block.frame[c]
-            out[c] = ((v.dtype, np.asarray(v.cat.codes)[S]) if isinstance(v.dtype, pd.CategoricalDtype)
-                      else (None, v.to_numpy()[S]))
-    return RowsAt(out, block.frame.index[S])
+    return RowsAt.take(block.frame, columns, basis_rows(block.X, G, rank=rank))
 
 
 def _from_spec(spec, frame: pd.DataFrame, what: str):

@@ -30,6 +30,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from ._data import RowsAt
+
 __all__ = ["simple_model_matrix", "DeferredSpec"]
 
 
@@ -120,11 +122,11 @@ class DeferredSpec:
 
     ``make(rows)`` builds it (``_rformula.model_matrix(...).model_spec``) from a one-row frame of
     the columns it reads: a factor's categories are in its dtype and a numeric column has no
-    state, so one row gives the spec the full frame would.  The row is kept as (dtype, value)
-    pairs and becomes a frame only when the spec is made.  Every attribute is the spec's; a copy
-    or pickle is the spec itself."""
+    state, so one row gives the spec the full frame would.  The row is kept as arrays
+    (``_data.RowsAt``) and becomes a frame only when the spec is made.  Every attribute is the
+    spec's; a copy or pickle is the spec itself."""
 
-    def __init__(self, make, row: dict):
+    def __init__(self, make, row: RowsAt):
         self._make = make
         self._row = row
         self._spec = None
@@ -132,23 +134,12 @@ class DeferredSpec:
     @classmethod
     def of(cls, make, frame: pd.DataFrame, columns) -> DeferredSpec:
         """A DeferredSpec over the first row of ``frame``'s ``columns``."""
-        row = {}
-        for c in columns:
-            s = frame[c]
-            if isinstance(s.dtype, pd.CategoricalDtype):
-                row[c] = (s.dtype, int(s.cat.codes.iat[0]))
-            else:
-                row[c] = (None, float(np.asarray(s)[0]))
-        return cls(make, row)
-
-    def _frame(self) -> pd.DataFrame:
-        return pd.DataFrame({c: (pd.Categorical.from_codes([v], dtype=dt) if dt is not None else np.array([v]))
-                             for c, (dt, v) in self._row.items()}, index=pd.RangeIndex(1))
+        return cls(make, RowsAt.take(frame, columns, np.arange(1)))
 
     def resolve(self):
         """The ModelSpec (made on the first call)."""
         if self._spec is None:
-            self._spec = self._make(self._frame())
+            self._spec = self._make(self._row.frame())
             self._make = self._row = None
         return self._spec
 
