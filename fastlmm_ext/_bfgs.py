@@ -142,8 +142,8 @@ def minimize_bfgs(ev: Evaluations, x0: np.ndarray, lower: np.ndarray, ftol: floa
     starts as that diagonal, the factor fitted by the first step's secant); default all equal.
     ``mirrors``: {j: indices S} where f is unchanged by changing the sign of θ_S while θ_j is
     on its bound; the edge probe of j then also tries the mirror image (θ_S → −θ_S).  ``rows``:
-    (θ indices of a vector term's diagonal, of T_ii, of T_i0 … T_i,i−1) per later row of T, for
-    the row probe (``_start.row_directions``)."""
+    per vector term, the θ indices of each row of its T, for the row probe
+    (``_start.row_directions``)."""
     lower = np.asarray(lower, dtype=float)
     x = np.maximum(np.asarray(x0, dtype=float), lower)
     n = x.size
@@ -198,19 +198,21 @@ def _row_probe(ev: Evaluations, x, fx, maxeval, rows) -> np.ndarray | None:
     where that lowers f, or None.  At an end the row keeps its norm and its direction among the
     earlier effects, and T_ii = 0 (its bound)."""
     better, fbest = None, fx - max(1e-10, _noise(fx))
-    for diag, d, off in rows:
-        norms = [np.hypot(x[d], np.linalg.norm(x[o])) for _, d, o in rows if d in diag]
-        if x[diag].min() > NEAR_SINGULAR * max(norms + [float(x[diag[0]])]) or x[d] == 0.0:
+    for term_rows in rows:
+        largest = max(float(np.linalg.norm(x[r])) for r in term_rows)
+        if min(x[r[-1]] for r in term_rows) > NEAR_SINGULAR * largest:
             continue
-        r_off = float(np.linalg.norm(x[off]))
-        if r_off == 0.0 or ev.nf >= maxeval:
-            continue
-        probe = x.copy()
-        probe[off] *= float(np.hypot(x[d], r_off)) / r_off
-        probe[d] = 0.0
-        fp = ev.f(probe)
-        if fp < fbest:
-            better, fbest = probe, fp
+        for r in term_rows[1:]:
+            d, off = r[-1], r[:-1]
+            r_off = float(np.linalg.norm(x[off]))
+            if x[d] == 0.0 or r_off == 0.0 or ev.nf >= maxeval:
+                continue
+            probe = x.copy()
+            probe[off] *= float(np.hypot(x[d], r_off)) / r_off
+            probe[d] = 0.0
+            fp = ev.f(probe)
+            if fp < fbest:
+                better, fbest = probe, fp
     return better
 
 

@@ -133,20 +133,17 @@ def column_mirrors(s: ModelStructure) -> dict[int, np.ndarray]:
     return out
 
 
-def row_directions(s: ModelStructure) -> list[tuple[np.ndarray, int, np.ndarray]]:
-    """For each row i ≥ 1 of a vector term's T: (the θ indices of the term's diagonal, the θ index
-    of T_ii, the θ indices of T_i0 … T_i,i−1).  The variance of effect i is σ²‖row i‖², and the
-    row's direction sets its correlations with the effects before it; where some effect's variance
-    is nearly 0, f hardly depends on the direction of the rows, and an optimum at a correlation of
-    ±1 (T_ii = 0, a singular fit) lies at the end of a nearly flat valley (``_bfgs``'s row probe)."""
+def row_directions(s: ModelStructure) -> list[list[np.ndarray]]:
+    """Per vector term: the θ indices of each row T_i0 … T_ii of its T (the diagonal last).  The variance of effect i is σ²‖row i‖², and the row's direction sets its
+    correlations with the effects before it; where some effect's variance is nearly 0, f hardly
+    depends on the direction of the rows, and an optimum at a correlation of ±1 (T_ii = 0, a
+    singular fit) lies at the end of a nearly flat valley (``_bfgs``'s row probe)."""
     out = []
     for t in s.terms:
         if t.k == 1 or t.ntheta != t.k * (t.k + 1) // 2:
             continue
         pos = lambda i, c: t.theta_offset + c * t.k - c * (c - 1) // 2 + (i - c)   # noqa: E731 - T[i, c]'s θ index
-        diag = np.array([pos(c, c) for c in range(t.k)])
-        for i in range(1, t.k):
-            out.append((diag, pos(i, i), np.array([pos(i, c) for c in range(i)])))
+        out.append([np.array([pos(i, c) for c in range(i + 1)]) for i in range(t.k)])
     return out
 
 
