@@ -358,13 +358,18 @@ def test_tukey_is_the_studentized_range():
                                rtol=1e-8)
 
 
-def test_chunked_fit_without_covariate_means():
-    """A fit from chunks keeps no covariate means: marginal means say so, and work with at=."""
-    r = MODELS["Orthodont_slope_REML"]
+def chunked_fit(name: str, cut: int):
+    """A reference model's data and its fit from two chunks of rows, split at ``cut``."""
+    r = MODELS[name]
     df = load_reference_data(r, HERE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ch = fl.lmer_chunked(r["formula"], [df.iloc[:50], df.iloc[50:]])
+        return df, fl.lmer_chunked(r["formula"], [df.iloc[:cut], df.iloc[cut:]])
+
+
+def test_chunked_fit_without_covariate_means():
+    """A fit from chunks keeps no covariate means: marginal means say so, and work with at=."""
+    df, ch = chunked_fit("Orthodont_slope_REML", 50)
     with raises_named(fl.DataError, "age"):
         ch.ls_means()
     mean_age = float(df["age"].mean())
@@ -377,11 +382,7 @@ def test_chunked_fit_without_covariate_means():
 def test_chunked_rank_deficient_fit_is_refused_by_name():
     """A rank-deficient fit from chunks keeps no relations among X's columns: estimability cannot
     be checked, so marginal means refuse, naming the aliased column."""
-    r = MODELS["oats_alias_REML"]
-    df = load_reference_data(r, HERE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ch = fl.lmer_chunked(r["formula"], [df.iloc[:40], df.iloc[40:]])
+    _, ch = chunked_fit("oats_alias_REML", 40)
     with raises_named(fl.DataError, "N0.6cwt"):
         ch.emmeans("~ Variety", at={"nitro": 0.3}, df_method="satterthwaite")
 
