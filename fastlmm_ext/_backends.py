@@ -282,7 +282,7 @@ class CompiledBackend:
         p = self.s.p
         u = st["u"]
         return PLSState(theta=theta.copy(), beta=st["beta"] + self.crossprod.beta_shift, u=u,
-                        b=self.s.Lambda(theta) @ u, pwrss=st["pwrss"], ldL2=st["ldL2"],
+                        b=self.s.Lambda_dot(theta, u), pwrss=st["pwrss"], ldL2=st["ldL2"],
                         ldRX2=st["ldRX2"], RX=st["R"][:p, :p].T.copy())
 
     def inverse_blocks(self, theta: np.ndarray, term_index: int) -> np.ndarray:

@@ -1,19 +1,27 @@
-"""Bounded quasi-Newton minimisation with an analytic gradient, stopping at the optimum.
+"""Bounded (quasi-)Newton minimisation with an analytic gradient, stopping at the optimum.
 
-Minimises f(θ) over {θ : θ ≥ lower} (lower = 0 or −∞ per component) by a projected BFGS method:
+Minimises f(θ) over {θ : θ ≥ lower} (lower = 0 or −∞ per component) by a projected Newton method:
 
 * **Active set.** A component on its bound whose Newton step points outwards is held there; the
-  step is d_F = −B_FF⁻¹ g_F on the free components F, with B the BFGS approximation of the
-  Hessian.  Each trial point is projected onto the box, max(θ + α d, lower).
+  step is d_F = −B_FF⁻¹ g_F on the free components F, with B the model of the Hessian.  Each
+  trial point is projected onto the box, max(θ + α d, lower); a component that the step takes
+  within ``ON_BOUND`` of its bound is put on it (a Newton step stops short of a boundary
+  optimum by a fraction of the distance).
+* **Hessian.** Given ``hess`` (the mixed models' average-information matrix, ``_hessian``), B is
+  that matrix at every accepted point: Newton steps, about half the evaluations of the BFGS
+  updates on the benchmarks' designs.  Once a unit step along it fails the line search's
+  first test, the model is dropped for the rest of the fit and the BFGS updates below go on
+  from its last matrix (near-singular vector terms, whose curved valleys it mispredicts).
 * **Line search.** α = 1 (the quasi-Newton step; the first, before any curvature is known, is
   limited to ``FIRST_STEP`` in θ), Armijo's sufficient decrease, backtracking by quadratic
   interpolation of f alone: the gradient is asked for only at an accepted point, where the
   backend's factor of that θ serves it.
-* **Curvature.** B starts as (yᵀy / sᵀy) I after the first step (Nocedal & Wright 6.20) and gets
-  Powell-damped BFGS updates, so it stays positive definite whatever the noise in g.
+* **Curvature** without a Hessian model: B starts as the ``curvature`` diagonal scaled by the
+  first step's secant (Nocedal & Wright 6.20) and gets Powell-damped BFGS updates, so it stays
+  positive definite whatever the noise in g.
 * **Stopping.**  ``"scaled gradient"``: the predicted decrease ½ g_Fᵀ B_FF⁻¹ g_F (half the square
-  of lme4's scaled gradient |chol(H)⁻ᵀ g| with H ≈ B) is below ``ftol`` after at least one
-  curvature update — an absolute test on f, a log-likelihood, in any units of θ.
+  of lme4's scaled gradient |chol(H)⁻ᵀ g| with H ≈ B) is below ``ftol`` once B carries
+  curvature (the Hessian model, or one BFGS update) — an absolute test on f, a log-likelihood, in any units of θ.
   ``"rounding"``: no trial point lowers f by more than f's rounding (``noise``: a few ulps of |f|)
   while the predicted decrease is itself within a few roundings — asking for less would chase
   the rounding of f.  ``"projected gradient zero"``: every free component's gradient is exactly
@@ -48,6 +56,7 @@ MAX_RESTARTS = 3
 NOISE_ULPS = 64        # f's rounding: NOISE_ULPS · eps · |f|
 KEEP = 0.2             # fraction to the boundary: one step keeps ≥ KEEP of a component's distance to its bound
 NEAR_BOUND = 0.01      # ... unless the component is this close to it: then the step may put it on the bound
+ON_BOUND = 1e-4        # a step towards a bound ending this close to it is put on it (lme4's singularity tolerance)
 NEAR_SINGULAR = 0.05   # a vector term's diagonal below this times its largest row norm: probe its rows' ends
 
 #: Why :func:`minimize_bfgs` stopped (``OptSummary.stop_reason``).
@@ -135,7 +144,8 @@ def _free_step(B: np.ndarray, g: np.ndarray, at_bound: np.ndarray) -> tuple[np.n
 
 def minimize_bfgs(ev: Evaluations, x0: np.ndarray, lower: np.ndarray, ftol: float = 1e-7,
                   maxeval: int = 10_000, curvature: np.ndarray | None = None,
-                  mirrors: dict[int, np.ndarray] | None = None, rows: list | None = None) -> BFGSResult:
+                  mirrors: dict[int, np.ndarray] | None = None, rows: list | None = None,
+                  hess: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None) -> BFGSResult:
     """Minimise over {θ ≥ lower} from x0 (projected onto the box); see the module docstring.
 
     ``curvature``: the relative sizes of the Hessian's diagonal, up to one common factor (B
@@ -151,10 +161,12 @@ def minimize_bfgs(ev: Evaluations, x0: np.ndarray, lower: np.ndarray, ftol: floa
     fx, g = ev.fg(x)
     B = np.diag(np.ones(n) if curvature is None else np.asarray(curvature, dtype=float))
     scaled = False
+    model = _HessianModel(hess)
+    B, scaled = model.update(x, g, B, scaled)
     restarts = iterations = row_restarts = 0
     reason = ""
     while True:
-        reason, x, fx, g, B, scaled, it = _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval)
+        reason, x, fx, g, B, scaled, it = _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval, model)
         iterations += it
         if reason == "maxeval" or restarts >= MAX_RESTARTS:
             break
@@ -167,6 +179,7 @@ def minimize_bfgs(ev: Evaluations, x0: np.ndarray, lower: np.ndarray, ftol: floa
         restarts += 1
         x = probe
         fx, g = ev.fg(x)
+        B, scaled = model.update(x, g, B, scaled)
     return BFGSResult(x, fx, reason, reason != "maxeval", restarts, iterations, row_restarts)
 
 
@@ -205,7 +218,8 @@ def _row_probe(ev: Evaluations, x, fx, maxeval, rows) -> np.ndarray | None:
         for r in term_rows[1:]:
             d, off = r[-1], r[:-1]
             r_off = float(np.linalg.norm(x[off]))
-            if x[d] == 0.0 or r_off == 0.0 or ev.nf >= maxeval:
+            # (a diagonal within ON_BOUND of 0 is at the row's end already: the snap to the bound tries it)
+            if x[d] < ON_BOUND or r_off == 0.0 or ev.nf >= maxeval:
                 continue
             probe = x.copy()
             probe[off] *= float(np.hypot(x[d], r_off)) / r_off
@@ -216,7 +230,26 @@ def _row_probe(ev: Evaluations, x, fx, maxeval, rows) -> np.ndarray | None:
     return better
 
 
-def _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval):
+class _HessianModel:
+    """The Hessian model of the Newton steps, trusted until a unit step along it fails Armijo's
+    test (then the damped BFGS updates take over from the last matrix, for the rest of the fit)."""
+
+    def __init__(self, hess):
+        self.hess = hess
+
+    def at(self, x, g) -> np.ndarray | None:
+        return self.hess(x, g) if self.hess is not None else None
+
+    def update(self, x, g, B, scaled):
+        """(B, scaled) from the model at x where it gives a matrix, else unchanged."""
+        H = self.at(x, g)
+        return (H, True) if H is not None else (B, scaled)
+
+    def distrust(self) -> None:
+        self.hess = None
+
+
+def _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval, model=None):
     """Projected quasi-Newton iterations from (x, f, g) until a stopping test holds."""
     it = 0
     while True:
@@ -238,8 +271,12 @@ def _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval):
         if far.any():
             alpha = min(alpha, float(np.min((1.0 - KEEP) * (x[far] - lower[far]) / -d[far])))
         accepted = None
-        for _ in range(MAX_BACKTRACKS):
+        for trial in range(MAX_BACKTRACKS):
             xt = np.maximum(x + alpha * d, lower)
+            # a step towards a bound ending within ON_BOUND of it ends on it: a Newton step stops
+            # short of a boundary optimum by a fraction of the distance, and f is flat there
+            onto = bounded & (d < 0) & (xt - lower < ON_BOUND)
+            xt[onto] = lower[onto]
             s = xt - x
             if not s.any():
                 break
@@ -248,6 +285,8 @@ def _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval):
             if np.isfinite(ft) and ft <= fx + ARMIJO * gs:
                 accepted = xt
                 break
+            if trial == 0 and model is not None:
+                model.distrust()    # the model mispredicted f along its own step
             if np.isfinite(ft) and abs(ft - fx) <= noise and dec <= 100 * max(ftol, noise):
                 break           # the trial's change is rounding: nothing left to gain at this scale
             if ev.nf >= maxeval:
@@ -259,11 +298,15 @@ def _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval):
         if accepted is None:
             return "rounding", x, fx, g, B, scaled, it
         ft, gt = ev.fg(accepted)
-        s, y = accepted - x, gt - g
-        sy = float(s @ y)
-        if not scaled and sy > 0:
-            B = B * (sy / float(s @ B @ s))
-        B = _damped_bfgs(B, s, y)
+        H = model.at(accepted, gt) if model is not None else None
+        if H is not None:
+            B = H
+        else:
+            s, y = accepted - x, gt - g
+            sy = float(s @ y)
+            if not scaled and sy > 0:
+                B = B * (sy / float(s @ B @ s))
+            B = _damped_bfgs(B, s, y)
         scaled = True
         x, fx, g = accepted, ft, gt
         it += 1

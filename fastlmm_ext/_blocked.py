@@ -139,8 +139,12 @@ class BlockedBackend:
         except np.linalg.LinAlgError as e:
             raise NotPositiveDefiniteError("blocked: first-term block not positive definite", theta) from e
         # G_a = T L₁₁ₐ⁻ᵀ so that L₂₁ = Λ₂ M₂₁ (I ⊗ G)
-        G = np.linalg.solve(L11, np.broadcast_to(T.T, (self.l1, k, k))).transpose(0, 2, 1)
-        c1 = np.linalg.solve(L11, np.einsum("ji,ajm->aim", T, self.W1.reshape(self.l1, k, p + 1)))
+        if k == 1:                              # 1 × 1 blocks: divisions (a batched solve costs 100×)
+            G = T[0, 0] / L11
+            c1 = (T[0, 0] * self.W1) / L11[:, 0, :]
+        else:
+            G = np.linalg.solve(L11, np.broadcast_to(T.T, (self.l1, k, k))).transpose(0, 2, 1)
+            c1 = np.linalg.solve(L11, np.einsum("ji,ajm->aim", T, self.W1.reshape(self.l1, k, p + 1)))
         c1 = c1.reshape(self.q1, p + 1)                                       # L₁₁⁻¹ T₁ᵀ W₁
         ldL2 = 2.0 * np.sum(np.log(np.einsum("aii->ai", L11)))
         out = {"theta": theta.copy(), "T": T, "lam": lam, "L11": L11, "G": G, "c1": c1}
@@ -227,6 +231,8 @@ class BlockedBackend:
         else:
             x2 = B2
         m = B1.shape[1]
+        if self.k == 1:                         # 1 × 1 blocks: a division (NumPy's batched solve costs 100×)
+            return B1 / f["L11"][:, 0, :], x2
         x1 = np.linalg.solve(np.transpose(f["L11"], (0, 2, 1)), B1.reshape(self.l1, self.k, m)).reshape(self.q1, m)
         return x1, x2
 
@@ -237,7 +243,10 @@ class BlockedBackend:
         f = self._factor(np.asarray(theta, dtype=float))
         B = np.asarray(rhs, dtype=float).reshape(self.s.q, -1)
         m = B.shape[1]
-        x1 = np.linalg.solve(f["L11"], B[:self.q1].reshape(self.l1, self.k, m)).reshape(self.q1, m)
+        if self.k == 1:
+            x1 = B[:self.q1] / f["L11"][:, 0, :]
+        else:
+            x1 = np.linalg.solve(f["L11"], B[:self.q1].reshape(self.l1, self.k, m)).reshape(self.q1, m)
         if not self.q2:
             return x1
         x2 = la.solve_triangular(f["L22"], B[self.q1:][self.level2] - f["L21"] @ x1, lower=True, check_finite=False)
@@ -332,7 +341,7 @@ class BlockedBackend:
         u = np.concatenate([u1, u2])
         p = self.p
         return PLSState(theta=np.array(theta, dtype=float), beta=beta + self.crossprod.beta_shift, u=u,
-                        b=self.s.Lambda(np.asarray(theta, dtype=float)) @ u, pwrss=f["pwrss"],
+                        b=self.s.Lambda_dot(np.asarray(theta, dtype=float), u), pwrss=f["pwrss"],
                         ldL2=f["ldL2"], ldRX2=f["ldRX2"], RX=f["R"][:p, :p].T.copy())
 
     def inverse_blocks(self, theta: np.ndarray, term_index: int) -> np.ndarray:

@@ -204,6 +204,10 @@ class ModelStructure:
         """Λ_θ = blockdiag over terms of (I_ℓ ⊗ T_i), a sparse q × q lower-triangular matrix."""
         return _params.Lambda(self.terms, theta)
 
+    def Lambda_dot(self, theta: np.ndarray, x: np.ndarray, transpose: bool = False) -> np.ndarray:
+        """Λ_θ x (Λ_θᵀ x with ``transpose``) for a q-vector or q × m array, without forming Λ_θ."""
+        return _params.Lambda_dot(self.terms, theta, x, transpose)
+
 
 # ----------------------------------------------------------------------------- names
 

@@ -19,6 +19,7 @@ from ._design import ModelStructure, build_structure
 from ._exceptions import ArgumentError, ConvergenceWarning, DataError, SingularFitWarning
 from ._optimize import (GRADIENT_OPTIMIZERS, SINGULAR_MESSAGE, OptSummary, check_convergence, is_singular,
                         minimize_theta, snap_to_bounds)
+from ._hessian import model_hessian
 from ._progress import Progress
 from ._response import check_not_exact, response_crossproducts
 from ._results import LmerResult
@@ -324,11 +325,13 @@ class LinearMixedModel:
         return LmerResult(self, state, summ, fmin, singular, messages, conv_info), warned
 
     def _bfgs_hints(self, theta0: np.ndarray, optimizer: str) -> dict:
-        """The starting curvature and the sign symmetries of θ for ``optimizer="bfgs"`` (``_start``)."""
+        """The starting curvature, the sign symmetries of θ (``_start``) and the Newton steps'
+        Hessian model (``_hessian``) for ``optimizer="bfgs"``."""
         if optimizer != "bfgs":
             return {}
         return {"curvature": curvature_guess(self.structure, self.backend.crossprod, theta0),
-                "mirrors": column_mirrors(self.structure), "rows": row_directions(self.structure)}
+                "mirrors": column_mirrors(self.structure), "rows": row_directions(self.structure),
+                "hess": model_hessian(self.structure, self.backend, self.REML)}
 
     def result_at(self, theta) -> LmerResult:
         """The result object at a given θ, without optimising (e.g. at lme4's estimate, to compare

@@ -69,7 +69,7 @@ def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: 
                    maxeval: int = 100_000, initial_step: float | None = None,
                    grad: Callable[[np.ndarray], np.ndarray] | None = None,
                    curvature: np.ndarray | None = None, mirrors: dict | None = None,
-                   rows: list | None = None) -> OptSummary:
+                   rows: list | None = None, hess: Callable | None = None) -> OptSummary:
     """Minimise f over {θ : θ ≥ lower} from theta0; returns the filled OptSummary.
 
     ``optimizer="bfgs"`` (``_bfgs``) and ``"lbfgsb"`` (SciPy's L-BFGS-B) need ``grad`` (the
@@ -80,7 +80,7 @@ def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: 
     if optimizer in GRADIENT_OPTIMIZERS and grad is None:
         raise ValueError(f"optimizer {optimizer!r} needs a backend with an analytic gradient")
     if optimizer == "bfgs":
-        return _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature, mirrors, rows)
+        return _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature, mirrors, rows, hess)
     if optimizer == "lbfgsb":
         return _minimize_lbfgsb(f, grad, theta0, lower, maxeval)
     algo = {"bobyqa": nlopt.LN_BOBYQA, "nelder_mead": nlopt.LN_NELDERMEAD, "cobyla": nlopt.LN_COBYLA}
@@ -145,7 +145,7 @@ def minimize_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, lower: 
     return summ
 
 
-def _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature=None, mirrors=None, rows=None) -> OptSummary:
+def _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature=None, mirrors=None, rows=None, hess=None) -> OptSummary:
     theta0 = np.asarray(theta0, dtype=float)
     lower = np.asarray(lower, dtype=float)
     summ = OptSummary(optimizer="bfgs", theta_initial=theta0.copy(), lower=lower.copy(), maxeval=maxeval)
@@ -156,7 +156,7 @@ def _minimize_bfgs(f, grad, theta0, lower, maxeval, curvature=None, mirrors=None
         summ.return_code = summ.stop_reason = "no parameters"
         return summ
     ev = Evaluations(f, grad)
-    r = minimize_bfgs(ev, theta0, lower, maxeval=maxeval, curvature=curvature, mirrors=mirrors, rows=rows)
+    r = minimize_bfgs(ev, theta0, lower, maxeval=maxeval, curvature=curvature, mirrors=mirrors, rows=rows, hess=hess)
     summ.theta_final, summ.fmin = r.x, r.fun
     summ.f_initial, summ.feval, summ.geval = ev.f_initial, ev.nf, ev.ng
     summ.stop_reason = summ.return_code = r.stop_reason

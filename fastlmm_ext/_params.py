@@ -83,6 +83,22 @@ def Lambda(terms, theta: np.ndarray) -> sp.csc_matrix:
     return sp.block_diag(blocks, format="csc")
 
 
+def Lambda_dot(terms, theta: np.ndarray, x: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """Λ_θ x (or Λ_θᵀ x) for a q-vector or q × m array, level block by level block
+    ((I_ℓ ⊗ T) x = per level T x_a), without forming the sparse Λ."""
+    x = np.asarray(x, dtype=float)
+    out = np.empty_like(x)
+    for t in terms:
+        sl = slice(t.col_offset, t.col_offset + t.q)
+        T = term_T(t, theta)
+        if t.k == 1:
+            out[sl] = T[0, 0] * x[sl]
+            continue
+        xa = x[sl].reshape(t.nlevels, t.k, -1)
+        out[sl] = np.einsum("ji,ajm->aim" if transpose else "ij,ajm->aim", T, xa).reshape(x[sl].shape)
+    return out
+
+
 def lower_bounds(terms) -> np.ndarray:
     """Lower bounds of θ: 0 for diagonal elements of each T, −∞ elsewhere."""
     diag = np.concatenate([_diagonal(t.k) for t in terms]) if terms else np.zeros(0, dtype=bool)

@@ -143,6 +143,43 @@ def test_evaluations_cache():
     assert r.x.tolist() == [1.0] and r.stop_reason in STOP_REASONS
 
 
+def test_newton_steps_with_a_hessian_model():
+    """With the exact Hessian of a quadratic the first step is the minimiser (2 evaluations, the
+    second confirming it); a wrong model is dropped after its first failed unit step and the BFGS
+    updates still reach the minimum; a model giving None leaves BFGS as it was."""
+    A = np.array([[4.0, 1.0], [1.0, 3.0]])
+    c = np.array([1.0, 2.0])
+    f = lambda x: float(0.5 * x @ A @ x - c @ x)          # noqa: E731
+    g = lambda x: A @ x - c                                # noqa: E731
+    xmin = np.linalg.solve(A, c)
+    lower = np.full(2, -np.inf)
+    ev = Evaluations(f, g)
+    r = minimize_bfgs(ev, np.array([5.0, -3.0]), lower, hess=lambda x, gx: A)
+    assert ev.nf == 2 and np.allclose(r.x, xmin, atol=1e-12)
+    calls = []
+
+    def wrong(x, gx):
+        calls.append(1)
+        return 1e-3 * np.eye(2)                            # steps 1000x too long
+    ev = Evaluations(f, g)
+    r = minimize_bfgs(ev, np.array([5.0, -3.0]), lower, hess=wrong)
+    assert np.allclose(r.x, xmin, atol=1e-5) and len(calls) == 1    # asked at the start only
+    ev0, ev1 = Evaluations(f, g), Evaluations(f, g)
+    r0 = minimize_bfgs(ev0, np.array([5.0, -3.0]), lower)
+    r1 = minimize_bfgs(ev1, np.array([5.0, -3.0]), lower, hess=lambda x, gx: None)
+    assert r0.x.tolist() == r1.x.tolist() and ev0.nf == ev1.nf
+
+
+def test_a_step_ending_next_to_a_bound_ends_on_it():
+    """f = (x − 0.5)² + (y + 1e-5)² on x, y ≥ 0 from (1, 0.005): the Newton step takes y within
+    ON_BOUND of 0, and it is put exactly there."""
+    H = np.diag([2.0, 2.0])
+    f = lambda x: float((x[0] - 0.5) ** 2 + (x[1] + 1e-5) ** 2)   # noqa: E731 - minimum at y = -1e-5, outside
+    g = lambda x: np.array([2 * (x[0] - 0.5), 2 * (x[1] + 1e-5)])  # noqa: E731
+    r = minimize_bfgs(Evaluations(f, g), np.array([1.0, 0.005]), np.zeros(2), hess=lambda x, gx: H)
+    assert r.x[1] == 0.0 and abs(r.x[0] - 0.5) < 1e-12
+
+
 # ------------------------------------------------------------------ on mixed models
 def attach_counter(model):
     """Shadow the backend's objective and gradient with counted versions (as eval_counts.py)."""
@@ -259,11 +296,17 @@ def test_nested_start_and_curvature():
 
 @pytest.mark.parametrize("seed,sa,REML", [(6447, 0.0, False), (7, 0.05, True), (7, 0.05, False), (19, 0.05, False),
                                           (33, 0.0, False)])
-def test_bfgs_row_probe_reaches_a_correlation_of_one(seed, sa, REML):
+@pytest.mark.parametrize("newton", [True, False])
+def test_bfgs_row_probe_reaches_a_correlation_of_one(seed, sa, REML, newton, monkeypatch):
     """A vector term whose intercept variance is nearly 0: f hardly depends on the correlation, and
     its minimum lies at a correlation of ±1 (T₁₁ = 0) at the end of a flat valley, where the
-    gradient test stopped 2e-4 to 1.1e-3 above BOBYQA's optimum before the row probe."""
+    BFGS updates' gradient test stopped 2e-4 to 1.1e-3 above BOBYQA's optimum before the row
+    probe.  The default (Newton steps on the AI Hessian) reaches it too; without the Hessian
+    model (quasi-Newton updates only) it is the row probe that does."""
+    if not newton:
+        monkeypatch.setattr(fl._model, "model_hessian", lambda *a: (lambda theta, g: None))
     df = crossed(seed, 600, 40, 15, sa, 0.3, slope=True)
     res = check_against_bobyqa("y ~ x + (1 + x|a) + (1|b)", df, "compiled", REML)
     assert res.theta[2] < 1e-4 and res.singular          # at (or next to) the end of the row
-    assert any("correlation of ±1" in m for m in res.optsummary.messages)
+    if not newton:
+        assert any("correlation of ±1" in m for m in res.optsummary.messages)
