@@ -33,18 +33,11 @@ import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
 
+from ._crossprod import full_ZtWZ
 from ._exceptions import FastLMMError
 from ._params import tri_indices
 
-__all__ = ["ai_hessian", "gradient_term", "model_hessian", "full_M"]
-
-
-def full_M(crossprod) -> sp.csr_matrix:
-    """ZᵀWZ, both triangles, from the cross-products' block-closed lower storage (whose diagonal
-    blocks may hold both of their triangles)."""
-    q = crossprod.Ap.size - 1
-    low = sp.tril(sp.csc_matrix((crossprod.Mx, crossprod.Ai, crossprod.Ap), shape=(q, q)))
-    return (low + sp.tril(low, -1).T).tocsr()
+__all__ = ["ai_hessian", "gradient_term", "model_hessian"]
 
 
 def _directions(s, theta: np.ndarray, rho: np.ndarray) -> np.ndarray:
@@ -63,11 +56,11 @@ def _directions(s, theta: np.ndarray, rho: np.ndarray) -> np.ndarray:
 
 def ai_hessian(s, backend, theta: np.ndarray, reml: bool, M: sp.csr_matrix | None = None) -> np.ndarray:
     """H_AI at θ (module docstring), from ``backend``'s factor at θ (``state`` and ``solve_L``)
-    and its cross-products; ``M``: :func:`full_M` of them, if already formed."""
+    and its cross-products; ``M``: their ZᵀWZ with both triangles, if already formed."""
     theta = np.asarray(theta, dtype=float)
     cp = backend.crossprod
     p = s.p
-    M = full_M(cp) if M is None else M
+    M = full_ZtWZ(cp, s) if M is None else M
     st = backend.state(theta)
     b = st.b
     beta = st.beta - cp.beta_shift                      # on the cross-products' shifted response
@@ -126,7 +119,7 @@ def model_hessian(s, backend, reml: bool, exact_term: bool = True):
     None for a backend without cross-products (the dense reference path)."""
     if getattr(backend, "crossprod", None) is None or not hasattr(backend, "solve_L"):
         return None
-    M = full_M(backend.crossprod)
+    M = full_ZtWZ(backend.crossprod, s)
 
     def hess(theta: np.ndarray, g: np.ndarray) -> np.ndarray | None:
         try:
