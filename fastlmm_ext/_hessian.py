@@ -116,8 +116,10 @@ def model_hessian(s, backend, reml: bool, exact_term: bool = True):
     alone where the sum is not positive definite), a direction of no curvature (a variance on
     its bound, whose column of W is 0) given the largest curvature; None where neither is
     positive definite or the solves fail (the optimiser then updates its last matrix by BFGS).
-    None for a backend without cross-products (the dense reference path)."""
-    if getattr(backend, "crossprod", None) is None or not hasattr(backend, "solve_L"):
+    None for a backend without cross-products (the dense reference path) or one that declares
+    ``hessian_model = False`` (the single-term path, whose own evaluations cost less)."""
+    if (getattr(backend, "crossprod", None) is None or not hasattr(backend, "solve_L")
+            or not getattr(backend, "hessian_model", True)):
         return None
     M = full_ZtWZ(backend.crossprod, s)
 

@@ -94,8 +94,9 @@ def Lambda_dot(terms, theta: np.ndarray, x: np.ndarray, transpose: bool = False)
         if t.k == 1:
             out[sl] = T[0, 0] * x[sl]
             continue
+        # one BLAS product over all levels ((ℓ·m) × k times k × k), not a batched einsum
         xa = x[sl].reshape(t.nlevels, t.k, -1)
-        out[sl] = np.einsum("ji,ajm->aim" if transpose else "ij,ajm->aim", T, xa).reshape(x[sl].shape)
+        out[sl] = np.tensordot(xa, T, axes=([1], [0] if transpose else [1])).transpose(0, 2, 1).reshape(x[sl].shape)
     return out
 
 
