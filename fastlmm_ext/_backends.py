@@ -33,6 +33,7 @@ from typing import Protocol
 
 import numpy as np
 import scipy.linalg as la
+import scipy.sparse as sp
 
 from . import _selinv
 from ._blocked import BlockedBackend, blocked_applicable
@@ -98,8 +99,8 @@ class Backend(Protocol):
 class _SharedKernel:
     """A PLSKernel shared by the backends of one design (one per response, see
     :meth:`CompiledBackend.with_response`); ``owner`` is the token of the backend whose response
-    the kernel currently holds, ``M`` (its values' array, the full ZᵀWZ) once a gradient has
-    needed it.
+    the kernel currently holds, ``M`` (its values' array, the full ZᵀWZ) once a gradient or a
+    Hessian model has needed it.
 
     It keeps what the kernel is built from (ZᵀWZ's arrays, the block layout, the ordering), so
     it pickles without CHOLMOD's factor: a copy builds its kernel, and so redoes the symbolic
@@ -227,7 +228,7 @@ class CompiledBackend:
         for t in self.s.terms:
             sl = slice(t.col_offset, t.col_offset + t.q)
             b[sl] = (u[sl].reshape(t.nlevels, t.k) @ t.T(theta).T).ravel()
-        rho = cp.ZtXy[:, p] - cp.ZtXy[:, :p] @ st["beta"] - self._full_M() @ b
+        rho = cp.ZtXy[:, p] - cp.ZtXy[:, :p] @ st["beta"] - self.full_ZtWZ() @ b
         H = k.H_REML() if reml else None
         G = []
         for t in self.s.terms:
@@ -269,9 +270,9 @@ class CompiledBackend:
         A[:, range(kk), range(kk)] += 1.0
         return np.linalg.inv(A).sum(axis=0)
 
-    def _full_M(self):
-        """ZᵀWZ as a full symmetric sparse matrix from its block-closed lower storage (entries
-        inside a diagonal level block are stored in both triangles already)."""
+    def full_ZtWZ(self) -> sp.csr_matrix:
+        """ZᵀWZ as a full symmetric sparse matrix (``_crossprod.full_ZtWZ``), built once per set
+        of values and shared by the gradient and the Hessian model."""
         if self._shared.M is None or self._shared.M[0] is not self.crossprod.Mx:
             self._shared.M = (self.crossprod.Mx, full_ZtWZ(self.crossprod, self.s))
         return self._shared.M[1]

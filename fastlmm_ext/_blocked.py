@@ -46,6 +46,14 @@ from ._threads import active_threads, bundled_blas_all_threads
 __all__ = ["BlockedBackend", "blocked_applicable"]
 
 
+def level_solve(L11: np.ndarray, B: np.ndarray, trans: bool = False) -> np.ndarray:
+    """L₁₁ₐ⁻¹ Bₐ (or L₁₁ₐ⁻ᵀ Bₐ) for every first-term level a: L11 is ℓ₁ × k × k, B is ℓ₁ × k × m.
+    1 × 1 blocks by division: NumPy's batched solve costs about 100× as much there."""
+    if L11.shape[1] == 1:
+        return B / L11
+    return np.linalg.solve(np.transpose(L11, (0, 2, 1)) if trans else L11, B)
+
+
 def blocked_applicable(s: ModelStructure, max_q2: int = 6000) -> bool:
     """The blocked path needs scalar terms after the first and a dense block that fits."""
     return all(t.k == 1 for t in s.terms[1:]) and (s.q - (s.terms[0].q if s.terms else 0)) <= max_q2
@@ -139,13 +147,9 @@ class BlockedBackend:
         except np.linalg.LinAlgError as e:
             raise NotPositiveDefiniteError("blocked: first-term block not positive definite", theta) from e
         # G_a = T L₁₁ₐ⁻ᵀ so that L₂₁ = Λ₂ M₂₁ (I ⊗ G)
-        if k == 1:                              # 1 × 1 blocks: divisions (a batched solve costs 100×)
-            G = T[0, 0] / L11
-            c1 = (T[0, 0] * self.W1) / L11[:, 0, :]
-        else:
-            G = np.linalg.solve(L11, np.broadcast_to(T.T, (self.l1, k, k))).transpose(0, 2, 1)
-            c1 = np.linalg.solve(L11, np.einsum("ji,ajm->aim", T, self.W1.reshape(self.l1, k, p + 1)))
-        c1 = c1.reshape(self.q1, p + 1)                                       # L₁₁⁻¹ T₁ᵀ W₁
+        G = level_solve(L11, np.broadcast_to(T.T, (self.l1, k, k))).transpose(0, 2, 1)
+        T1W1 = T[0, 0] * self.W1 if k == 1 else np.einsum("ji,ajm->aim", T, self.W1.reshape(self.l1, k, p + 1))
+        c1 = level_solve(L11, T1W1.reshape(self.l1, k, p + 1)).reshape(self.q1, p + 1)  # L₁₁⁻¹ T₁ᵀ W₁
         ldL2 = 2.0 * np.sum(np.log(np.einsum("aii->ai", L11)))
         out = {"theta": theta.copy(), "T": T, "lam": lam, "L11": L11, "G": G, "c1": c1}
         if self.q2:
@@ -231,10 +235,7 @@ class BlockedBackend:
         else:
             x2 = B2
         m = B1.shape[1]
-        if self.k == 1:                         # 1 × 1 blocks: a division (NumPy's batched solve costs 100×)
-            return B1 / f["L11"][:, 0, :], x2
-        x1 = np.linalg.solve(np.transpose(f["L11"], (0, 2, 1)), B1.reshape(self.l1, self.k, m)).reshape(self.q1, m)
-        return x1, x2
+        return level_solve(f["L11"], B1.reshape(self.l1, self.k, m), trans=True).reshape(self.q1, m), x2
 
     def solve_L(self, theta: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         """L⁻¹ P rhs for the blocked factor L = [[L₁₁, 0], [L₂₁, L₂₂]] of P(ΛᵀZᵀWZΛ + I)Pᵀ, P the
@@ -243,10 +244,7 @@ class BlockedBackend:
         f = self._factor(np.asarray(theta, dtype=float))
         B = np.asarray(rhs, dtype=float).reshape(self.s.q, -1)
         m = B.shape[1]
-        if self.k == 1:
-            x1 = B[:self.q1] / f["L11"][:, 0, :]
-        else:
-            x1 = np.linalg.solve(f["L11"], B[:self.q1].reshape(self.l1, self.k, m)).reshape(self.q1, m)
+        x1 = level_solve(f["L11"], B[:self.q1].reshape(self.l1, self.k, m)).reshape(self.q1, m)
         if not self.q2:
             return x1
         x2 = la.solve_triangular(f["L22"], B[self.q1:][self.level2] - f["L21"] @ x1, lower=True, check_finite=False)

@@ -111,7 +111,7 @@ def gradient_term(s, theta: np.ndarray, g: np.ndarray) -> np.ndarray:
     return C
 
 
-def model_hessian(s, backend, reml: bool, exact_term: bool = True):
+def model_hessian(s, backend, reml: bool):
     """(θ, g) → a positive-definite Hessian model for ``_bfgs.minimize_bfgs``: H_AI + c (H_AI
     alone where the sum is not positive definite), a direction of no curvature (a variance on
     its bound, whose column of W is 0) given the largest curvature; None where neither is
@@ -121,7 +121,9 @@ def model_hessian(s, backend, reml: bool, exact_term: bool = True):
     if (getattr(backend, "crossprod", None) is None or not hasattr(backend, "solve_L")
             or not getattr(backend, "hessian_model", True)):
         return None
-    M = full_ZtWZ(backend.crossprod, s)
+    # the compiled backend keeps one for its gradient; the others' pieces are not this matrix
+    own = getattr(backend, "full_ZtWZ", None)
+    M = own() if own is not None else full_ZtWZ(backend.crossprod, s)
 
     def hess(theta: np.ndarray, g: np.ndarray) -> np.ndarray | None:
         try:
@@ -139,7 +141,7 @@ def model_hessian(s, backend, reml: bool, exact_term: bool = True):
         H[flat, flat] = top
         # the exact c where H_AI + c is positive definite, else H_AI (the sum is indefinite in a
         # saddle region, where the step along H_AI alone descends); else no model here
-        for C in ([H + gradient_term(s, theta, g)] if exact_term else []) + [H]:
+        for C in (H + gradient_term(s, theta, g), H):
             try:
                 np.linalg.cholesky(C)
                 return C

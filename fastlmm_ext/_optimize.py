@@ -17,7 +17,7 @@ import nlopt
 import numpy as np
 from scipy.optimize import minimize
 
-from ._bfgs import Evaluations, minimize_bfgs
+from ._bfgs import ON_BOUND, Evaluations, minimize_bfgs
 
 __all__ = ["OptSummary", "minimize_theta", "snap_to_bounds", "check_convergence", "is_singular", "OPTIMIZERS",
            "SINGULAR_MESSAGE"]
@@ -263,8 +263,8 @@ def snap_to_bounds(f: Callable[[np.ndarray], float], theta: np.ndarray, fmin: fl
 SINGULAR_MESSAGE = "boundary (singular) fit: see help(fastlmm_ext.SingularFitWarning)"
 
 
-def is_singular(theta: np.ndarray, lower: np.ndarray, tol: float = 1e-4) -> bool:
-    """lme4's isSingular: some bounded element of θ within ``tol`` of its bound."""
+def is_singular(theta: np.ndarray, lower: np.ndarray, tol: float = ON_BOUND) -> bool:
+    """lme4's isSingular: some bounded element of θ within ``tol`` (lme4's 1e-4) of its bound."""
     theta, lower = np.asarray(theta), np.asarray(lower)
     fin = np.isfinite(lower)
     return bool(np.any(np.abs(theta[fin] - lower[fin]) < tol))
