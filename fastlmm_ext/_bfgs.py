@@ -24,8 +24,12 @@ Minimises f(θ) over {θ : θ ≥ lower} (lower = 0 or −∞ per component) by 
   curvature (the Hessian model, or one BFGS update) — an absolute test on f, a log-likelihood, in any units of θ.
   ``"rounding"``: no trial point lowers f by more than f's rounding (``noise``: a few ulps of |f|)
   while the predicted decrease is itself within a few roundings — asking for less would chase
-  the rounding of f.  ``"projected gradient zero"``: every free component's gradient is exactly
-  0.  ``"maxeval"``: the evaluation budget is spent.
+  the rounding of f.  ``"predicted decrease"``: two Newton steps in a row on the Hessian model,
+  the second's predicted decrease ``dec`` a fraction r ≤ ``CONTRACTION`` of the first's, so that
+  the next is about r·dec ≤ ``ftol``; the second step, taken whole and inside the box, lowered f
+  by dec to within ``AGREEMENT``: its end is accepted without its gradient (one g, the dearer half
+  of an evaluation, saved at the end of most fits).  ``"projected gradient zero"``: every free
+  component's gradient is exactly 0.  ``"maxeval"``: the evaluation budget is spent.
 * **Edges.** A scalar term's criterion is even in its θ, so its gradient vanishes on the bound
   even where moving inwards lowers f.  After stopping, each component on its bound is probed at
   lower + ``EDGE_PROBE``; a lower f there restarts the method from the probe (lme4's
@@ -58,9 +62,12 @@ KEEP = 0.2             # fraction to the boundary: one step keeps ≥ KEEP of a 
 NEAR_BOUND = 0.01      # ... unless the component is this close to it: then the step may put it on the bound
 ON_BOUND = 1e-4        # a step towards a bound ending this close to it is put on it (lme4's singularity tolerance)
 NEAR_SINGULAR = 0.05   # a vector term's diagonal below this times its largest row norm: probe its rows' ends
+CONTRACTION = 0.01     # "predicted decrease": the Newton steps' predicted decreases shrink at least this fast
+AGREEMENT = 0.1        # ... and the last step's decrease of f is its prediction to within this fraction
 
 #: Why :func:`minimize_bfgs` stopped (``OptSummary.stop_reason``).
-STOP_REASONS = ("scaled gradient", "rounding", "projected gradient zero", "maxeval", "no parameters")
+STOP_REASONS = ("scaled gradient", "rounding", "predicted decrease", "projected gradient zero", "maxeval",
+                "no parameters")
 
 
 class Evaluations:
@@ -236,6 +243,7 @@ class _HessianModel:
 
     def __init__(self, hess):
         self.hess = hess
+        self.current = False      # the B of the current point is the model's
 
     def at(self, x, g) -> np.ndarray | None:
         return self.hess(x, g) if self.hess is not None else None
@@ -243,6 +251,7 @@ class _HessianModel:
     def update(self, x, g, B, scaled):
         """(B, scaled) from the model at x where it gives a matrix, else unchanged."""
         H = self.at(x, g)
+        self.current = H is not None
         return (H, True) if H is not None else (B, scaled)
 
     def distrust(self) -> None:
@@ -252,6 +261,7 @@ class _HessianModel:
 def _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval, model=None):
     """Projected quasi-Newton iterations from (x, f, g) until a stopping test holds."""
     it = 0
+    newton_dec = None       # the predicted decrease of the last Newton step on the model, if whole
     while True:
         at_bound = bounded & (x <= lower)
         d, dec = _free_step(B, g, at_bound)
@@ -270,6 +280,9 @@ def _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval, model=None)
         far = bounded & (d < 0) & (x - lower > NEAR_BOUND)
         if far.any():
             alpha = min(alpha, float(np.min((1.0 - KEEP) * (x[far] - lower[far]) / -d[far])))
+        # the model's B here, after a whole Newton step whose prediction this one's is ≤ CONTRACTION of
+        newton = model is not None and model.hess is not None and model.current and alpha == 1.0
+        last = newton and newton_dec is not None and dec <= CONTRACTION * newton_dec and dec * dec / newton_dec <= ftol
         accepted = None
         for trial in range(MAX_BACKTRACKS):
             xt = np.maximum(x + alpha * d, lower)
@@ -297,8 +310,15 @@ def _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval, model=None)
             alpha = float(np.clip(a_new, 0.1 * alpha, 0.5 * alpha))
         if accepted is None:
             return "rounding", x, fx, g, B, scaled, it
+        whole = newton and trial == 0 and np.array_equal(accepted, x + d)
+        if last and whole and abs((fx - ev.f(accepted)) - dec) <= AGREEMENT * dec:
+            # g is that of the previous point: nothing after a stop reads it, a restart evaluates its own
+            return "predicted decrease", accepted, ev.f(accepted), g, B, scaled, it + 1
+        newton_dec = dec if whole else None
         ft, gt = ev.fg(accepted)
         H = model.at(accepted, gt) if model is not None else None
+        if model is not None:
+            model.current = H is not None
         if H is not None:
             B = H
         else:

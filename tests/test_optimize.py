@@ -170,6 +170,25 @@ def test_newton_steps_with_a_hessian_model():
     assert r0.x.tolist() == r1.x.tolist() and ev0.nf == ev1.nf
 
 
+@pytest.mark.parametrize("eps, stops_early", [(0.05, True), (0.5, False)])
+def test_stop_on_the_predicted_decrease(eps, stops_early):
+    """A model (1 + ε)A of a quadratic's Hessian A: the Newton errors shrink by ε/(1 + ε) per step,
+    the predicted decreases by its square, and a step's decrease is its prediction × (2 − 1/(1 + ε)).
+    At ε = 0.05 (ratio 2.3e-3, agreement 5 %) the last step's end is accepted without its gradient,
+    within (1 + ε) ftol of the minimum (as after the scaled-gradient stop); at ε = 0.5 (ratio 0.11) every point's gradient is asked for."""
+    A = np.array([[4.0, 1.0], [1.0, 3.0]])
+    c = np.array([1.0, 2.0])
+    f = lambda x: float(0.5 * x @ A @ x - c @ x)          # noqa: E731
+    fmin = f(np.linalg.solve(A, c))
+    ev = Evaluations(f, lambda x: A @ x - c)
+    r = minimize_bfgs(ev, np.array([5.0, -3.0]), np.full(2, -np.inf), ftol=1e-7, hess=lambda x, gx: (1 + eps) * A)
+    assert r.converged and r.fun - fmin <= (1 + eps) * 1e-7     # the true gap is (1 + ε) × the model's
+    if stops_early:
+        assert r.stop_reason == "predicted decrease" and ev.ng == ev.nf - 1
+    else:
+        assert r.stop_reason == "scaled gradient" and ev.ng == ev.nf
+
+
 def test_a_step_ending_next_to_a_bound_ends_on_it():
     """f = (x − 0.5)² + (y + 1e-5)² on x, y ≥ 0 from (1, 0.005): the Newton step takes y within
     ON_BOUND of 0, and it is put exactly there."""
