@@ -280,7 +280,8 @@ def _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval, model=None)
         far = bounded & (d < 0) & (x - lower > NEAR_BOUND)
         if far.any():
             alpha = min(alpha, float(np.min((1.0 - KEEP) * (x[far] - lower[far]) / -d[far])))
-        # the model's B here, after a whole Newton step whose prediction this one's is ≤ CONTRACTION of
+        # a unit step on the model's B; the last one if the previous was one too, predicting ≥ 1/CONTRACTION
+        # times this one's decrease, so that the next would predict r·dec ≤ ftol (r = dec / newton_dec)
         newton = model is not None and model.hess is not None and model.current and alpha == 1.0
         last = newton and newton_dec is not None and dec <= CONTRACTION * newton_dec and dec * dec / newton_dec <= ftol
         accepted = None
@@ -310,10 +311,10 @@ def _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval, model=None)
             alpha = float(np.clip(a_new, 0.1 * alpha, 0.5 * alpha))
         if accepted is None:
             return "rounding", x, fx, g, B, scaled, it
-        whole = newton and trial == 0 and np.array_equal(accepted, x + d)
-        if last and whole and abs((fx - ev.f(accepted)) - dec) <= AGREEMENT * dec:
+        whole = newton and trial == 0 and np.array_equal(accepted, x + d)     # ft is f(accepted)
+        if last and whole and abs((fx - ft) - dec) <= AGREEMENT * dec:
             # g is that of the previous point: nothing after a stop reads it, a restart evaluates its own
-            return "predicted decrease", accepted, ev.f(accepted), g, B, scaled, it + 1
+            return "predicted decrease", accepted, ft, g, B, scaled, it + 1
         newton_dec = dec if whole else None
         ft, gt = ev.fg(accepted)
         H = model.at(accepted, gt) if model is not None else None
