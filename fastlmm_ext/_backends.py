@@ -366,6 +366,9 @@ def _blocks_by_solves(s: ModelStructure, term_index: int, solve_L, chunk_elems: 
 
 # The dense q₂ × q₂ block of the blocked path (and its inverse) must fit: 6000 columns are 0.3 GB each.
 AUTO_BLOCKED_MAX_Q2 = 6000
+# A factor with at most this many times ZᵀZ's own lower entries is close to what any ordering can
+# give (every factor holds at least those): auto then keeps the pattern's own order (see choose_backend).
+NATURAL_FILL = 1.5
 
 
 @dataclass(frozen=True)
@@ -400,7 +403,11 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
     end), the blocked path's from its dense q₂ × q₂ block and the Gram products that fill it.
     When that picks ``"compiled"``, the choice carries the analysis (``analysis``), and
     :func:`make_backend` given the choice builds the kernel with its permutation as given instead
-    of ordering the pattern again (the same factor)."""
+    of ordering the pattern again (the same factor).  The pattern's own order is analysed first:
+    where its factor has at most NATURAL_FILL times ZᵀZ's lower entries (which every ordering's
+    factor holds) and its estimate already beats the blocked path's, CHOLMOD's ordering is not
+    searched and the kernel keeps that order (nested designs, a slope term crossed with a small
+    factor)."""
     check_backend(backend, ordering)
     if backend != "auto":
         return BackendChoice(backend, backend, f"backend={backend!r} given")
@@ -418,11 +425,21 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
     cp = crossprod if crossprod is not None else CrossProducts.from_structure(s)
     n = threads if threads is not None else available_cores()
     counts = blocked_counts(s, cp)
-    facts = symbolic_facts(cp.Ap, cp.Ai, "default")
-    estimates = (compiled_cost(facts, counts, n), blocked_cost(counts, n))
+    blocked = blocked_cost(counts, n)
+    # The pattern's own order (first term's levels, then the later terms') is analysed in a few ms,
+    # CHOLMOD's AMD in up to 50 (slope_by_factor's 100k rows).  Where that order's factor is within
+    # NATURAL_FILL of ZᵀZ's own entries and already beats the blocked estimate, no ordering could
+    # change the choice, and the kernel keeps that order.
+    natural = symbolic_facts(cp.Ap, cp.Ai, "natural")
+    if (natural["lnz"] <= NATURAL_FILL * counts["nnz_lower"]
+            and compiled_cost(natural, counts, n).seconds < blocked.seconds):
+        facts, how = natural, f"; CHOLMOD in the pattern's own order (its factor {natural['lnz'] / counts['nnz_lower']:.2f}× ZᵀZ's entries)"
+    else:
+        facts, how = symbolic_facts(cp.Ap, cp.Ai, "default"), ""
+    estimates = (compiled_cost(facts, counts, n), blocked)
     best = min(estimates, key=lambda e: e.seconds)
     reason = (f"lower estimated time per (f, g) at {n} thread{'s' if n > 1 else ''}: "
-              + ", ".join(str(e) for e in estimates))
+              + ", ".join(str(e) for e in estimates) + (how if best.backend == "compiled" else ""))
     return BackendChoice(best.backend, "auto", reason, estimates, n,
                          analysis=facts if best.backend == "compiled" else None)
 

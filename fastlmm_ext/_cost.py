@@ -100,14 +100,16 @@ def dense_flops(q2: int) -> float:
 
 def blocked_counts(s: ModelStructure, cp: CrossProducts) -> dict:
     """The blocked path's operation counts: q₁, k, ℓ₁, q₂, nnz(M₂₁) and Σₐ cₐ² (cₐ the entries
-    of first-term column a below the first block, from ZᵀZ's block-closed lower storage)."""
+    of first-term column a below the first block, from ZᵀZ's block-closed lower storage); also
+    ZᵀZ's stored entries (nnzM) and those of its lower triangle (nnz_lower, the least any factor holds)."""
     t1 = s.terms[0]
     q1 = t1.q
     cols = np.repeat(np.arange(s.q), np.diff(cp.Ap))
     below = (cols < q1) & (cp.Ai >= q1)
     c = np.bincount(cols[below], minlength=q1).astype(float)
     return {"q1": q1, "k": t1.k, "l1": t1.nlevels, "q2": s.q - q1, "nnz21": float(c.sum()),
-            "sum_c2": float(np.sum(c * c)), "nnzM": float(cp.Ap[-1])}
+            "sum_c2": float(np.sum(c * c)), "nnzM": float(cp.Ap[-1]),
+            "nnz_lower": float(np.count_nonzero(cp.Ai >= cols))}
 
 
 def blocked_cost(counts: dict, threads: int = 1) -> PathCost:

@@ -167,6 +167,30 @@ def test_nested_design_picks_cholmod():
     assert choose_backend(s, crossprod=cp, threads=1).backend == "compiled"
 
 
+def test_natural_order_when_it_fills_little(monkeypatch):
+    """A nested design's pattern fills nothing in its own order: auto takes CHOLMOD in that order
+    without searching for another (no "default" analysis), its factor has ZᵀZ's lower entries, and
+    its criterion is backend='compiled''s (CHOLMOD's own ordering) to rounding.  A Zipf-crossed
+    design, which fills a lot in its own order, is still ordered by CHOLMOD."""
+    import fastlmm_ext._backends as backends
+    asked = []
+    real = backends.symbolic_facts
+    monkeypatch.setattr(backends, "symbolic_facts", lambda Ap, Ai, ordering="default": (asked.append(ordering), real(Ap, Ai, ordering))[1])
+    df = crossed(20_000, 300, 20)
+    m = fl.LinearMixedModel("y ~ x + (1|a/b)", df, threads=1)
+    assert asked == ["natural"] and m.backend_name == "compiled" and "own order" in m.backend_choice.reason
+    info, cp = m.backend.kernel.factor_info, m.backend.crossprod
+    cols = np.repeat(np.arange(m.structure.q), np.diff(cp.Ap))
+    assert info["ordering"] == 0 and info["lnz"] == np.count_nonzero(cp.Ai >= cols)
+    ref = fl.LinearMixedModel("y ~ x + (1|a/b)", df, backend="compiled")
+    for th in ([0.7, 0.4], [1.5, 0.05]):
+        assert m.objective(th) == pytest.approx(ref.objective(th), rel=1e-11)
+    asked.clear()
+    z = fl.LinearMixedModel("y ~ x + (1|a) + (1|b)", crossed(20_000, 2000, 1000, zipf=(1.6, 1.4)), threads=1)
+    assert asked == ["natural", "default"] and z.backend_name == "compiled"
+    assert z.backend.kernel.factor_info["ordering"] != 0
+
+
 def test_estimates_grow_with_the_work():
     """Each estimate is increasing in its counts, and more threads never make a path dearer."""
     s, cp = structure("y ~ x + (1|a) + (1|b)", crossed(8000, 300, 120))
