@@ -431,12 +431,15 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
     # NATURAL_FILL of ZᵀZ's own entries and already beats the blocked estimate, no ordering could
     # change the choice, and the kernel keeps that order.
     natural = symbolic_facts(cp.Ap, cp.Ai, "natural")
-    if (natural["lnz"] <= NATURAL_FILL * counts["nnz_lower"]
-            and compiled_cost(natural, counts, n).seconds < blocked.seconds):
-        facts, how = natural, f"; CHOLMOD in the pattern's own order (its factor {natural['lnz'] / counts['nnz_lower']:.2f}× ZᵀZ's entries)"
+    fill = natural["lnz"] / counts["nnz_lower"]
+    compiled = compiled_cost(natural, counts, n)
+    if fill <= NATURAL_FILL and compiled.seconds < blocked.seconds:
+        how = f"; CHOLMOD in the pattern's own order (its factor {fill:.2f}× ZᵀZ's entries)"
+        facts = natural
     else:
         facts, how = symbolic_facts(cp.Ap, cp.Ai, "default"), ""
-    estimates = (compiled_cost(facts, counts, n), blocked)
+        compiled = compiled_cost(facts, counts, n)
+    estimates = (compiled, blocked)
     best = min(estimates, key=lambda e: e.seconds)
     reason = (f"lower estimated time per (f, g) at {n} thread{'s' if n > 1 else ''}: "
               + ", ".join(str(e) for e in estimates) + (how if best.backend == "compiled" else ""))

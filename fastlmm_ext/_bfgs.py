@@ -246,12 +246,14 @@ class _HessianModel:
         self.current = False      # the B of the current point is the model's
 
     def at(self, x, g) -> np.ndarray | None:
-        return self.hess(x, g) if self.hess is not None else None
+        """The model's matrix at x (None: none there, or the model is dropped); ``current`` records which."""
+        H = self.hess(x, g) if self.hess is not None else None
+        self.current = H is not None
+        return H
 
     def update(self, x, g, B, scaled):
         """(B, scaled) from the model at x where it gives a matrix, else unchanged."""
         H = self.at(x, g)
-        self.current = H is not None
         return (H, True) if H is not None else (B, scaled)
 
     def distrust(self) -> None:
@@ -318,8 +320,6 @@ def _descend(ev, x, fx, g, B, scaled, lower, bounded, ftol, maxeval, model=None)
         newton_dec = dec if whole else None
         ft, gt = ev.fg(accepted)
         H = model.at(accepted, gt) if model is not None else None
-        if model is not None:
-            model.current = H is not None
         if H is not None:
             B = H
         else:

@@ -5,7 +5,8 @@ Default: NLopt's BOBYQA (Powell's bounded quadratic-model method, the one lme4's
 ``nloptwrap`` uses), through the maintained ``nlopt`` package, with tolerances tighter than
 lme4's so the optimum is at least as good as lme4's.  With an analytic gradient: ``"bfgs"``,
 the projected quasi-Newton method of ``_bfgs`` (it stops at the optimum on the scaled gradient,
-on the Newton steps' predicted decrease or on f's rounding, and evaluates no θ twice), or SciPy's L-BFGS-B (``"lbfgsb"``).
+on the Newton steps' predicted decrease or on f's rounding, and evaluates no θ twice), or SciPy's
+L-BFGS-B (``"lbfgsb"``).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class OptSummary:
     (0 for the derivative-free methods); ``return_code``: the optimiser's own code or message;
     ``stop_reason``: which test ended the run — for ``"bfgs"`` one of ``_bfgs.STOP_REASONS``
     ("scaled gradient", "rounding", "predicted decrease", "projected gradient zero", "maxeval",
-    "no parameters"), for NLopt's methods ``"ftol_abs"``, ``"xtol_abs"``, ``"maxeval"``, ``"rounding"`` (RoundoffLimited)..."""
+    "no parameters"), for NLopt's methods ``"ftol_abs"``, ``"xtol_abs"``, ``"maxeval"``,
+    ``"rounding"`` (RoundoffLimited)..."""
     optimizer: str
     theta_initial: np.ndarray
     lower: np.ndarray

@@ -175,7 +175,10 @@ def test_natural_order_when_it_fills_little(monkeypatch):
     import fastlmm_ext._backends as backends
     asked = []
     real = backends.symbolic_facts
-    monkeypatch.setattr(backends, "symbolic_facts", lambda Ap, Ai, ordering="default": (asked.append(ordering), real(Ap, Ai, ordering))[1])
+    def spy(Ap, Ai, ordering="default"):
+        asked.append(ordering)
+        return real(Ap, Ai, ordering)
+    monkeypatch.setattr(backends, "symbolic_facts", spy)
     df = crossed(20_000, 300, 20)
     m = fl.LinearMixedModel("y ~ x + (1|a/b)", df, threads=1)
     assert asked == ["natural"] and m.backend_name == "compiled" and "own order" in m.backend_choice.reason

@@ -175,7 +175,8 @@ def test_stop_on_the_predicted_decrease(eps, stops_early):
     """A model (1 + ε)A of a quadratic's Hessian A: the Newton errors shrink by ε/(1 + ε) per step,
     the predicted decreases by its square, and a step's decrease is its prediction × (2 − 1/(1 + ε)).
     At ε = 0.05 (ratio 2.3e-3, agreement 5 %) the last step's end is accepted without its gradient,
-    within (1 + ε) ftol of the minimum (as after the scaled-gradient stop); at ε = 0.5 (ratio 0.11) every point's gradient is asked for."""
+    within (1 + ε) ftol of the minimum (as after the scaled-gradient stop); at ε = 0.5 (ratio 0.11)
+    every point's gradient is asked for."""
     A = np.array([[4.0, 1.0], [1.0, 3.0]])
     c = np.array([1.0, 2.0])
     f = lambda x: float(0.5 * x @ A @ x - c @ x)          # noqa: E731
