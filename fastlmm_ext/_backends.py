@@ -47,7 +47,7 @@ from ._openmp import openmp_dynamic
 from ._pls import PLSState, profiled_criterion, residual_df
 from ._reference import ReferencePLS
 from ._single import SingleTermBackend, single_term_applicable
-from ._threads import active_threads, available_cores
+from ._threads import active_threads, available_cores, cholmod_blas_threads
 
 __all__ = ["Backend", "CompiledBackend", "ReferenceBackend", "BlockedBackend", "SingleTermBackend", "make_backend",
            "choose_backend", "BackendChoice", "check_backend", "single_term_applicable", "BACKENDS", "ORDERINGS"]
@@ -399,8 +399,8 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
     the first, more than AUTO_BLOCKED_MAX_Q2 later columns) or an ordering is asked for; else the
     path with the lower estimate of seconds per (f, g) (``_cost``) at ``threads`` threads (None:
     the cores free now): CHOLMOD's from its symbolic analysis of ZᵀZ's pattern (the flops of the
-    factor under CHOLMOD's own ordering, which leaves a Zipf-skewed design's heavy levels to the
-    end), the blocked path's from its dense q₂ × q₂ block and the Gram products that fill it.
+    factor under AMD, which leaves a Zipf-skewed design's heavy levels to the end; its BLAS at
+    ``_threads.cholmod_blas_threads``), the blocked path's from its dense q₂ × q₂ block and the Gram products that fill it.
     When that picks ``"compiled"``, the choice carries the analysis (``analysis``), and
     :func:`make_backend` given the choice builds the kernel with its permutation as given instead
     of ordering the pattern again (the same factor).  The pattern's own order is analysed first:
@@ -432,13 +432,17 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
     # change the choice, and the kernel keeps that order.
     natural = symbolic_facts(cp.Ap, cp.Ai, "natural")
     fill = natural["lnz"] / counts["nnz_lower"]
-    compiled = compiled_cost(natural, counts, n)
+    nc = cholmod_blas_threads(n)       # CHOLMOD's BLAS may run on fewer (an old OpenBLAS: one)
+    compiled = compiled_cost(natural, counts, nc)
     if fill <= NATURAL_FILL and compiled.seconds < blocked.seconds:
         how = f"; CHOLMOD in the pattern's own order (its factor {fill:.2f}× ZᵀZ's entries)"
         facts = natural
     else:
-        facts, how = symbolic_facts(cp.Ap, cp.Ai, "default"), ""
-        compiled = compiled_cost(facts, counts, n)
+        # AMD alone, not CHOLMOD's default search: that adds METIS where fl/lnz ≥ 500, which cost
+        # 85 ms more on crossed200k (161 against 76) and 42 on skewed100k (64 against 22) for a
+        # factor no smaller (skewed100k: 3.43e8 flops against AMD's 3.32e8)
+        facts, how = symbolic_facts(cp.Ap, cp.Ai, "amd"), ""
+        compiled = compiled_cost(facts, counts, nc)
     estimates = (compiled, blocked)
     best = min(estimates, key=lambda e: e.seconds)
     reason = (f"lower estimated time per (f, g) at {n} thread{'s' if n > 1 else ''}: "

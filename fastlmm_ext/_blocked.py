@@ -41,7 +41,7 @@ from ._gradient import fd_fallback, theta_gradient
 from ._gram import inverse_gram, schur_lower
 from ._params import T_from_theta
 from ._pls import PLSState, profiled_criterion, residual_df
-from ._threads import active_threads, bundled_blas_all_threads
+from ._threads import bundled_blas_all_threads
 
 __all__ = ["BlockedBackend", "blocked_applicable"]
 
@@ -253,8 +253,7 @@ class BlockedBackend:
     def _inverse_pieces(self, f):
         """(Y, d2) at the factor ``f`` (see the module docstring): Y[a] = W_aᵀW_a (ℓ₁ × k × k),
         W = L₂₂⁻¹L₂₁, and d2 = diag(S₂₂⁻¹); from L₂₂⁻¹ (dtrtri on a copy of L₂₂, which the
-        solves still need; its rows and the levels split over the fit's threads), computed once
-        per factor."""
+        solves still need; its rows split over the fit's threads), computed once per factor."""
         if "Y" not in f:
             if self.q2:
                 if self._Linv is None:
@@ -264,8 +263,10 @@ class BlockedBackend:
                     Li, info = la.lapack.dtrtri(self._Linv, lower=1, overwrite_c=1)
                 if info != 0:
                     raise NotPositiveDefiniteError("blocked: L22 is singular", f["theta"])
-                # the levels' W_aᵀW_a over the fit's threads (one outside a fit): the same Y for any count
-                f["Y"], f["d2"] = inverse_gram(Li, self._cp, self._ci, f["L21c"], self.k, active_threads() or 1)
+                # the levels' W_aᵀW_a at one thread: dtrtri's (and dpotrf's) OpenBLAS workers keep
+                # spinning for ~0.1 s after the call, so OpenMP threads here would share their core
+                # (InstEval in a 2-thread fit: 9.3 ms at one thread; 9.4 or 18.5 ms at two, by run)
+                f["Y"], f["d2"] = inverse_gram(Li, self._cp, self._ci, f["L21c"], self.k, 1)
             else:
                 f["Y"], f["d2"] = np.zeros((self.l1, self.k, self.k)), np.zeros(0)
         return f["Y"], f["d2"]

@@ -39,10 +39,8 @@ approximation (both paths spend their time in the same kinds of loop and the sam
       (ℓ₁, k, k) arrays).
 
 Threads (``threads`` of the fit) divide the dense BLAS-3 parts (Σ nc³, q₂³) by the parallel
-speed-up assumed for large dense LAPACK calls; the rest is counted at one thread.  (The blocked
-gradient's ``_gram.inverse_gram`` runs on the fit's threads too, about 1.6–1.9× faster on two
-free cores; it is counted at one thread, as its speed-up is the first to go when another process
-takes a core during the fit.)
+speed-up assumed for large dense LAPACK calls; the rest is counted at one thread, as it runs
+(the blocked gradient's ``_gram.inverse_gram`` included: ``_blocked`` calls it at one thread).
 """
 from __future__ import annotations
 

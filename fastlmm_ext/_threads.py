@@ -7,8 +7,9 @@ A fit's work runs in three pools of threads:
 * the OpenBLAS copies bundled in NumPy's and SciPy's wheels: the blocked path's dense Cholesky
   factor and inverse of the q₂ × q₂ Schur complement, and every small NumPy call;
 * OpenMP (libgomp), which CHOLMOD ≥ 4 (SuiteSparse 7) uses in its supernodal factorization
-  (CHOLMOD 3, SuiteSparse 5, uses it only in update routines the kernel does not call), and the
-  blocked gradient's ``_gram.inverse_gram``, which is given the fit's n (:func:`active_threads`).
+  (CHOLMOD 3, SuiteSparse 5, uses it only in update routines the kernel does not call).  The
+  blocked gradient's ``_gram.inverse_gram`` could run on it too, but is called at one thread: it
+  follows the bundled OpenBLAS's threaded dtrtri, whose workers still spin on the other core.
 
 OpenBLAS's threads spin for a while after each call before they sleep, so a thread that finds
 no free core does not just wait: it takes the core from the thread it waits for, or from another
@@ -21,7 +22,14 @@ one thread count n per fit (:func:`fit_threads`), at most the cores free when th
   busy since the last look (``/proc/stat``, this process's own CPU time subtracted), rounded down:
   one thread when one core is free.  A read of a few small files (~0.2 ms), no waiting; made once
   per fit.
-* CHOLMOD's OpenBLAS and OpenMP get n.  The bundled copies stay at one thread (their small calls
+* CHOLMOD's OpenBLAS and OpenMP get n, except that an OpenBLAS older than
+  :data:`THREADED_SYRK_FIXED` (Debian 12's 0.3.21) gets one thread (:func:`cholmod_blas_threads`):
+  its SYRK and TRSM thread calls too small to gain from it, which CHOLMOD's supernodal
+  factorization makes by the hundred (OpenBLAS PR #3960, "addresses performance issues seen
+  with suitesparse's CHOLMOD").  Measured there (2 cores, idle), one refactorization at one
+  thread against two: InstEval 27 against 144–200 ms (median), MovieLens-1M shape 18 against
+  51–84, slope_by_factor 100k 17 against 84; only crossed200k's one large dense front gained
+  (116 against 97 ms).  The bundled copies stay at one thread (their small calls
   in the optimisation loop would otherwise wake spinning threads: InstEval's gradient took 110 ms
   with both pools threaded, 25 ms with the bundled pools at one thread) except around the blocked
   path's large LAPACK calls (:func:`bundled_blas_all_threads`), where they get n as well.
@@ -47,7 +55,7 @@ from ._exceptions import ArgumentError
 from ._openmp import set_openmp_threads
 
 __all__ = ["fit_threads", "bundled_blas_all_threads", "available_cores", "check_threads", "active_threads",
-           "limit_process_threads"]
+           "cholmod_blas_threads", "limit_process_threads"]
 
 _BUNDLED = ("libscipy_openblas", "libopenblas64_", "libscipy_openblas64_")
 
@@ -239,6 +247,41 @@ def limit_process_threads(n: int) -> None:
 
 # ----------------------------------------------------------------------------- the pools
 
+#: The first OpenBLAS release with SYRK's and SYMM's multithreading thresholds reworked for
+#: CHOLMOD's calls (OpenBLAS PR #3960, merged after 0.3.22); older ones get one thread under CHOLMOD.
+THREADED_SYRK_FIXED = (0, 3, 23)
+
+
+def _version(text) -> tuple[int, ...] | None:
+    """'0.3.21' (or '0.3.31.188.0', 'v0.3.21-dev') → (0, 3, 21, ...); None if unreadable."""
+    parts = []
+    for field in str(text or "").lstrip("v").split("."):
+        digits = ""
+        for ch in field:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) if parts else None
+
+
+def _threads_for(lib, n: int) -> int:
+    """n for a system BLAS library under CHOLMOD, 1 for an OpenBLAS older than THREADED_SYRK_FIXED."""
+    if getattr(lib, "internal_api", None) == "openblas":
+        v = _version(getattr(lib, "version", None))
+        if v is not None and v < THREADED_SYRK_FIXED:
+            return 1
+    return n
+
+
+def cholmod_blas_threads(n: int) -> int:
+    """The threads CHOLMOD's BLAS runs on in a fit of n threads (module docstring): n, or 1 under
+    an OpenBLAS whose threading of small SYRK/TRSM calls slows CHOLMOD down."""
+    system = _controllers()[1]
+    return min((_threads_for(lib, n) for lib in system), default=n)
+
 _libs: tuple[list, list] | None = None
 
 
@@ -275,8 +318,8 @@ def active_threads() -> int | None:
 @contextlib.contextmanager
 def fit_threads(threads: int | None = None) -> Iterator[int]:
     """Within the block, the pools are set for a fit of ``threads`` threads (None:
-    :func:`available_cores`): the bundled OpenBLAS copies at one, CHOLMOD's OpenBLAS and this
-    thread's OpenMP at n.  Yields n.
+    :func:`available_cores`): the bundled OpenBLAS copies at one, CHOLMOD's OpenBLAS at
+    :func:`cholmod_blas_threads` (n), this thread's OpenMP at n.  Yields n.
 
     Nested blocks, in any thread, keep the outermost block's n and cost a C call: only the
     outermost one chooses n, sets the libraries and restores their counts, so a loop of many
@@ -292,7 +335,7 @@ def fit_threads(threads: int | None = None) -> Iterator[int]:
             for lib in bundled:
                 lib.set_num_threads(1)
             for lib in system:
-                lib.set_num_threads(_active)
+                lib.set_num_threads(_threads_for(lib, _active))
         _depth += 1
         n = _active
     previous = set_openmp_threads(n)      # an OpenMP setting of this thread only

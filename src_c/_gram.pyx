@@ -33,6 +33,8 @@ reach them) and walks all panels with its own copy of the strip, so the threads 
 at the end (a barrier per panel costs a descheduled thread's time slice at every panel on a
 busy machine).  Each Y_a is accumulated by one thread in the same order whatever the count,
 and d by the first thread alone, so Y and d do not depend on the thread count, not even in rounding.
+(The blocked path calls it at one thread: right after the bundled OpenBLAS's threaded dtrtri, whose
+workers spin for ~0.1 s, a second OpenMP thread only shares their core.)
 
 Python checks shapes and dtypes ("Python validates, Cython trusts").
 """
@@ -96,6 +98,7 @@ cdef void _gram_groups(const double[::1, :] Li, const int[::1] cp, const int[::1
     cdef Py_ssize_t q = Li.shape[0]
     cdef Py_ssize_t i0, i1, w, r, t, a, c, e, col, ll, top
     cdef double v, acc
+    cdef double xl[NB]
     cdef double *pr
     cdef double *xc
     cdef double *xe
@@ -125,9 +128,9 @@ cdef void _gram_groups(const double[::1, :] Li, const int[::1] cp, const int[::1
                 continue
             col = a * k
             for c in range(k):
-                xc = &x[c * NB]
+                # accumulate in a local array (registers: it cannot alias the strip), then store
                 for t in range(NB):
-                    xc[t] = 0.0
+                    xl[t] = 0.0
                 for ll in range(cp[col + c], cp[col + c + 1]):
                     r = ci[ll]
                     if r >= i1:
@@ -135,7 +138,10 @@ cdef void _gram_groups(const double[::1, :] Li, const int[::1] cp, const int[::1
                     v = cx[ll]
                     pr = &pan[r * NB]
                     for t in range(NB):
-                        xc[t] += v * pr[t]
+                        xl[t] += v * pr[t]
+                xc = &x[c * NB]
+                for t in range(NB):
+                    xc[t] = xl[t]
             for c in range(k):
                 xc = &x[c * NB]
                 for e in range(c + 1):

@@ -19,7 +19,7 @@ from conftest import raises_named
 from fastlmm_ext import _openmp, _threads, datasets
 from fastlmm_ext._parallel import run_tasks
 from fastlmm_ext._threads import (active_threads, available_cores, bundled_blas_all_threads, check_threads,
-                                  fit_threads, limit_process_threads)
+                                  cholmod_blas_threads, fit_threads, limit_process_threads)
 
 SLEEP = "Reaction ~ Days + (Days|Subject)"
 
@@ -155,7 +155,8 @@ def test_fit_threads_sets_and_restores_every_pool(n):
             assert got == n and active_threads() == n
             inside = pool_counts()
             assert inside["bundled"] == 1                  # the wheels' copies at one thread
-            assert inside.get("system", n) == n            # CHOLMOD's OpenBLAS at n
+            # CHOLMOD's OpenBLAS at n (one under an OpenBLAS with the small-SYRK threading defect)
+            assert inside.get("system", cholmod_blas_threads(n)) == cholmod_blas_threads(n)
             if omp_before is not None:
                 assert _openmp.set_openmp_threads(n) == n  # this thread's OpenMP count
             with bundled_blas_all_threads():               # a large LAPACK call of the blocked path
@@ -169,6 +170,21 @@ def test_fit_threads_sets_and_restores_every_pool(n):
     finally:
         if omp_before is not None:
             _openmp.set_openmp_threads(omp_before)
+
+
+@pytest.mark.parametrize("version, n, want", [
+    ("0.3.21", 2, 1), ("0.3.22", 4, 1), ("0.3.23", 2, 2), ("0.3.29", 2, 2), ("0.3.31.188.0", 2, 2),
+    ("v0.3.21-dev", 2, 1), (None, 2, 2), ("unknown", 2, 2)])
+def test_cholmod_blas_threads_for_openblas_versions(version, n, want):
+    """An OpenBLAS before 0.3.23 threads CHOLMOD's small SYRK/TRSM calls to its cost: one thread."""
+    class Lib:
+        internal_api = "openblas"
+    Lib.version = version
+    assert _threads._threads_for(Lib(), n) == want
+
+    class Other:
+        internal_api, version = "mkl", "2023.0"
+    assert _threads._threads_for(Other(), n) == n
 
 
 def test_all_threads_outside_a_fit_changes_nothing():
