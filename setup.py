@@ -74,6 +74,13 @@ extensions = [
         extra_compile_args=["-O3", *OPENMP],
         extra_link_args=OPENMP,
     ),
+    # The two-block path's dense Cholesky factor and triangular inverse, blocked over SciPy's BLAS.
+    Extension(
+        "fastlmm_ext._dense",
+        sources=["src_c/_dense.pyx"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+    ),
     # Closed-form PLS of one-term models, block by block (no CHOLMOD).  No contraction into
     # fused multiply-adds: its row sums equal NumPy's bincount and CSR products operation by operation.
     Extension(

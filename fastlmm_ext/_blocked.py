@@ -7,7 +7,7 @@ Applies when every random-effects term after the first is scalar, so that
 
 The first block stays block diagonal in the factor (L₁₁ = per-level k×k Cholesky factors);
 the fill goes to the dense Schur complement  S₂₂ = Λ₂M₂₂Λ₂ + I − L₂₁L₂₁ᵀ  (q₂ × q₂,
-factored by LAPACK).  [X y] is appended as a last block, so r² and R_X are read off the
+factored by ``_dense.cholesky_lower``).  [X y] is appended as a last block, so r² and R_X are read off the
 (p+1)×(p+1) Schur complement, as in lme4's PLS equations.
 
 Gradient of the profiled criterion f(θ) (REML: d = n − p, ML: d = n):
@@ -19,9 +19,9 @@ Gradient of the profiled criterion f(θ) (REML: d = n − p, ML: d = n):
         Ω⁻¹_{uu} = (A+I)⁻¹ + H Hᵀ,  H = L⁻ᵀ R_ZX R_X⁻¹  (the second term for REML only).
     The diagonal blocks of (A+I)⁻¹ are, with W = L₂₂⁻¹ L₂₁ (q₂ × q₁) and its column block W_a,
         first term, level a:  L₁₁ₐ⁻ᵀ (I + W_aᵀW_a) L₁₁ₐ⁻¹;   later terms:  diag(S₂₂⁻¹),
-    both read off L₂₂⁻¹ (LAPACK's dtrtri, q₂³/3 flops) by ``_gram.inverse_gram``: S₂₂⁻¹ itself
-    (dpotri, twice the flops) is never formed (at one thread dpotri alone took as long as dtrtri
-    and inverse_gram together, on crossed200k 140 ms against 141 ms, on InstEval 30 against 28).
+    both read off L₂₂⁻¹ (``_dense.invert_lower``, q₂³/3 flops) by ``_gram.inverse_gram``: S₂₂⁻¹
+    itself (LAPACK's dpotri, twice the flops) is never formed (at one thread dpotri alone took as
+    long as dtrtri and inverse_gram together, on crossed200k 140 ms against 141, InstEval 30 against 28).
     W's cost is Σ (q₂ − r) over the entries (r, ·) of L₂₁ (L₂₂⁻¹ is lower triangular), so the
     later levels are held in ascending order of their entries in L₂₁ (the busiest last; S₂₂'s
     order is free, its factor is dense): on InstEval's and Zipf-like designs that halves W's work.
@@ -35,6 +35,7 @@ import scipy.linalg as la
 import scipy.sparse as sp
 
 from ._crossprod import CrossProducts, level_blocks
+from ._dense import cholesky_lower, invert_lower
 from ._design import ModelStructure
 from ._exceptions import NotPositiveDefiniteError
 from ._gradient import fd_fallback, theta_gradient
@@ -160,10 +161,11 @@ class BlockedBackend:
             # the work array holds the cached L₂₂: drop the cache before overwriting it
             self._cache_theta, self._cache = None, None
             S22 = self._S22
-            # lower triangle of S₂₂ = Λ₂M₂₂Λ₂ + I − L₂₁L₂₁ᵀ (the only one LAPACK reads), one pass
+            # lower triangle of S₂₂ = Λ₂M₂₂Λ₂ + I − L₂₁L₂₁ᵀ (the only one the factor reads), one pass
             schur_lower(S22, lam, *self._m22, self._rp, self._ri, self._cp, self._ci, L21c)
             with bundled_blas_all_threads():
-                L22, info = la.lapack.dpotrf(S22, lower=1, clean=0, overwrite_a=1)
+                info = cholesky_lower(S22)
+            L22 = S22
             if info != 0:
                 raise NotPositiveDefiniteError("blocked: Schur complement not positive definite", theta)
             c2 = la.solve_triangular(L22, lam[:, None] * self.W2 - L21 @ c1, lower=True, check_finite=False)
@@ -252,7 +254,7 @@ class BlockedBackend:
 
     def _inverse_pieces(self, f):
         """(Y, d2) at the factor ``f`` (see the module docstring): Y[a] = W_aᵀW_a (ℓ₁ × k × k),
-        W = L₂₂⁻¹L₂₁, and d2 = diag(S₂₂⁻¹); from L₂₂⁻¹ (dtrtri on a copy of L₂₂, which the
+        W = L₂₂⁻¹L₂₁, and d2 = diag(S₂₂⁻¹); from L₂₂⁻¹ (``invert_lower`` on a copy of L₂₂, which the
         solves still need; its rows split over the fit's threads), computed once per factor."""
         if "Y" not in f:
             if self.q2:
@@ -260,10 +262,11 @@ class BlockedBackend:
                     self._Linv = np.empty((self.q2, self.q2), order="F")
                 np.copyto(self._Linv, f["L22"])
                 with bundled_blas_all_threads():
-                    Li, info = la.lapack.dtrtri(self._Linv, lower=1, overwrite_c=1)
+                    info = invert_lower(self._Linv)
+                Li = self._Linv
                 if info != 0:
                     raise NotPositiveDefiniteError("blocked: L22 is singular", f["theta"])
-                # the levels' W_aᵀW_a at one thread: dtrtri's (and dpotrf's) OpenBLAS workers keep
+                # the levels' W_aᵀW_a at one thread: the inverse's (and factor's) OpenBLAS workers keep
                 # spinning for ~0.1 s after the call, so OpenMP threads here would share their core
                 # (InstEval in a 2-thread fit: 9.3 ms at one thread; 9.4 or 18.5 ms at two, by run)
                 f["Y"], f["d2"] = inverse_gram(Li, self._cp, self._ci, f["L21c"], self.k, 1)

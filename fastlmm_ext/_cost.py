@@ -31,8 +31,12 @@ approximation (both paths spend their time in the same kinds of loop and the sam
       column j of L, CHOLMOD's count) and its entries lnz.
 * The two-block path (``"blocked"``), from the layout (first term: ℓ₁ levels of k columns; q₂
   columns of later scalar terms; cₐ the entries of first-term column a below its block):
-    - the dense q₂ × q₂ Schur complement: q₂³ flops (:func:`dense_flops`: dpotrf's q₂³/3 and, for
-      the gradient, dpotri's 2q₂³/3), and passes over its q₂² entries;
+    - the dense q₂ × q₂ Schur complement: q₂³ flops (:func:`dense_flops`, the count the rates were
+      fitted with: dpotrf's q₂³/3 and dpotri's 2q₂³/3), and passes over its q₂² entries.  Since
+      then the path factors and inverts that block by ``_dense`` (2q₂³/3 flops, about 1.5× faster
+      on InstEval's block), so its estimate errs on the dear side: re-measured after that change
+      (2 cores, idle), auto stayed within 1.14× of the faster path on seven of those problems (all
+      but uniform200k);
     - the sparse Gram products L₂₁L₂₁ᵀ into it and the gradient's traces ⟨S₂₂⁻¹, ·⟩ against them:
       Σₐ cₐ² multiply-adds each (1 + k(k+1)/2 of them), in scalar loops;
     - per entry of ZᵀZ and of M₂₁, and per level of the first term (its k × k factors, NumPy over
@@ -91,8 +95,8 @@ def _speedup(threads: int, efficiency: float) -> float:
 
 
 def dense_flops(q2: int) -> float:
-    """Flops of the blocked path's dense work per (f, g): q₂³/3 for dpotrf of S₂₂ and 2q₂³/3 for
-    dpotri (its inverse, for the gradient)."""
+    """The blocked path's dense work per (f, g) in the units DENSE_FLOP was fitted in: q₂³ (then
+    dpotrf's q₂³/3 and dpotri's 2q₂³/3; now the factor's and the triangular inverse's q₂³/3 each)."""
     return float(q2) ** 3
 
 

@@ -215,7 +215,7 @@ def test_sdist_carries_what_building_and_testing_need(tmp_path):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for need in ["src_c/_kernel.pyx", "src_c/_selinv.pyx", "src_c/fastlmm_ext/_kernel.pxd", "src_c/_gram.pyx",
-                 "src_c/cholmod.pxd", "setup.py", "pyproject.toml",
+                 "src_c/_dense.pyx", "src_c/cholmod.pxd", "setup.py", "pyproject.toml",
                  "MANIFEST.in", "README.md", "scripts/setup.sh", "scripts/example.sh", ".ci/run",
                  "tests/conftest.py", "tests/reference_extra/extra.json", "tests/reference_extra/make_extra.R",
                  "fastlmm_ext/data/ingot.csv", "fastlmm_ext/__main__.py"]:
