@@ -69,7 +69,7 @@ extensions = [
     Extension(
         "fastlmm_ext._gram",
         sources=["src_c/_gram.pyx"],
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), "src_c"],     # src_c/include/gram_panel.h
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3", *OPENMP],
         extra_link_args=OPENMP,

@@ -33,8 +33,10 @@ reach them) and walks all panels with its own copy of the strip, so the threads 
 at the end (a barrier per panel costs a descheduled thread's time slice at every panel on a
 busy machine).  Each Y_a is accumulated by one thread in the same order whatever the count,
 and d by the first thread alone, so Y and d do not depend on the thread count, not even in rounding.
-(The blocked path calls it at one thread: right after the bundled OpenBLAS's threaded dtrtri, whose
-workers spin for ~0.1 s, a second OpenMP thread only shares their core.)
+(The blocked path calls it at one thread: right after the bundled OpenBLAS's threaded inverse, whose
+workers spin for ~0.1 s, a second OpenMP thread only shares their core.)  The loops over a panel's
+groups are C (``include/gram_panel.h``), compiled for the baseline x86-64 and for AVX2 with FMA,
+the variant picked once per process by the CPU's features (:data:`SIMD_VARIANT`).
 
 Python checks shapes and dtypes ("Python validates, Cython trusts").
 """
@@ -44,9 +46,21 @@ from cython.parallel cimport prange
 
 cnp.import_array()
 
+cdef extern from "include/gram_panel.h" nogil:
+    # rows of Li per panel (32): the strip (NB × q doubles) stays in L2 for q up to ~4000
+    enum: GRAM_NB
+    void gram_panel_groups(const int *cp, const int *ci, const double *cx, Py_ssize_t k, Py_ssize_t a0,
+                           Py_ssize_t a1, const Py_ssize_t *first, Py_ssize_t i1, const double *pan, double *x,
+                           double *out)
+    int gram_select()
+
 cdef enum:
-    NB = 32      # rows of Li per panel: the strip (NB × q doubles) stays in L2 for q up to ~4000
+    NB = GRAM_NB
     PAD = 16     # doubles between the threads' buffers: two 64-byte cache lines, whatever the alignment
+
+#: 1 where the Gram loops run their AVX2 + FMA variant on this CPU, 0 for the baseline x86-64 one
+#: (include/gram_panel.h), chosen once, here
+SIMD_VARIANT = gram_select()
 
 
 def schur_lower(double[::1, :] S, const double[::1] lam,
@@ -96,12 +110,9 @@ cdef void _gram_groups(const double[::1, :] Li, const int[::1] cp, const int[::1
     buffers ``pan`` (q·NB: the strip) and ``x`` (k·NB: the panel's slice of W_a); with ``with_d``
     also d (module docstring)."""
     cdef Py_ssize_t q = Li.shape[0]
-    cdef Py_ssize_t i0, i1, w, r, t, a, c, e, col, ll, top
-    cdef double v, acc
-    cdef double xl[NB]
+    cdef Py_ssize_t i0, i1, w, r, t, top
+    cdef double acc
     cdef double *pr
-    cdef double *xc
-    cdef double *xe
     cdef const double *lr
     i0 = 0
     while i0 < q:
@@ -123,33 +134,10 @@ cdef void _gram_groups(const double[::1, :] Li, const int[::1] cp, const int[::1
                 for t in range(NB):
                     acc = acc + pr[t] * pr[t]
                 d[r] += acc
-        for a in range(a0, a1):
-            if first[a] >= i1:
-                continue
-            col = a * k
-            for c in range(k):
-                # accumulate in a local array (registers: it cannot alias the strip), then store
-                for t in range(NB):
-                    xl[t] = 0.0
-                for ll in range(cp[col + c], cp[col + c + 1]):
-                    r = ci[ll]
-                    if r >= i1:
-                        break
-                    v = cx[ll]
-                    pr = &pan[r * NB]
-                    for t in range(NB):
-                        xl[t] += v * pr[t]
-                xc = &x[c * NB]
-                for t in range(NB):
-                    xc[t] = xl[t]
-            for c in range(k):
-                xc = &x[c * NB]
-                for e in range(c + 1):
-                    xe = &x[e * NB]
-                    acc = 0.0
-                    for t in range(NB):
-                        acc = acc + xc[t] * xe[t]
-                    out[a, c, e] += acc
+        # the groups' slices of W and their Gram products (include/gram_panel.h: compiled per
+        # instruction set)
+        if a1 > a0:
+            gram_panel_groups(&cp[0], &ci[0], &cx[0], k, a0, a1, &first[0], i1, pan, x, &out[0, 0, 0])
         i0 = i1
 
 

@@ -151,3 +151,18 @@ def test_blocked_matches_compiled_on_a_large_schur_block(formula, reml):
         want = mc.backend.inverse_blocks(theta, i)
         np.testing.assert_allclose(mb.backend.inverse_blocks(theta, i), want, rtol=1e-9,
                                    atol=1e-12 * np.abs(want).max())
+
+
+def test_simd_variant_is_the_cpus():
+    """The Gram loops' variant is AVX2 + FMA exactly where the CPU has both (x86-64), else the baseline."""
+    from fastlmm_ext import _gram
+    import platform
+    assert _gram.SIMD_VARIANT in (0, 1)
+    if platform.machine() in ("x86_64", "AMD64"):
+        try:
+            flags = open("/proc/cpuinfo").read().split()
+        except OSError:
+            return
+        assert _gram.SIMD_VARIANT == int("avx2" in flags and "fma" in flags)
+    else:
+        assert _gram.SIMD_VARIANT == 0
