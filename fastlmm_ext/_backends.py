@@ -400,7 +400,8 @@ def choose_backend(s: ModelStructure, backend: str = "auto", *, ordering: str = 
     path with the lower estimate of seconds per (f, g) (``_cost``) at ``threads`` threads (None:
     the cores free now): CHOLMOD's from its symbolic analysis of ZᵀZ's pattern (the flops of the
     factor under AMD, which leaves a Zipf-skewed design's heavy levels to the end; its BLAS at
-    ``_threads.cholmod_blas_threads``), the blocked path's from its dense q₂ × q₂ block and the Gram products that fill it.
+    ``_threads.cholmod_blas_threads``), the blocked path's from its dense q₂ × q₂ block and the
+    Gram products that fill it.
     When that picks ``"compiled"``, the choice carries the analysis (``analysis``), and
     :func:`make_backend` given the choice builds the kernel with its permutation as given instead
     of ordering the pattern again (the same factor).  The pattern's own order is analysed first:

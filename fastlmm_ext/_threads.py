@@ -9,7 +9,8 @@ A fit's work runs in three pools of threads:
 * OpenMP (libgomp), which CHOLMOD ≥ 4 (SuiteSparse 7) uses in its supernodal factorization
   (CHOLMOD 3, SuiteSparse 5, uses it only in update routines the kernel does not call).  The
   blocked gradient's ``_gram.inverse_gram`` could run on it too, but is called at one thread: it
-  follows the bundled OpenBLAS's threaded dtrtri, whose workers still spin on the other core.
+  follows the triangular inverse on the bundled OpenBLAS's threads (``_dense.invert_lower``),
+  whose workers still spin on the other core.
 
 OpenBLAS's threads spin for a while after each call before they sleep, so a thread that finds
 no free core does not just wait: it takes the core from the thread it waits for, or from another

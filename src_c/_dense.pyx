@@ -68,7 +68,8 @@ def invert_lower(double[::1, :] A) -> int:
             jb = min(<int> NB_INVERSE, n - j)
             m = n - j - jb
             if m > 0:
-                dtrmm(&left, &lo, &notrans, &nonunit, &m, &jb, &one, &A[j + jb, j + jb], &lda, &A[j + jb, j], &lda)
+                dtrmm(&left, &lo, &notrans, &nonunit, &m, &jb, &one, &A[j + jb, j + jb], &lda,
+                      &A[j + jb, j], &lda)
                 dtrsm(&right, &lo, &notrans, &nonunit, &m, &jb, &mone, &A[j, j], &lda, &A[j + jb, j], &lda)
             dtrtri(&lo, &nonunit, &jb, &A[j, j], &lda, &info)
             if info != 0:

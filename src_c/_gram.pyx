@@ -50,8 +50,8 @@ cdef extern from "include/gram_panel.h" nogil:
     # rows of Li per panel (32): the strip (NB × q doubles) stays in L2 for q up to ~4000
     enum: GRAM_NB
     void gram_panel_groups(const int *cp, const int *ci, const double *cx, Py_ssize_t k, Py_ssize_t a0,
-                           Py_ssize_t a1, const Py_ssize_t *first, Py_ssize_t i1, const double *pan, double *x,
-                           double *out)
+                           Py_ssize_t a1, const Py_ssize_t *first, Py_ssize_t i1, const double *pan,
+                           double *x, double *out)
     int gram_select()
 
 cdef enum:

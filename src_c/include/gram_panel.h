@@ -32,8 +32,8 @@
 #endif
 
 GRAM_INLINE
-void gram_body(const int *GRAM_RESTRICT cp, const int *GRAM_RESTRICT ci, const double *GRAM_RESTRICT cx, ptrdiff_t k,
-               ptrdiff_t a0, ptrdiff_t a1, const ptrdiff_t *GRAM_RESTRICT first, ptrdiff_t i1,
+void gram_body(const int *GRAM_RESTRICT cp, const int *GRAM_RESTRICT ci, const double *GRAM_RESTRICT cx,
+               ptrdiff_t k, ptrdiff_t a0, ptrdiff_t a1, const ptrdiff_t *GRAM_RESTRICT first, ptrdiff_t i1,
                const double *GRAM_RESTRICT pan, double *GRAM_RESTRICT x, double *GRAM_RESTRICT out)
 {
     ptrdiff_t a, c, e, ll, t;
@@ -107,8 +107,8 @@ static int gram_select(void)
 }
 
 static void gram_panel_groups(const int *cp, const int *ci, const double *cx, ptrdiff_t k, ptrdiff_t a0,
-                              ptrdiff_t a1, const ptrdiff_t *first, ptrdiff_t i1, const double *pan, double *x,
-                              double *out)
+                              ptrdiff_t a1, const ptrdiff_t *first, ptrdiff_t i1, const double *pan,
+                              double *x, double *out)
 {
     gram_selected(cp, ci, cx, k, a0, a1, first, i1, pan, x, out);
 }
